@@ -1,0 +1,11 @@
+"""mpicdc: coded distributed DNN inference over MPI.
+
+Importing the package starts no MPI and prints nothing; MPI is imported only by
+the runtime modules that use it.
+"""
+from .models import Layer, Model, UnknownModelError, get_model, model_names
+from .kernels import default_input, forward, init_weights
+
+__version__ = "0.1.0"
+__all__ = ["Layer", "Model", "UnknownModelError", "get_model", "model_names",
+           "default_input", "forward", "init_weights", "__version__"]

@@ -1,0 +1,376 @@
+"""Layer specs, model graphs and the model zoo.
+
+A model is a graph of :class:`Layer` specs in topological order, not a forward
+function: the same graph drives the serial reference forward, the weight
+preparation tool and the distributed runtime.  Linear layers (``conv`` and
+``dense``) own a GEMM weight matrix with one row per output channel; every
+other op is a parameter-free nonlinear step that runs on the master.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+LINEAR_OPS = ("conv", "dense")
+NONLINEAR_OPS = ("relu", "maxpool", "avgpool", "gap", "lrn", "flatten", "softmax",
+                 "concat", "add", "batchnorm", "identity")
+ALL_OPS = LINEAR_OPS + NONLINEAR_OPS
+
+
+class UnknownModelError(ValueError):
+    """Raised for a model name that is not in the zoo; the message lists the known ones."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One node of a model graph.
+
+    Parameters
+    ----------
+    name : unique layer name, also the key of its weights.
+    op : one of :data:`ALL_OPS`.
+    inputs : names of the layers feeding this one (``"input"`` is the model input).
+    attrs : op attributes (JSON-serialisable: ints, floats, lists, strings).
+    """
+
+    name: str
+    op: str
+    inputs: tuple
+    attrs: dict = field(default_factory=dict, hash=False, compare=True)
+
+    @property
+    def is_linear(self) -> bool:
+        return self.op in LINEAR_OPS
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "op": self.op, "inputs": list(self.inputs), "attrs": self.attrs}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Layer":
+        unknown = set(d) - {"name", "op", "inputs", "attrs"}
+        if unknown:
+            raise ValueError(f"layer spec has unknown keys {sorted(unknown)}")
+        return cls(d["name"], d["op"], tuple(d["inputs"]), dict(d.get("attrs", {})))
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model graph: input shape (no batch axis), layers in topological order, output layer."""
+
+    name: str
+    input_shape: tuple
+    layers: tuple
+    description: str = ""
+
+    def __post_init__(self):
+        seen = {"input"}
+        for layer in self.layers:
+            if layer.op not in ALL_OPS:
+                raise ValueError(f"layer {layer.name!r}: unknown op {layer.op!r}; known ops: {', '.join(ALL_OPS)}")
+            if layer.name in seen:
+                raise ValueError(f"duplicate layer name {layer.name!r} in model {self.name!r}")
+            missing = [i for i in layer.inputs if i not in seen]
+            if missing:
+                raise ValueError(f"layer {layer.name!r} reads {missing} before they are defined")
+            seen.add(layer.name)
+
+    @property
+    def output(self) -> str:
+        return self.layers[-1].name
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"model {self.name!r} has no layer {name!r}")
+
+    @property
+    def linear_layers(self) -> list:
+        return [layer for layer in self.layers if layer.is_linear]
+
+    def shapes(self) -> dict:
+        """Output shape (no batch axis) of every layer, plus ``"input"``."""
+        shapes = {"input": tuple(self.input_shape)}
+        for layer in self.layers:
+            shapes[layer.name] = infer_shape(layer, [shapes[i] for i in layer.inputs])
+        return shapes
+
+    def weight_shapes(self) -> dict:
+        """``{layer: (rows, cols)}`` of every linear layer's GEMM weight matrix."""
+        shapes = self.shapes()
+        out = {}
+        for layer in self.linear_layers:
+            in_shape = shapes[layer.inputs[0]]
+            if layer.op == "dense":
+                out[layer.name] = (layer.attrs["out"], math.prod(in_shape))
+            else:
+                out[layer.name] = (layer.attrs["out"], in_shape[0] * math.prod(layer.attrs["kernel"]))
+        return out
+
+    def flops(self) -> dict:
+        """Multiply-add FLOPs (2 per MAC) of every linear layer at batch 1."""
+        shapes = self.shapes()
+        return {name: 2 * rows * cols * _spatial_size(shapes[name])
+                for name, (rows, cols) in self.weight_shapes().items()}
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "input_shape": list(self.input_shape),
+                           "description": self.description,
+                           "layers": [layer.to_dict() for layer in self.layers]})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Model":
+        d = json.loads(text)
+        return cls(d["name"], tuple(d["input_shape"]),
+                   tuple(Layer.from_dict(x) for x in d["layers"]), d.get("description", ""))
+
+
+def _spatial_size(shape) -> int:
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def _window_out(size, kernel, stride, pad, name):
+    out = (size + 2 * pad - kernel) // stride + 1
+    if out < 1:
+        raise ValueError(f"layer {name!r}: window {kernel} (stride {stride}, pad {pad}) "
+                         f"does not fit input extent {size}")
+    return out
+
+
+def _expand(value, ndim):
+    return [value] * ndim if isinstance(value, int) else list(value)
+
+
+def infer_shape(layer: Layer, in_shapes: list) -> tuple:
+    """Output shape of ``layer`` given its input shapes (no batch axis)."""
+    a, op = layer.attrs, layer.op
+    x = in_shapes[0] if in_shapes else None
+    if op in ("conv", "maxpool", "avgpool"):
+        nd = len(x) - 1
+        k, s, p = (_expand(a.get(key, d), nd) for key, d in
+                   (("kernel", 1), ("stride", 1 if op == "conv" else a["kernel"]), ("padding", 0)))
+        spatial = tuple(_window_out(x[i + 1], k[i], s[i], p[i], layer.name) for i in range(nd))
+        return ((a["out"] if op == "conv" else x[0]),) + spatial
+    if op == "dense":
+        return (a["out"],)
+    if op == "gap":
+        return (x[0],)
+    if op == "flatten":
+        return (math.prod(x),)
+    if op == "concat":
+        rest = {tuple(s[1:]) for s in in_shapes}
+        if len(rest) != 1:
+            raise ValueError(f"concat {layer.name!r}: inputs {in_shapes} differ beyond the channel axis")
+        return (sum(s[0] for s in in_shapes),) + tuple(in_shapes[0][1:])
+    if op == "add":
+        if len({tuple(s) for s in in_shapes}) != 1:
+            raise ValueError(f"add {layer.name!r}: input shapes {in_shapes} differ")
+        return tuple(x)
+    return tuple(x)  # relu, lrn, softmax, batchnorm, identity keep the shape
+
+
+class GraphBuilder:
+    """Small helper to write zoo graphs: each method appends a layer and returns its name."""
+
+    def __init__(self, name: str, input_shape: tuple, description: str = ""):
+        self.name, self.input_shape, self.description = name, tuple(input_shape), description
+        self.layers: list = []
+        self._count: dict = {}
+
+    def _add(self, op, inputs, name=None, **attrs):
+        if name is None:
+            self._count[op] = self._count.get(op, 0) + 1
+            name = f"{op}{self._count[op]}"
+        self.layers.append(Layer(name, op, tuple(inputs), attrs))
+        return name
+
+    def conv(self, x, out, kernel, stride=1, padding=0, name=None):
+        nd = len(self.input_shape) - 1
+        return self._add("conv", [x], name, out=out, kernel=_expand(kernel, nd),
+                         stride=_expand(stride, nd), padding=_expand(padding, nd))
+
+    def dense(self, x, out, name=None):
+        return self._add("dense", [x], name, out=out)
+
+    def relu(self, x, name=None):
+        return self._add("relu", [x], name)
+
+    def maxpool(self, x, kernel, stride=None, padding=0, name=None):
+        nd = len(self.input_shape) - 1
+        stride = kernel if stride is None else stride
+        return self._add("maxpool", [x], name, kernel=_expand(kernel, nd),
+                         stride=_expand(stride, nd), padding=_expand(padding, nd))
+
+    def avgpool(self, x, kernel, stride=None, padding=0, name=None):
+        nd = len(self.input_shape) - 1
+        stride = kernel if stride is None else stride
+        return self._add("avgpool", [x], name, kernel=_expand(kernel, nd),
+                         stride=_expand(stride, nd), padding=_expand(padding, nd),
+                         count_include_pad=False)
+
+    def gap(self, x, name=None):
+        return self._add("gap", [x], name)
+
+    def lrn(self, x, size=5, alpha=1e-4, beta=0.75, k=2.0, name=None):
+        return self._add("lrn", [x], name, size=size, alpha=alpha, beta=beta, k=k)
+
+    def flatten(self, x, name=None):
+        return self._add("flatten", [x], name)
+
+    def softmax(self, x, name=None):
+        return self._add("softmax", [x], name)
+
+    def concat(self, xs, name=None):
+        return self._add("concat", xs, name)
+
+    def add(self, xs, name=None):
+        return self._add("add", xs, name)
+
+    def conv_relu(self, x, out, kernel, stride=1, padding=0, name=None):
+        c = self.conv(x, out, kernel, stride, padding, name=name)
+        return self.relu(c, name=None if name is None else f"{name}_relu")
+
+    def build(self) -> Model:
+        return Model(self.name, self.input_shape, tuple(self.layers), self.description)
+
+
+_ZOO: dict = {}
+
+
+def register(name: str) -> Callable:
+    """Decorator adding a zero-argument model factory to the zoo under ``name``."""
+    def wrap(factory):
+        _ZOO[name] = factory
+        return factory
+    return wrap
+
+
+def model_names() -> list:
+    return sorted(_ZOO)
+
+
+def get_model(name: str) -> Model:
+    """Build the zoo model ``name``; unknown names raise :class:`UnknownModelError` listing the zoo."""
+    try:
+        factory = _ZOO[name]
+    except KeyError:
+        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(model_names())}") from None
+    return factory()
+
+
+@register("tiny")
+def tiny() -> Model:
+    """A few small layers covering every op kind, including a branch (concat) and a residual (add)."""
+    b = GraphBuilder("tiny", (3, 16, 16), "test model: conv, branches, residual, LRN, pools, fc")
+    x = b.conv_relu("input", 8, 3, padding=1, name="conv1")
+    x = b.lrn(x, size=3, name="lrn1")
+    left = b.conv(x, 6, 1, name="branch_a")
+    right = b.conv(x, 6, 3, padding=1, name="branch_b")
+    x = b.relu(b.concat([left, right], name="concat1"), name="concat1_relu")
+    x = b.maxpool(x, 2, name="pool1")
+    skip = b.conv(x, 12, 1, name="proj")
+    y = b.conv_relu(b.relu(skip, name="proj_relu"), 12, 3, padding=1, name="conv2")
+    x = b.relu(b.add([skip, y], name="add1"), name="add1_relu")
+    x = b.avgpool(x, 2, name="pool2")
+    x = b.flatten(x, name="flatten")
+    x = b.dense(x, 32, name="fc1")
+    x = b.relu(x, name="fc1_relu")
+    x = b.dense(x, 10, name="fc2")
+    b.softmax(x, name="prob")
+    return b.build()
+
+
+@register("lenet")
+def lenet() -> Model:
+    """LeNet-5 style network for 1x28x28 MNIST digits."""
+    b = GraphBuilder("lenet", (1, 28, 28), "LeNet-5 for MNIST (ReLU, max pooling)")
+    x = b.conv_relu("input", 6, 5, padding=2, name="conv1")
+    x = b.maxpool(x, 2, name="pool1")
+    x = b.conv_relu(x, 16, 5, name="conv2")
+    x = b.maxpool(x, 2, name="pool2")
+    x = b.flatten(x, name="flatten")
+    x = b.relu(b.dense(x, 120, name="fc1"), name="fc1_relu")
+    x = b.relu(b.dense(x, 84, name="fc2"), name="fc2_relu")
+    x = b.dense(x, 10, name="fc3")
+    b.softmax(x, name="prob")
+    return b.build()
+
+
+@register("alexnet")
+def alexnet() -> Model:
+    """AlexNet (Krizhevsky et al. 2012) with LRN, single tower (no grouped convolutions)."""
+    b = GraphBuilder("alexnet", (3, 224, 224), "AlexNet with local response normalisation, single tower")
+    x = b.conv_relu("input", 96, 11, stride=4, padding=2, name="conv1")
+    x = b.lrn(x, size=5, alpha=1e-4, beta=0.75, k=2.0, name="norm1")
+    x = b.maxpool(x, 3, stride=2, name="pool1")
+    x = b.conv_relu(x, 256, 5, padding=2, name="conv2")
+    x = b.lrn(x, size=5, alpha=1e-4, beta=0.75, k=2.0, name="norm2")
+    x = b.maxpool(x, 3, stride=2, name="pool2")
+    x = b.conv_relu(x, 384, 3, padding=1, name="conv3")
+    x = b.conv_relu(x, 384, 3, padding=1, name="conv4")
+    x = b.conv_relu(x, 256, 3, padding=1, name="conv5")
+    x = b.maxpool(x, 3, stride=2, name="pool5")
+    x = b.flatten(x, name="flatten")
+    x = b.relu(b.dense(x, 4096, name="fc6"), name="fc6_relu")
+    x = b.relu(b.dense(x, 4096, name="fc7"), name="fc7_relu")
+    x = b.dense(x, 1000, name="fc8")
+    b.softmax(x, name="prob")
+    return b.build()
+
+
+@register("vgg16")
+def vgg16() -> Model:
+    """VGG16 (Simonyan and Zisserman 2015), configuration D."""
+    b = GraphBuilder("vgg16", (3, 224, 224), "VGG16, configuration D, 1000 ImageNet classes")
+    x = "input"
+    for stage, (width, depth) in enumerate([(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)], 1):
+        for i in range(1, depth + 1):
+            x = b.conv_relu(x, width, 3, padding=1, name=f"conv{stage}_{i}")
+        x = b.maxpool(x, 2, name=f"pool{stage}")
+    x = b.flatten(x, name="flatten")
+    x = b.relu(b.dense(x, 4096, name="fc6"), name="fc6_relu")
+    x = b.relu(b.dense(x, 4096, name="fc7"), name="fc7_relu")
+    x = b.dense(x, 1000, name="fc8")
+    b.softmax(x, name="prob")
+    return b.build()
+
+
+@register("c3d")
+def c3d() -> Model:
+    """C3D (Tran et al. 2015): 3-D convolutions over a 3x16x112x112 clip, fc6/fc7 of 4096."""
+    b = GraphBuilder("c3d", (3, 16, 112, 112), "C3D for video clips, 487 Sports-1M classes")
+    x = b.conv_relu("input", 64, 3, padding=1, name="conv1a")
+    x = b.maxpool(x, (1, 2, 2), name="pool1")
+    x = b.conv_relu(x, 128, 3, padding=1, name="conv2a")
+    x = b.maxpool(x, 2, name="pool2")
+    for stage, width in ((3, 256), (4, 512), (5, 512)):
+        x = b.conv_relu(x, width, 3, padding=1, name=f"conv{stage}a")
+        x = b.conv_relu(x, width, 3, padding=1, name=f"conv{stage}b")
+        x = b.maxpool(x, 2, padding=(0, 1, 1) if stage == 5 else 0, name=f"pool{stage}")
+    x = b.flatten(x, name="flatten")
+    x = b.relu(b.dense(x, 4096, name="fc6"), name="fc6_relu")
+    x = b.relu(b.dense(x, 4096, name="fc7"), name="fc7_relu")
+    x = b.dense(x, 487, name="fc8")
+    b.softmax(x, name="prob")
+    return b.build()
+
+
+@register("actionrec")
+def actionrec() -> Model:
+    """Small 3-D CNN for extreme low-resolution activity recognition (16 frames of 12x16 pixels)."""
+    b = GraphBuilder("actionrec", (3, 16, 12, 16),
+                     "3-D CNN for extreme low-resolution video, in the spirit of Ryoo et al. (AAAI 2018)")
+    x = b.conv_relu("input", 32, 3, padding=1, name="conv1")
+    x = b.maxpool(x, (1, 2, 2), name="pool1")
+    x = b.conv_relu(x, 64, 3, padding=1, name="conv2")
+    x = b.maxpool(x, 2, name="pool2")
+    x = b.conv_relu(x, 128, 3, padding=1, name="conv3")
+    x = b.maxpool(x, 2, name="pool3")
+    x = b.flatten(x, name="flatten")
+    x = b.relu(b.dense(x, 512, name="fc4"), name="fc4_relu")
+    x = b.relu(b.dense(x, 256, name="fc5"), name="fc5_relu")
+    x = b.dense(x, 10, name="fc6")
+    b.softmax(x, name="prob")
+    return b.build()
