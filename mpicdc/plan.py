@@ -1,0 +1,170 @@
+"""Which layers are split over which ranks, with which code: the distribution plan.
+
+A plan is pure data (JSON in the manifest).  Rank 0 is the master; data
+workers come next and parity workers last, so a world of ``1 + n + r`` ranks
+runs a plan with ``n`` data workers and ``r`` parity workers.  Every
+distributed linear layer has a :class:`LayerPlan` naming, for each of its
+``n + r`` blocks, the rank that computes it; linear layers without a
+``LayerPlan`` run on the master.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from .models import Model
+
+CODE_KINDS = ("none", "replication", "sum", "groups", "mds")
+
+
+def parity_count(code: str, parity: int | None) -> int:
+    """Number of parity blocks implied by a code spec, checked against ``--parity`` when given."""
+    kind, _, arg = code.partition(":")
+    if kind not in CODE_KINDS and not kind.startswith("mds-"):
+        raise ValueError(f"unknown code {code!r}; choose one of none, replication, sum, groups:G, mds")
+    implied = {"none": 0, "sum": 1}.get(kind)
+    if kind == "groups":
+        if not arg:
+            raise ValueError("code 'groups' needs a group count, e.g. groups:2")
+        implied = len(arg.split("/")) if "/" in arg else int(arg)
+    if kind == "replication" and arg:
+        implied = len(arg.split(","))
+    if implied is None:  # mds, replication without explicit blocks: r comes from --parity
+        if parity is None or parity < 1:
+            raise ValueError(f"code {code!r} needs --parity R with R >= 1")
+        return parity
+    if parity is not None and parity != implied:
+        raise ValueError(f"code {code!r} uses {implied} parity worker(s), but --parity {parity} was given")
+    return implied
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one linear layer is distributed.
+
+    ``ranks[i]`` computes block ``i``: blocks ``0..n-1`` are the data row blocks
+    ``rows[i] = (start, stop)``, blocks ``n..n+r-1`` are parity blocks of the code.
+    """
+
+    layer: str
+    code: str
+    ranks: tuple
+    rows: tuple
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    @property
+    def r(self) -> int:
+        return len(self.ranks) - len(self.rows)
+
+    @property
+    def block_rows(self) -> int:
+        """Rows of every block after zero-padding to the largest data block."""
+        return max(stop - start for start, stop in self.rows)
+
+    @cached_property
+    def code_obj(self):
+        from .codes import make_code
+        return make_code(self.code, self.n, self.r)
+
+    def block_of(self, rank: int) -> int | None:
+        return self.ranks.index(rank) if rank in self.ranks else None
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "code": self.code, "ranks": list(self.ranks),
+                "rows": [list(r) for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerPlan":
+        return cls(d["layer"], d["code"], tuple(d["ranks"]), tuple(tuple(r) for r in d["rows"]))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The distribution of one model over a world of ``world_size`` ranks."""
+
+    model: str
+    world_size: int
+    workers: int
+    parity: int
+    code: str
+    layers: tuple = field(default_factory=tuple)
+
+    @property
+    def tag(self) -> str:
+        return f"w{self.workers}-p{self.parity}-{self.code.replace(':', '').replace('/', '_').replace(',', '_')}"
+
+    def for_layer(self, name: str) -> LayerPlan | None:
+        for lp in self.layers:
+            if lp.layer == name:
+                return lp
+        return None
+
+    def rank_blocks(self, rank: int) -> list:
+        """``[(LayerPlan, block index)]`` for every layer block that ``rank`` computes."""
+        return [(lp, lp.block_of(rank)) for lp in self.layers if rank in lp.ranks]
+
+    def to_json(self) -> str:
+        return json.dumps({"model": self.model, "world_size": self.world_size, "workers": self.workers,
+                           "parity": self.parity, "code": self.code,
+                           "layers": [lp.to_dict() for lp in self.layers]})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        d = json.loads(text)
+        return cls(d["model"], d["world_size"], d["workers"], d["parity"], d["code"],
+                   tuple(LayerPlan.from_dict(x) for x in d["layers"]))
+
+
+def _row_ranges(m: int, n: int, speeds=None) -> tuple:
+    from .codes import split_rows
+    return tuple((s.start, s.stop) for s in split_rows(m, n, speeds))
+
+
+def make_plan(model: Model, workers: int, parity: int | None = None, code: str = "none", *,
+              keep_on_master=(), layer_workers: dict | None = None, speeds=None,
+              min_rows_per_worker: int = 1) -> Plan:
+    """Build a plan: every conv and dense layer split over the data workers, plus parity workers.
+
+    Parameters
+    ----------
+    model : the model graph.
+    workers : number of data workers ``n`` (ranks ``1..n``).
+    parity : number of parity workers ``r`` (ranks ``n+1..n+r``); implied by ``code`` when omitted.
+    code : code spec (``none``, ``replication``, ``sum``, ``groups:G``, ``mds``).
+    keep_on_master : linear layer names that the master computes itself.
+    layer_workers : ``{layer: [data ranks]}`` to run a layer on a subset of the data workers
+        (the paper's distributions assign layers to device groups); parity ranks serve every layer.
+    speeds : relative speed of each data worker, for proportional row blocks.
+    min_rows_per_worker : layers with fewer output rows per worker stay on the master.
+    """
+    if workers < 1:
+        raise ValueError(f"need at least one data worker, got workers={workers}")
+    r = parity_count(code, parity)
+    if speeds is not None and len(speeds) != workers:
+        raise ValueError(f"speeds has {len(speeds)} entries but there are {workers} workers")
+    linear = {layer.name for layer in model.linear_layers}
+    for name in list(keep_on_master) + list(layer_workers or {}):
+        if name not in linear:
+            raise ValueError(f"{name!r} is not a linear layer of {model.name}; linear layers: {sorted(linear)}")
+    data_ranks = tuple(range(1, workers + 1))
+    parity_ranks = tuple(range(workers + 1, workers + 1 + r))
+    layers = []
+    for name, (rows, _) in model.weight_shapes().items():
+        if name in keep_on_master:
+            continue
+        ranks = tuple(layer_workers[name]) if layer_workers and name in layer_workers else data_ranks
+        bad = [x for x in ranks if x not in data_ranks]
+        if bad:
+            raise ValueError(f"layer {name!r}: ranks {bad} are not data workers (1..{workers})")
+        if rows < len(ranks) * min_rows_per_worker:
+            continue
+        layer_speeds = None if speeds is None else [speeds[x - 1] for x in ranks]
+        layers.append(LayerPlan(name, code, ranks + parity_ranks, _row_ranges(rows, len(ranks), layer_speeds)))
+    plan = Plan(model.name, 1 + workers + r, workers, r, code, tuple(layers))
+    for lp in plan.layers:
+        lp.code_obj  # noqa: B018 -- validate the code for this layer's block count now, not at run time
+    return plan
