@@ -1,24 +1,27 @@
-"""The README's main job. Until the MPI runtime lands: the serial reference forward of VGG16."""
+"""The README's main job: VGG16 on localhost through the hostfile, with a worker killed mid-request.
+
+Runs ``mpirun --with-ft ulfm -hostfile hostfile python -m mpicdc.run vgg16`` with
+three requests; worker 2 SIGKILLs itself during request 1 at layer conv3_1,
+and every output is checked against the serial fault-free reference forward.
+"""
+import shlex
+import subprocess
 import sys
-import time
+from pathlib import Path
 
-import numpy as np
+from .launch import mpirun_command, thread_env
 
-from .kernels import default_input, forward, init_weights
-from .models import get_model
+DEMO_ARGS = ["vgg16", "--repeat", "3", "--inject", "crash:2@1:conv3_1", "--check"]
 
 
-def main(argv=None):
-    model = get_model("vgg16")
-    weights = init_weights(model, seed=0)
-    x = default_input(model)
-    start = time.perf_counter()
-    probs = forward(model, weights, x)
-    elapsed = time.perf_counter() - start
-    top = np.argsort(probs)[::-1][:5]
-    print(f"vgg16 serial reference forward: {elapsed * 1e3:.0f} ms")
-    print("top-5 classes: " + ", ".join(f"{c} ({probs[c]:.4f})" for c in top))
-    return 0
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    hostfile = Path("hostfile")
+    ranks = 6  # master + 4 workers + 1 sum-parity worker
+    cmd = mpirun_command(ranks, DEMO_ARGS + list(argv), str(hostfile) if hostfile.exists() else None)
+    print("$ " + shlex.join(cmd), flush=True)
+    print("(first run: prepares VGG16's random-weight shards under weights/, about 0.7 GB)", flush=True)
+    return subprocess.call(cmd, env=thread_env(ranks))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,317 @@
+"""The master (rank 0): sends each layer input to its ranks and decodes from the first replies.
+
+For every distributed layer the master posts a receive for each live rank's
+reply, sends the input with ``Isend``, and polls the receives with
+``Testsome`` until the replies in hand are decodable.  It then decodes any
+missing data blocks, assembles the layer output and runs the nonlinear ops
+itself.  Receives still open when a layer is decoded stay posted: their
+replies arrive late, are drained, and their arrival times are recorded.  A
+rank that dies (ULFM reports ``MPI_ERR_PROC_FAILED``) or stops replying is no
+longer sent work.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import wire
+from .kernels import check_input, linear_forward, nonlinear
+from .mpienv import failed_ranks
+
+log = logging.getLogger(__name__)
+
+
+class RequestFailed(RuntimeError):
+    """A request could not be served: more losses than the layer's code tolerates."""
+
+    def __init__(self, request: int, layer: str, lost: list, tolerance: int, reason: str):
+        self.request, self.layer, self.lost, self.tolerance = request, layer, sorted(lost), tolerance
+        super().__init__(f"request {request} failed at layer {layer!r}: {reason}; ranks lost or silent: "
+                         f"{self.lost}; the layer's code tolerates {tolerance} loss(es)")
+
+
+@dataclass
+class LayerRecord:
+    """Timing and provenance of one distributed layer of one request."""
+
+    layer: str
+    wait_s: float = 0.0
+    decode_s: float = 0.0
+    compute_s: float = 0.0
+    used: list = field(default_factory=list)
+    decoded_blocks: list = field(default_factory=list)
+    late: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "wait_ms": self.wait_s * 1e3, "decode_ms": self.decode_s * 1e3,
+                "compute_ms": self.compute_s * 1e3, "used": self.used, "decoded_blocks": self.decoded_blocks,
+                "late": self.late, "failed": self.failed}
+
+
+@dataclass
+class RequestResult:
+    """Outcome of one inference request."""
+
+    request: int
+    output: np.ndarray | None
+    latency_s: float
+    layers: list
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def top_k(self, k: int = 5) -> list:
+        if self.output is None:
+            return []
+        flat = self.output.reshape(-1)
+        order = np.argsort(flat)[::-1][:k]
+        return [(int(c), float(flat[c])) for c in order]
+
+
+@dataclass
+class _Pending:
+    handle: object
+    buf: np.ndarray
+    rank: int
+    block: int
+    request: int
+    layer_index: int
+    sent_at: float
+
+
+@dataclass
+class Arrival:
+    """One reply's arrival, in time since its job was sent (late replies included)."""
+
+    request: int
+    layer: str
+    rank: int
+    seconds: float
+    late: bool
+    status: str  # "reply", "skipped", "failed"
+
+
+class Coordinator:
+    """Rank 0's side of the runtime: serves inference requests over ``comm``.
+
+    Parameters
+    ----------
+    MPI : the ``mpi4py.MPI`` module.
+    comm : private data-path communicator (a ``Dup`` of the world).
+    ctrl : private control communicator (shutdown handshake).
+    model, plan : the model graph and its distribution plan.
+    master_weights : ``{layer: (W, b)}`` for linear layers the plan keeps on the master.
+    layer_timeout_s : how long a layer may wait for a decodable set before its request fails.
+    max_outstanding : unanswered jobs after which a live but silent rank is no longer sent work.
+    """
+
+    def __init__(self, MPI, comm, ctrl, model, plan, master_weights, *, layer_timeout_s=30.0,
+                 max_outstanding=16, poll_s=1e-4):
+        self.MPI, self.comm, self.ctrl = MPI, comm, ctrl
+        self.model, self.plan, self.master_weights = model, plan, master_weights
+        self.layer_timeout_s, self.max_outstanding, self.poll_s = layer_timeout_s, max_outstanding, poll_s
+        self.shapes = model.shapes()
+        self.linear_index = {layer.name: i for i, layer in enumerate(model.linear_layers)}
+        self.n_linear = len(self.linear_index)
+        self.dead: set = set()
+        self.silent: set = set()
+        self.late_pool: list = []
+        self.sends: list = []
+        self.arrivals: list = []
+        self.next_request = 0
+
+    # ------------------------------------------------------------ request path
+    def infer(self, x) -> RequestResult:
+        """Serve one request (batch 1).  Local to rank 0; never raises for lost ranks."""
+        x = check_input(self.model, x)
+        request = self.next_request
+        self.next_request += 1
+        records, acts = [], {"input": x}
+        start = time.perf_counter()
+        try:
+            for layer in self.model.layers:
+                ins = [acts[i] for i in layer.inputs]
+                lp = self.plan.for_layer(layer.name) if layer.is_linear else None
+                if lp is not None:
+                    record = LayerRecord(layer.name)
+                    acts[layer.name] = self._distributed(layer, lp, ins[0], request, record)
+                    records.append(record)
+                elif layer.is_linear:
+                    W, b = self.master_weights[layer.name]
+                    acts[layer.name] = linear_forward(layer, W, b, ins[0])
+                else:
+                    acts[layer.name] = nonlinear(layer, ins)
+        except RequestFailed as exc:
+            log.error("%s", exc)
+            return RequestResult(request, None, time.perf_counter() - start, records, str(exc))
+        return RequestResult(request, acts[self.model.output], time.perf_counter() - start, records)
+
+    def _targets(self, lp):
+        gone = self.dead | self.silent
+        return [(block, rank) for block, rank in enumerate(lp.ranks) if rank not in gone]
+
+    def _distributed(self, layer, lp, x, request, record):
+        MPI, comm = self.MPI, self.comm
+        li = self.linear_index[layer.name]
+        out_shape = self.shapes[layer.name]
+        cols = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1
+        tag = wire.reply_tag(request, li, self.n_linear)
+        code = lp.code_obj
+        job = wire.message(wire.Header(wire.JOB, request, li, -1, x.shape), x)
+        pending = {}
+        sent_at = time.perf_counter()
+        for block, rank in self._targets(lp):
+            buf = wire.reply_buffer(lp.block_rows, cols)
+            try:
+                handle = comm.Irecv([buf, MPI.BYTE], source=rank, tag=tag)
+                self.sends.append(comm.Isend([job, MPI.BYTE], dest=rank, tag=wire.TAG_JOB))
+            except MPI.Exception:
+                self._mark_dead(rank)
+                continue
+            pending[block] = _Pending(handle, buf, rank, block, request, li, sent_at)
+        received = {}
+        while not code.decodable(received):
+            self._poll(pending, received, layer.name, record)
+            if code.decodable(received):
+                break
+            alive = set(received) | {b for b, p in pending.items() if p.rank not in self.dead | self.silent}
+            lost = [r for b, r in enumerate(lp.ranks) if b not in alive]
+            if not code.decodable(alive):
+                self._retire(pending, layer.name)
+                raise RequestFailed(request, layer.name, lost, code.tolerance,
+                                    "too many ranks lost for the code to decode")
+            if time.perf_counter() - sent_at > self.layer_timeout_s:
+                silent = [p.rank for p in pending.values()]
+                self._retire(pending, layer.name)
+                raise RequestFailed(request, layer.name, lost + silent, code.tolerance,
+                                    f"no decodable set of replies within {self.layer_timeout_s:g} s")
+            time.sleep(self.poll_s)
+        record.wait_s = time.perf_counter() - sent_at
+        t0 = time.perf_counter()
+        data = code.decode({b: wire.payload(buf, (lp.block_rows, cols)) for b, buf in received.items()})
+        out = np.empty((out_shape[0], cols), dtype=np.float32)
+        for (start, stop), blockdata in zip(lp.rows, data):
+            out[start:stop] = blockdata[:stop - start]
+        record.decode_s = time.perf_counter() - t0
+        record.used = sorted(lp.ranks[b] for b in received)
+        record.decoded_blocks = sorted(set(range(lp.n)) - set(received))
+        record.compute_s = max(wire.Header.unpack(buf).compute_s for buf in received.values())
+        record.late = sorted(p.rank for p in pending.values())
+        self._retire(pending, layer.name)
+        return out.reshape(out_shape)
+
+    def _retire(self, pending: dict, layer_name: str) -> None:
+        """Keep still-open receives of a finished layer posted, to drain and time their late replies."""
+        for p in pending.values():
+            self.late_pool.append((p, layer_name))
+        pending.clear()
+        self._reap_silent()
+
+    def _poll(self, pending: dict, received: dict, layer_name: str, record: LayerRecord) -> None:
+        """Test the current layer's receives and the late pool once (non-blocking)."""
+        entries = [(p, layer_name, True) for p in pending.values()] + [(p, name, False) for p, name in self.late_pool]
+        if not entries:
+            return
+        handles = [e[0].handle for e in entries]
+        before = [h == self.MPI.REQUEST_NULL for h in handles]
+        try:
+            done = self.MPI.Request.Testsome(handles) or []
+        except self.MPI.Exception:  # some completed in error: find them by their null handles
+            done = [i for i, h in enumerate(handles) if h == self.MPI.REQUEST_NULL and not before[i]]
+            self._refresh_dead()
+        now = time.perf_counter()
+        finished = set()
+        for i in done:
+            p, name, current = entries[i]
+            finished.add(id(p))
+            head = wire.Header.unpack(p.buf)
+            ok = head.kind in (wire.REPLY, wire.SKIPPED) and head.request == p.request and head.layer == p.layer_index
+            status = "failed" if not ok else ("reply" if head.kind == wire.REPLY else "skipped")
+            self.arrivals.append(Arrival(p.request, name, p.rank, now - p.sent_at, not current, status))
+            if not ok:
+                self._mark_dead(p.rank)
+                if current:
+                    record.failed.append(p.rank)
+            if current:
+                del pending[p.block]
+                if status == "reply":
+                    received[p.block] = p.buf
+        if finished:
+            self.late_pool = [(p, n) for p, n in self.late_pool if id(p) not in finished]
+        self.sends = [s for s in self.sends if not self._send_done(s)]
+
+    def _send_done(self, handle) -> bool:
+        try:
+            return handle.Test()
+        except self.MPI.Exception:
+            return True
+
+    def _refresh_dead(self) -> None:
+        for rank in failed_ranks(self.MPI, self.comm):
+            self._mark_dead(rank)
+
+    def _mark_dead(self, rank: int) -> None:
+        if rank not in self.dead:
+            log.warning("rank %d failed; decoding around it from now on", rank)
+            self.dead.add(rank)
+
+    def _reap_silent(self) -> None:
+        """Stop sending work to live ranks that left too many jobs unanswered (hung workers)."""
+        counts: dict = {}
+        for p, _ in self.late_pool:
+            counts[p.rank] = counts.get(p.rank, 0) + 1
+        for rank, count in counts.items():
+            if count >= self.max_outstanding and rank not in self.silent | self.dead:
+                log.warning("rank %d has not answered %d jobs; no longer sending it work", rank, count)
+                self.silent.add(rank)
+
+    def can_serve(self) -> bool:
+        """Whether every distributed layer is still decodable from the ranks not lost."""
+        gone = self.dead | self.silent
+        return all(lp.code_obj.decodable([b for b, r in enumerate(lp.ranks) if r not in gone])
+                   for lp in self.plan.layers)
+
+    # ------------------------------------------------------------ shutdown
+    def drain(self, seconds: float) -> None:
+        """Collect late replies for up to ``seconds`` (so their arrival times are recorded)."""
+        end = time.perf_counter() + seconds
+        while self.late_pool and time.perf_counter() < end:
+            live = [(p, n) for p, n in self.late_pool if p.rank not in self.dead | self.silent]
+            if not live:
+                break
+            self._poll({}, {}, "", LayerRecord(""))
+            time.sleep(1e-3)
+
+    def stop_workers(self, timeout_s: float = 5.0) -> list:
+        """Tell every live worker to stop and wait (bounded) for acknowledgements.
+
+        Returns the ranks that did not acknowledge in time (hung or dead).
+        """
+        MPI, ctrl = self.MPI, self.ctrl
+        stop = wire.message(wire.Header(wire.STOP))
+        waiting = {}
+        for rank in range(1, ctrl.Get_size()):
+            if rank in self.dead:
+                continue
+            ack = np.zeros(wire.HEADER_BYTES, dtype=np.uint8)
+            try:
+                self.sends.append(ctrl.Isend([stop, MPI.BYTE], dest=rank, tag=wire.TAG_CTRL))
+                waiting[rank] = ctrl.Irecv([ack, MPI.BYTE], source=rank, tag=wire.TAG_CTRL)
+            except MPI.Exception:
+                continue
+        end = time.perf_counter() + timeout_s
+        while waiting and time.perf_counter() < end:
+            for rank, handle in list(waiting.items()):
+                try:
+                    if handle.Test():
+                        del waiting[rank]
+                except MPI.Exception:
+                    del waiting[rank]
+            time.sleep(1e-3)
+        return sorted(waiting)

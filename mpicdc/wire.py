@@ -1,0 +1,91 @@
+"""Message layout on the data path: fixed binary headers plus raw float32 payloads.
+
+Nothing is pickled.  Every message is one contiguous ``uint8`` buffer: a
+64-byte header of eight little-endian int64/float64 slots followed by the
+payload bytes.  Jobs (master -> worker) carry ``(request, layer)`` and the
+activation shape; replies (worker -> master) carry ``(request, layer, block)``,
+a status and the worker's compute time, so that a late reply can never be
+taken for a current one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+HEADER_BYTES = 64
+MAX_DIMS = 4
+
+# message kinds
+JOB, STOP, REPLY, SKIPPED = 1, 2, 3, 4
+
+# tags: jobs and control have fixed tags; replies get one tag per (request, layer) window
+TAG_JOB = 1
+TAG_CTRL = 2
+_REPLY_BASE = 16
+_REQUEST_WINDOW = 4096
+
+
+def reply_tag(request: int, layer_index: int, n_layers: int) -> int:
+    """Tag of the reply to ``(request, layer)``: distinct for 4096 consecutive requests.
+
+    Distinct tags mean a late reply only ever matches the receive posted for it.
+    """
+    return _REPLY_BASE + (request % _REQUEST_WINDOW) * n_layers + layer_index
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: int
+    request: int = -1
+    layer: int = -1
+    block: int = -1
+    shape: tuple = ()
+    compute_s: float = 0.0
+
+    def pack_into(self, buf: np.ndarray) -> None:
+        ints = buf[:HEADER_BYTES].view(np.int64)
+        if len(self.shape) > MAX_DIMS:
+            raise ValueError(f"at most {MAX_DIMS} dims on the wire, got shape {self.shape}")
+        ints[:] = 0
+        ints[0], ints[1], ints[2], ints[3] = self.kind, self.request, self.layer, self.block
+        ints[4] = len(self.shape)
+        dims = buf[40:56].view(np.uint32)  # slots 5..6 hold four 32-bit dimensions
+        for i, d in enumerate(self.shape):
+            if not 0 <= d < 1 << 32:
+                raise ValueError(f"dimension {d} of shape {self.shape} does not fit the wire format")
+            dims[i] = d
+        buf[56:64].view(np.float64)[0] = self.compute_s
+
+    @classmethod
+    def unpack(cls, buf: np.ndarray) -> "Header":
+        ints = buf[:HEADER_BYTES].view(np.int64)
+        ndim = int(ints[4])
+        shape = tuple(int(d) for d in buf[40:56].view(np.uint32)[:ndim])
+        return cls(int(ints[0]), int(ints[1]), int(ints[2]), int(ints[3]), shape,
+                   float(buf[56:64].view(np.float64)[0]))
+
+
+def message(header: Header, payload: np.ndarray | None = None) -> np.ndarray:
+    """One contiguous buffer: header followed by the payload's bytes."""
+    nbytes = 0 if payload is None else payload.nbytes
+    buf = np.empty(HEADER_BYTES + nbytes, dtype=np.uint8)
+    header.pack_into(buf)
+    if payload is not None:
+        buf[HEADER_BYTES:].view(payload.dtype).reshape(payload.shape)[...] = payload
+    return buf
+
+
+def payload(buf: np.ndarray, shape: tuple, nbytes: int | None = None, dtype=np.float32) -> np.ndarray:
+    """View the payload of ``buf`` as an array of ``shape`` (no copy)."""
+    count = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes is not None and nbytes < HEADER_BYTES + count:
+        raise ValueError(f"message of {nbytes} bytes is too short for payload shape {shape}")
+    return buf[HEADER_BYTES:HEADER_BYTES + count].view(dtype).reshape(shape)
+
+
+def reply_buffer(rows: int, cols: int) -> np.ndarray:
+    """Receive buffer for a reply block of ``rows x cols`` float32, header zeroed (= not arrived)."""
+    buf = np.empty(HEADER_BYTES + rows * cols * 4, dtype=np.uint8)
+    buf[:HEADER_BYTES] = 0
+    return buf

@@ -1,0 +1,160 @@
+"""The worker loop: receive a layer input, compute this rank's row block, reply.
+
+A worker holds only its own shard (one weight row block per distributed
+layer, already encoded for parity ranks).  It never blocks on a collective,
+skips a job when a newer one is already waiting (it has fallen behind and the
+master has moved on), and is ended by a control message that a watchdog
+thread listens for, so that even a worker stuck in its compute loop ends in
+bounded time.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import wire
+from .kernels import gemm, lower
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerState:
+    """What one worker knows: its blocks, the layer order and the emulation/injection settings."""
+
+    rank: int
+    model: object            # Model
+    plan: object             # Plan
+    blocks: dict             # {layer: (W_block, b_block)}
+    injections: object = None  # faults.Injections or None
+    device: object = None    # devices.DeviceModel to emulate, or None
+    seed: int = 0
+    poll_s: float = 2e-4
+
+
+def _exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - nothing left to report to
+            pass
+    os._exit(code)
+
+
+def start_watchdog(MPI, ctrl, stop_event: threading.Event, hard_exit: bool, grace_s: float = 0.5):
+    """Listen on the control communicator for the master's STOP (or its death).
+
+    On STOP the watchdog acknowledges and sets ``stop_event``; with ``hard_exit``
+    (ULFM runs) it then ends the process after ``grace_s`` even if the main loop
+    is stuck.  If the master dies, the process ends with code 1.
+    """
+    def watch():
+        buf = np.zeros(wire.HEADER_BYTES, dtype=np.uint8)
+        req = ctrl.Irecv([buf, MPI.BYTE], source=0, tag=wire.TAG_CTRL)
+        while True:
+            try:
+                done = req.Test()
+            except MPI.Exception:
+                log.error("rank %d lost the master; exiting", ctrl.Get_rank())
+                _exit_now(1)
+            if done:
+                break
+            time.sleep(0.05)
+        ack = wire.message(wire.Header(wire.STOP))
+        try:
+            ctrl.Send([ack, MPI.BYTE], dest=0, tag=wire.TAG_CTRL)
+        except MPI.Exception:
+            pass
+        stop_event.set()
+        if hard_exit:
+            time.sleep(grace_s)
+            _exit_now(0)
+
+    thread = threading.Thread(target=watch, name="mpicdc-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+def _fire(injection, rank: int, stop_event: threading.Event) -> None:
+    """Carry out a crash, hang or exit injection in this worker."""
+    log.warning("rank %d: injected %s", rank, injection.kind)
+    if injection.kind == "crash":
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif injection.kind == "exit":
+        _exit_now(injection.exit_code)
+    elif injection.kind == "hang":
+        while not stop_event.is_set():  # stop replying; only the watchdog can end this
+            time.sleep(0.05)
+
+
+def worker_loop(MPI, comm, state: WorkerState, stop_event: threading.Event) -> int:
+    """Serve jobs from rank 0 until the watchdog sees STOP.  Local to this rank (no collectives)."""
+    layers = [layer for layer in state.model.linear_layers]
+    index = {layer.name: i for i, layer in enumerate(layers)}
+    mine = {lp.layer: (lp, block) for lp, block in state.plan.rank_blocks(state.rank)}
+    n_linear = len(layers)
+    rng = np.random.default_rng([state.seed, state.rank])
+    delay = state.injections.delay_for(state.rank) if state.injections is not None else None
+    flops = state.model.flops()
+    last_request = None
+    status = MPI.Status()
+    while not stop_event.is_set():
+        try:
+            if not comm.Iprobe(source=0, tag=wire.TAG_JOB, status=status):
+                time.sleep(state.poll_s)
+                continue
+            buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
+            comm.Recv([buf, MPI.BYTE], source=0, tag=wire.TAG_JOB)
+        except MPI.Exception:
+            log.error("rank %d lost the master; exiting", state.rank)
+            return 1
+        head = wire.Header.unpack(buf)
+        if head.kind == wire.STOP:
+            return 0
+        layer = layers[head.layer]
+        lp, block = mine[layer.name]
+        tag = wire.reply_tag(head.request, head.layer, n_linear)
+        first = head.request != last_request
+        last_request = head.request
+        if state.injections is not None:
+            injection = state.injections.action_for(state.rank, head.request, layer.name, first)
+            if injection is not None:
+                _fire(injection, state.rank, stop_event)
+                return 0
+        if comm.Iprobe(source=0, tag=wire.TAG_JOB):  # fallen behind: the master already moved on
+            _send(MPI, comm, wire.message(wire.Header(wire.SKIPPED, head.request, head.layer, block)), tag)
+            continue
+        start = time.perf_counter()
+        W, b = state.blocks[layer.name]
+        lowered = lower(layer, wire.payload(buf, head.shape))
+        out = lowered.finish(gemm(W, b, lowered.X))
+        compute = time.perf_counter() - start
+        if state.device is not None:  # emulate a slower device: pad to its modeled compute time
+            share = W.shape[0] / max(1, sum(e - s for s, e in lp.rows))
+            target = state.device.compute_time(flops[layer.name] * share)
+            if target > compute:
+                time.sleep(target - compute)
+        if delay is not None:
+            time.sleep(float(delay.sample(rng)))
+        reply = wire.message(wire.Header(wire.REPLY, head.request, head.layer, block, out.shape, compute),
+                             np.ascontiguousarray(out))
+        if not _send(MPI, comm, reply, tag):
+            return 1
+    return 0
+
+
+def _send(MPI, comm, buf, tag) -> bool:
+    try:
+        comm.Send([buf, MPI.BYTE], dest=0, tag=tag)
+        return True
+    except MPI.Exception:
+        log.error("rank %d could not reach the master; exiting", comm.Get_rank())
+        return False
