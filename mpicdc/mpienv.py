@@ -2,20 +2,28 @@
 
 Open MPI 5 tolerates a dead rank only when launched with ``--with-ft ulfm``
 (``mpirun`` then sets ``OMPI_MCA_mpi_ft_enable``).  A rank that *exits* (rather
-than dies by a signal) is noticed only by the heartbeat failure detector, and
-the heartbeats must come from a thread, or a rank busy in a long GEMM is
-falsely suspected.  :func:`import_mpi` sets those detector parameters (unless
-the user set them) before ``MPI_Init`` runs.
+than dies by a signal) is noticed only by the heartbeat failure detector.
+Heartbeats are sent from MPI's progress engine, so a rank that makes no MPI
+call for longer than the detector timeout (a long GEMM, a sleep) is falsely
+declared dead.  Open MPI's own detector thread avoids that but crashes
+``MPI_Init`` in about one start in 25 here (a segfault in
+``ompi_comm_revoke_local``), so mpicdc keeps it off and instead runs
+:func:`start_progress_thread` on every rank: a Python thread that drives MPI
+progress every 50 ms while numpy computes with the GIL released.
+:func:`import_mpi` sets the detector parameters (unless the user set them)
+before ``MPI_Init`` runs.
 """
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 DETECTOR_DEFAULTS = {
     "OMPI_MCA_mpi_ft_detector": "true",
-    "OMPI_MCA_mpi_ft_detector_thread": "true",
-    "OMPI_MCA_mpi_ft_detector_period": "0.2",
-    "OMPI_MCA_mpi_ft_detector_timeout": "1",
+    "OMPI_MCA_mpi_ft_detector_thread": "false",
+    "OMPI_MCA_mpi_ft_detector_period": "0.25",
+    "OMPI_MCA_mpi_ft_detector_timeout": "2",
 }
 
 # The flags that make a launch fault tolerant; ``mpicdc.launch`` adds them for you.
@@ -56,3 +64,28 @@ def failed_ranks(MPI, comm) -> set:
         return {r for r in ranks if r != MPI.UNDEFINED}
     finally:
         group.Free()
+
+
+def start_progress_thread(MPI, comm, interval_s: float = 0.05) -> threading.Event:
+    """Drive MPI progress (and so the failure detector's heartbeats) from a daemon thread.
+
+    The thread tests a receive from this rank to itself that is never matched,
+    on a private duplicate of ``comm`` (``Dup`` is collective: call this on
+    every rank).  Returns an event that stops the thread when set.
+    """
+    private = comm.Dup()
+    private.Set_errhandler(MPI.ERRORS_RETURN)
+    stop = threading.Event()
+    buf = bytearray(1)
+
+    def spin():
+        req = private.Irecv([buf, MPI.BYTE], source=private.Get_rank(), tag=1)
+        while not stop.is_set():
+            try:
+                req.Test()
+            except MPI.Exception:
+                return
+            time.sleep(interval_s)
+
+    threading.Thread(target=spin, name="mpicdc-progress", daemon=True).start()
+    return stop

@@ -168,3 +168,87 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
     for lp in plan.layers:
         lp.code_obj  # noqa: B018 -- validate the code for this layer's block count now, not at run time
     return plan
+
+
+# ---------------------------------------------------------------- plan table (used by ``prepare --show``)
+
+def _rank_ranges(ranks) -> str:
+    """``[1, 2, 3, 5]`` -> ``"1-3,5"``."""
+    ranks = sorted(ranks)
+    parts, start = [], None
+    for i, x in enumerate(ranks):
+        if start is None:
+            start = x
+        if i + 1 == len(ranks) or ranks[i + 1] != x + 1:
+            parts.append(str(x) if x == start else f"{start}-{x}")
+            start = None
+    return ",".join(parts) or "-"
+
+
+def rank_role(plan: Plan, rank: int) -> str:
+    """``"master"``, ``"data"`` or ``"parity"`` for a rank of ``plan``'s world."""
+    if not 0 <= rank < plan.world_size:
+        raise ValueError(f"rank {rank} is outside the plan's world of {plan.world_size} ranks")
+    return "master" if rank == 0 else "data" if rank <= plan.workers else "parity"
+
+
+def rank_bytes(plan: Plan, model: Model) -> dict:
+    """``{rank: bytes}`` of float32 weights and biases each rank holds (padding included)."""
+    totals = dict.fromkeys(range(plan.world_size), 0)
+    for name, (rows, cols) in model.weight_shapes().items():
+        lp = plan.for_layer(name)
+        if lp is None:
+            totals[0] += 4 * rows * (cols + 1)
+        else:
+            for rank in lp.ranks:
+                totals[rank] += 4 * lp.block_rows * (cols + 1)
+    return totals
+
+
+def _mb(nbytes: int) -> str:
+    mb = nbytes / 1e6
+    return f"{mb:.2f}" if mb >= 0.1 or mb == 0 else f"{mb:.2g}"
+
+
+def format_plan_table(plan: Plan, model: Model, rank_extra: dict | None = None, extra_header: str = "") -> str:
+    """The plan as a text table: one line per linear layer, then per-rank totals.
+
+    Columns: layer, weight shape (rows x cols), split (``n+r`` blocks or ``master``), the ranks
+    (data ranks, then parity ranks after ``|``), code, rows per block (after padding) and MB
+    (1e6 bytes, float32 weights plus bias) held by each rank computing a block.  The per-rank
+    lines give role, number of blocks and MB; ``rank_extra`` (``{rank: text}``, headed by
+    ``extra_header``) appends a column, e.g. the shard file of each rank.
+    """
+    head = ("layer", "shape", "split", "ranks", "code", "block rows", "MB/rank")
+    lines = []
+    blocks = dict.fromkeys(range(plan.world_size), 0)
+    for name, (rows, cols) in model.weight_shapes().items():
+        lp = plan.for_layer(name)
+        for rank in ((0,) if lp is None else lp.ranks):
+            blocks[rank] += 1
+        if lp is None:
+            lines.append((name, f"{rows}x{cols}", "master", "0", "-", str(rows), _mb(4 * rows * (cols + 1))))
+            continue
+        ranks = _rank_ranges(lp.ranks[:lp.n]) + (f" | {_rank_ranges(lp.ranks[lp.n:])}" if lp.r else "")
+        sizes = sorted({stop - start for start, stop in lp.rows})
+        block = str(lp.block_rows) if len(sizes) == 1 else f"{lp.block_rows} ({sizes[0]}-{sizes[-1]})"
+        lines.append((name, f"{rows}x{cols}", f"{lp.n}+{lp.r}", ranks, lp.code, block,
+                      _mb(4 * lp.block_rows * (cols + 1))))
+    widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
+    right = {1, 5, 6}
+
+    def fmt(row):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    out = [f"plan {plan.tag} for {plan.model}: world of {plan.world_size} ranks "
+           f"(1 master + {plan.workers} data + {plan.parity} parity workers), code {plan.code}",
+           "", fmt(head), fmt(tuple("-" * w for w in widths))]
+    out += [fmt(row) for row in lines]
+    extra = rank_extra or {}
+    out += ["", f"{'rank':>4}  {'role':<6}  {'blocks':>6}  {'MB':>9}  {extra_header}".rstrip(),
+            f"{'-' * 4}  {'-' * 6}  {'-' * 6}  {'-' * 9}  {'-' * len(extra_header)}".rstrip()]
+    for rank, size in rank_bytes(plan, model).items():
+        out.append(f"{rank:>4}  {rank_role(plan, rank):<6}  {blocks[rank]:>6}  {_mb(size):>9}  "
+                   f"{extra.get(rank, '')}".rstrip())
+    return "\n".join(out)

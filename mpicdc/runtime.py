@@ -21,7 +21,7 @@ import numpy as np
 from .kernels import init_weights
 from .master import Coordinator
 from .models import get_model
-from .mpienv import import_mpi, ulfm_enabled
+from .mpienv import import_mpi, start_progress_thread, ulfm_enabled
 from .plan import make_plan, parity_count
 from .worker import WorkerState, start_watchdog, worker_loop
 
@@ -169,6 +169,7 @@ def serve(config: RunConfig, *, comm=None):
     world = MPI.COMM_WORLD if comm is None else comm
     rank, size = world.Get_rank(), world.Get_size()
     ulfm = ulfm_enabled(MPI)
+    start_progress_thread(MPI, world)
     error, directory = None, ""
     if rank == 0:
         if not ulfm and size > 1:

@@ -1,0 +1,259 @@
+"""Raspberry-Pi-class device models: how long a block of work and a message take.
+
+A :class:`DeviceModel` is a roofline with a network link:
+
+* ``compute_time(flops, nbytes)`` = ``max(flops / gflops, nbytes / mem_GBps)``: batch-1
+  convolutions are compute bound, batch-1 fully connected layers stream their
+  weights once and are memory bound, and one number cannot serve both;
+* ``transfer_time(nbytes)`` = ``latency_s + nbytes / bandwidth_MBps``: the master's
+  link to the device (MB = 1e6 bytes).
+
+The MPI runtime pads each worker's real compute time up to
+``gemm_time(rows, cols, spatial)`` of its block and adds a sampled message delay,
+so that a fast x86 machine behaves like a cluster of Pis; :mod:`mpicdc.sim`
+uses the same numbers.
+
+Numbers and where they come from
+--------------------------------
+Each number is tagged [spec] (vendor data sheet), [measured] (a public measurement,
+named) or [estimate] (our reasoning from the spec; no measurement of that exact
+quantity could be consulted offline).  Validate against your own boards with
+``python -m mpicdc.bench`` and adjust; :meth:`DeviceModel.scaled` makes variants.
+
+``rpi3`` (default) -- Raspberry Pi 3 Model B: BCM2837, 4 x Cortex-A53 at 1.2 GHz,
+1 GB LPDDR2-900 on a 32-bit bus, BCM43438 802.11n 2.4 GHz single-stream WiFi,
+10/100 Ethernet behind USB 2.0 [spec: Raspberry Pi Foundation product brief, 2016].
+
+* ``gflops = 6.0`` [estimate]: float32 peak is 4 cores x 1.2 GHz x 4 flop/cycle
+  (one 128-bit NEON FMA per two cycles on the A53) = 19.2 GFLOP/s; a tuned
+  sustained GEMM reaches about a third of peak on in-order cores, and thermal
+  throttling of the passively cooled board pulls long runs lower still.
+* ``mem_GBps = 2.0`` [estimate]: LPDDR2-900 x 32 bit peaks at 3.6 GB/s; streaming
+  reads sustain a little over half.
+* ``bandwidth_MBps = 3.75`` (30 Mbit/s), ``latency_s = 2 ms`` [estimate]: the
+  single-stream 20 MHz 802.11n PHY tops out at 72 Mbit/s; TCP through an access
+  point gets well under half, and a LAN ping over WiFi takes a few ms round trip.
+* Check against the paper (Hadidi et al., DAC 2019): one fully connected layer
+  "of size 2048" took 50 ms on one Pi 3 with the authors' software stack.  This
+  model gives 8.4 ms for a 2048 x 2048 layer and 38 ms for the 2048 x 9216 half
+  of AlexNet's fc6 (both memory bound), so the paper's layer was most likely
+  the latter.  ``rpi3-paper`` is ``rpi3`` slowed (x0.168) until the 2048 x 2048
+  layer takes 50 ms: the pessimistic reading of the paper's time scale.
+
+``rpi3-eth`` -- the same board on its Ethernet: 11.8 MB/s [measured: 94.4 Mbit/s
+iperf on the same USB 2.0 LAN9514 10/100 port of the Pi 2 and B+, J. Geerling,
+"Getting Gigabit Networking on a Raspberry Pi 2, 3 and B+"], 0.3 ms [estimate].
+
+``rpi4`` -- Raspberry Pi 4 Model B: BCM2711, 4 x Cortex-A72 at 1.5 GHz, LPDDR4-3200,
+802.11ac 2.4/5 GHz WiFi, Gigabit Ethernet [spec].
+
+* ``gflops = 13.0``: about 8 GFLOP/s double-precision HPL on a stock Pi 4
+  [measured: W. Feiereisen, "Benchmarking the Raspberry Pi 4 with Raspberry Pi
+  OS64", 2022]; float32 doubles the NEON lanes, throttling keeps sustained float32
+  GEMM well below twice the HPL figure [estimate].
+* ``mem_GBps = 4.0`` [estimate]: LPDDR4-3200 x 32 bit peaks at 12.8 GB/s.
+* ``bandwidth_MBps = 12.5`` (100 Mbit/s), ``latency_s = 1.5 ms`` [estimate]: 5 GHz
+  802.11ac single stream through an access point.
+
+``rpi4-eth`` -- Pi 4 on Gigabit Ethernet: 117.6 MB/s [measured: 941 Mbit/s iperf3,
+mpr-projects.com, "RPi NAS: Part 3 Network Connections", 2024], 0.2 ms [estimate].
+
+``local`` -- this development machine [measured: ``shared/design.md``, "Facts"]:
+float32 GEMM about 100 GFLOP/s on one thread; a 12.8 MB broadcast among 4 ranks
+over shared memory in 3-4 ms (about 3.5 GB/s per copy); memory 10 GB/s and 5 us
+latency [estimate].  :func:`measure_local` re-measures GEMM and copy speed.
+
+The paper's WiFi arrival times and :func:`paper_wifi_delay`
+------------------------------------------------------------
+Fig. 1 of the paper: a master sends work to three Pi 3s over WiFi, each computes a
+2048 FC layer (c = 50 ms); about 34 % of the replies arrive within 100 ms (2c) and
+42 % within 150 ms (3c).  Write the arrival time as ``c + D``.  Then
+``P(D > c) = S1 = 0.66`` and ``P(D > 2c) = S2 = 0.58``.  A shifted exponential
+cannot fit (it would need a negative shift) and a Pareto fit has alpha = 0.19
+(infinite mean).  The two-parameter family "on time with probability w, else an
+exponential delay of mean m", ``P(D > x) = (1 - w) exp(-x / m)``, fits both
+points exactly::
+
+    exp(-c / m) = S2 / S1     ->  m = c / ln(S1 / S2) = 7.74 c  (387 ms for c = 50 ms)
+    (1 - w) exp(-c / m) = S1  ->  1 - w = S1**2 / S2  = 0.751
+
+so a quarter of the replies come right after the compute and three quarters
+straggle with an exponential tail (mean delay 5.8 c).  The model scales with
+``c``: pass the compute time of the layer you emulate, or keep the paper's 50 ms
+to reuse its absolute WiFi time scale.  Everything after the compute is charged
+to D, so a simulator that also models transfer times lands a few ms later.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .faults import ConstDelay, MixtureDelay, ShiftedExpDelay
+
+__all__ = ["DeviceModel", "DEVICES", "DEFAULT_DEVICE", "get_device", "device_names",
+           "paper_wifi_delay", "wifi_calibration", "measure_local",
+           "PAPER_FC_COMPUTE_S", "PAPER_ARRIVALS"]
+
+#: Compute time of the paper's 2048 fully connected layer on one Pi 3 (s).
+PAPER_FC_COMPUTE_S = 0.050
+#: Fraction of replies arrived by k times the compute time, read from the paper's Fig. 1.
+PAPER_ARRIVALS = {2: 0.34, 3: 0.42}
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """Speed of one device and of its network link to the master.
+
+    Parameters
+    ----------
+    name : registry name.
+    gflops : sustained float32 GEMM throughput of the whole device, GFLOP/s.
+    bandwidth_MBps : effective throughput of the link to the master, MB/s (1e6 bytes).
+    latency_s : one-way latency of one message, seconds.
+    mem_GBps : sustained memory bandwidth, GB/s (roofline; ``inf`` ignores memory).
+    description : one line for ``--help`` and the docs.
+    """
+
+    name: str
+    gflops: float
+    bandwidth_MBps: float
+    latency_s: float
+    mem_GBps: float = math.inf
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        for key in ("gflops", "bandwidth_MBps", "mem_GBps"):
+            value = getattr(self, key)
+            if not value > 0:
+                raise ValueError(f"device {self.name!r}: {key} must be > 0, got {value}")
+        if not (math.isfinite(self.latency_s) and self.latency_s >= 0):
+            raise ValueError(f"device {self.name!r}: latency_s must be finite and >= 0, got {self.latency_s}")
+
+    def compute_time(self, flops, nbytes=0.0):
+        """Seconds to do ``flops`` floating-point operations touching ``nbytes`` of memory.
+
+        Works elementwise on arrays.  ``nbytes`` defaults to 0 (compute bound).
+        """
+        return np.maximum(np.asarray(flops, dtype=float) / (self.gflops * 1e9),
+                          np.asarray(nbytes, dtype=float) / (self.mem_GBps * 1e9))[()]
+
+    def transfer_time(self, nbytes):
+        """Seconds to move one message of ``nbytes`` over the link (latency + size / bandwidth)."""
+        return (self.latency_s + np.asarray(nbytes, dtype=float) / (self.bandwidth_MBps * 1e6))[()]
+
+    def gemm_time(self, rows, cols, spatial=1):
+        """Seconds for one float32 block ``W (rows x cols) @ X (cols x spatial)``.
+
+        FLOPs are ``2 rows cols spatial``; memory traffic is the weight block, the
+        lowered input and the output once each (``4 (rows cols + cols spatial + rows spatial)``).
+        This is what the runtime pads each worker's block to.
+        """
+        rows, cols, spatial = (np.asarray(v, dtype=float) for v in (rows, cols, spatial))
+        return self.compute_time(2.0 * rows * cols * spatial,
+                                 4.0 * (rows * cols + cols * spatial + rows * spatial))
+
+    def scaled(self, speed: float, name: str | None = None) -> "DeviceModel":
+        """The same device with compute and memory ``speed`` times faster (0.5: half speed)."""
+        if not speed > 0:
+            raise ValueError(f"speed factor must be > 0, got {speed}")
+        return replace(self, name=name or f"{self.name}x{speed:g}", gflops=self.gflops * speed,
+                       mem_GBps=self.mem_GBps * speed)
+
+
+_RPI3 = DeviceModel("rpi3", 6.0, 3.75, 0.002, 2.0,
+                    "Raspberry Pi 3 Model B (4x Cortex-A53 1.2 GHz) on 2.4 GHz 802.11n WiFi")
+
+
+def _paper_scale() -> float:
+    return float(_RPI3.gemm_time(2048, 2048)) / PAPER_FC_COMPUTE_S
+
+
+DEVICES = {d.name: d for d in (
+    _RPI3,
+    replace(_RPI3.scaled(_paper_scale(), "rpi3-paper"),
+            description="Raspberry Pi 3 slowed to the paper's 50 ms per 2048x2048 FC layer"),
+    replace(_RPI3, name="rpi3-eth", bandwidth_MBps=11.8, latency_s=0.0003,
+            description="Raspberry Pi 3 Model B on its 10/100 Ethernet (USB 2.0)"),
+    DeviceModel("rpi4", 13.0, 12.5, 0.0015, 4.0,
+                "Raspberry Pi 4 Model B (4x Cortex-A72 1.5 GHz) on 5 GHz 802.11ac WiFi"),
+    DeviceModel("rpi4-eth", 13.0, 117.6, 0.0002, 4.0,
+                "Raspberry Pi 4 Model B on Gigabit Ethernet"),
+    DeviceModel("local", 100.0, 3500.0, 5e-6, 10.0,
+                "this machine: one core of float32 GEMM, ranks talking over shared memory"),
+)}
+
+DEFAULT_DEVICE = "rpi3"
+
+
+def device_names() -> list:
+    return sorted(DEVICES)
+
+
+def get_device(device: "str | DeviceModel" = DEFAULT_DEVICE) -> DeviceModel:
+    """Look up a device by name (a :class:`DeviceModel` passes through)."""
+    if isinstance(device, DeviceModel):
+        return device
+    try:
+        return DEVICES[device]
+    except KeyError:
+        raise ValueError(f"unknown device {device!r}; known devices: {', '.join(device_names())}") from None
+
+
+def wifi_calibration(compute_time: float = PAPER_FC_COMPUTE_S,
+                     arrivals: dict | None = None) -> tuple:
+    """``(p_on_time, mean_exp)`` of the WiFi straggler model (derivation in the module docstring).
+
+    Parameters
+    ----------
+    compute_time : the compute time c of the layer, seconds.
+    arrivals : ``{2: F2, 3: F3}``, fractions of replies arrived by 2c and 3c
+        (default: the paper's 0.34 and 0.42).
+    """
+    arrivals = PAPER_ARRIVALS if arrivals is None else arrivals
+    if not compute_time > 0:
+        raise ValueError(f"compute_time must be > 0, got {compute_time}")
+    s1, s2 = 1.0 - arrivals[2], 1.0 - arrivals[3]
+    if not 0 < s2 < s1 <= 1 or s1 * s1 / s2 > 1:
+        raise ValueError(f"arrival fractions {arrivals} cannot be fitted: need F2 < F3 and "
+                         "(1-F2)^2 <= 1-F3")
+    mean = compute_time / math.log(s1 / s2)
+    return 1.0 - s1 * s1 / s2, mean
+
+
+def paper_wifi_delay(compute_time: float = PAPER_FC_COMPUTE_S) -> MixtureDelay:
+    """Straggler delay reproducing the paper's Fig. 1 WiFi arrival fractions for compute time c.
+
+    With probability ``w = 0.249`` the reply is not delayed; otherwise the delay is
+    exponential with mean ``7.74 c``.  ``P(c + D <= 2c) = 0.34`` and
+    ``P(c + D <= 3c) = 0.42`` hold exactly.  Its spec is ``wifi:C``.
+    """
+    w, mean = wifi_calibration(compute_time)
+    return MixtureDelay((w, 1.0 - w), (ConstDelay(0.0), ShiftedExpDelay(0.0, mean)),
+                        label=f"wifi:{compute_time!r}")
+
+
+def measure_local(seconds: float = 0.2, size: int = 512) -> DeviceModel:
+    """Measure this machine's GEMM and copy speed with numpy (one short benchmark each).
+
+    Network numbers are those of ``local`` (shared memory).  Takes about ``2 * seconds``.
+    """
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+
+    def rate(fn, work):
+        fn()
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            fn()
+            count += 1
+        return work * count / (time.perf_counter() - start)
+
+    gflops = rate(lambda: a @ b, 2.0 * size ** 3) / 1e9
+    src = np.ones(8 << 20, dtype=np.uint8)
+    dst = np.empty_like(src)
+    mem = rate(lambda: np.copyto(dst, src), 2.0 * src.nbytes) / 1e9
+    return replace(DEVICES["local"], name="local-measured", gflops=gflops, mem_GBps=mem)

@@ -1,0 +1,761 @@
+"""ONNX graphs -> mpicdc model graph and GEMM weights.
+
+Local, pure apart from reading the file.  Needs the optional ``onnx`` package
+(``pip install mpicdc[onnx]``), imported inside :func:`load_onnx`.
+
+Handles graphs from ``torch.onnx.export`` (both the TorchScript and the dynamo
+exporter) and from tf2onnx (NHWC graphs with Transpose nodes).  Weights come
+from initializers and ``Constant`` nodes (read with ``onnx.numpy_helper``); shape
+arithmetic (``Shape``/``Gather``/``Concat``/... on constants) is evaluated at import.
+See docs/importers.md for the op table and the layout rules.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+from .common import (DTYPE, GraphState, ModelImportError, UnsupportedOpError, Value, identity_perm)
+
+log = logging.getLogger(__name__)
+
+#: ONNX ops turned into mpicdc layers (or absorbed by one).
+SUPPORTED_OPS = ("Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "MaxPool", "AveragePool",
+                 "GlobalAveragePool", "ReduceMean", "LRN", "BatchNormalization", "Concat", "Flatten",
+                 "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Softmax", "Dropout", "Identity")
+#: ops evaluated at import time when all their inputs are constants.
+CONSTANT_OPS = ("Constant", "Identity", "Cast", "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat",
+                "Reshape", "Slice", "Add", "Sub", "Mul", "Div", "ConstantOfShape", "Transpose", "Range")
+
+
+def _require_onnx():
+    try:
+        import onnx
+        from onnx import numpy_helper  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("reading ONNX files needs the onnx package: pip install mpicdc[onnx]") from exc
+    return onnx
+
+
+def load_onnx(path, *, input_shape: Optional[tuple] = None, name: Optional[str] = None) -> tuple:
+    """Import an ONNX file as ``(Model, weights)``.  Local.
+
+    Parameters
+    ----------
+    path : the ``.onnx`` file.
+    input_shape : framework input shape without the batch axis, for graphs whose input has
+        symbolic spatial dimensions (a symbolic batch dimension is taken as 1).
+    name : model name (default: the file name without suffix).
+
+    Returns
+    -------
+    (Model, weights) : the graph in channel-first layout and ``{layer: (W, b)}`` float32.
+
+    Raises
+    ------
+    ImportError : without the onnx package.
+    UnsupportedOpError : an op, attribute or layout mpicdc cannot represent (names op and node).
+    ModelImportError : the file is not a valid ONNX model.
+    """
+    onnx = _require_onnx()
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"no such ONNX file: {source}")
+    try:
+        proto = onnx.load(source, load_external_data=True)
+    except Exception as exc:  # DecodeError, OSError, ... from protobuf
+        raise ModelImportError(f"{source}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not proto.HasField("graph") or len(proto.graph.node) == 0:
+        raise ModelImportError(f"{source}: not an ONNX model (no graph nodes found)")
+    if name is None:
+        name = os.path.splitext(os.path.basename(source))[0]
+    return _OnnxConverter(onnx, proto, source, name, input_shape).run()
+
+
+def _attrs(onnx, node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _str(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _OnnxConverter:
+    def __init__(self, onnx, proto, source, name, input_shape):
+        self.onnx = onnx
+        self.proto = proto
+        self.graph = proto.graph
+        self.source = source
+        self.state = GraphState(source, name)
+        self.input_shape = input_shape
+        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self.consts: dict = {}
+        self.values: dict = {}
+        self.consumers: dict = {}
+        self.producer: dict = {}
+        self.skip: set = set()
+        self.fused: dict = {}
+
+    # ------------------------------------------------------------ helpers
+    def where(self, node) -> str:
+        return f"{self.source}: node {node.name or '<unnamed>'!r} ({node.op_type})"
+
+    def unsupported(self, node, why: str):
+        return UnsupportedOpError(f"{self.where(node)}: {why}")
+
+    def const(self, node, i: int, what: str) -> np.ndarray:
+        if i >= len(node.input) or not node.input[i]:
+            raise ModelImportError(f"{self.where(node)}: missing input {what}")
+        name = node.input[i]
+        if name not in self.consts:
+            raise self.unsupported(node, f"input {what} ({name!r}) must be a constant (initializer)")
+        return self.consts[name]
+
+    def opt_const(self, node, i: int):
+        if i < len(node.input) and node.input[i]:
+            return self.const(node, i, f"#{i}")
+        return None
+
+    def value(self, node, i: int = 0) -> Value:
+        name = node.input[i]
+        if name in self.values:
+            v = self.values[name]
+            # a tensor read by several nodes must not absorb a later bias / batch norm
+            return v if self.consumers.get(name, 0) == 1 else v.stale()
+        if name in self.consts:
+            raise self.unsupported(node, f"input {name!r} is a constant where an activation is expected")
+        raise ModelImportError(f"{self.where(node)}: input {name!r} is produced by no earlier node")
+
+    def hint(self, node) -> str:
+        return node.name or node.op_type.lower()
+
+    def linear_hint(self, node, weight_input: int) -> str:
+        """torch-style ``conv1.weight`` initializer names give readable layer names."""
+        if len(node.input) > weight_input:
+            w = node.input[weight_input]
+            if w.endswith(".weight"):
+                return w[: -len(".weight")]
+        return self.hint(node)
+
+    def foldable(self, node, i: int = 0) -> bool:
+        """The tensor feeding ``node`` at input ``i`` has no other consumer (so it can be folded)."""
+        return self.consumers.get(node.input[i], 0) == 1
+
+    # ------------------------------------------------------------ constant evaluation
+    def eval_const(self, node) -> Optional[list]:
+        """Outputs of ``node`` if it is computable at import time, else None."""
+        op, a = node.op_type, _attrs(self.onnx, node)
+        ins = [self.consts.get(n) if n else None for n in node.input]
+        present = [x for n, x in zip(node.input, ins) if n]
+        if op == "Constant":
+            return [self._constant_attr(node, a)]
+        if op == "Shape" and node.input[0] in self.values:
+            shape = np.array((1,) + tuple(self.values[node.input[0]].shape), np.int64)
+            return [shape[a.get("start", 0): a.get("end", len(shape))]]
+        if op not in CONSTANT_OPS or any(x is None for x in present):
+            return None
+        if op == "Identity":
+            return [ins[0]]
+        if op == "Cast":
+            return [ins[0].astype(self.onnx.helper.tensor_dtype_to_np_dtype(a["to"]))]
+        if op == "Shape":
+            shape = np.array(ins[0].shape, np.int64)
+            return [shape[a.get("start", 0): a.get("end", len(shape))]]
+        if op == "Gather":
+            return [np.take(ins[0], ins[1], axis=a.get("axis", 0))]
+        if op in ("Unsqueeze", "Squeeze"):
+            axes = a.get("axes")
+            if axes is None and len(ins) > 1 and ins[1] is not None:
+                axes = [int(x) for x in ins[1]]
+            x = ins[0]
+            if op == "Squeeze":
+                return [np.squeeze(x, axis=tuple(axes)) if axes is not None else np.squeeze(x)]
+            rank = x.ndim + len(axes)
+            for ax in sorted(int(ax) % rank for ax in axes):
+                x = np.expand_dims(x, ax)
+            return [x]
+        if op == "Concat":
+            return [np.concatenate([x for x in present], axis=a["axis"])]
+        if op == "Reshape":
+            shape = [int(d) for d in ins[1]]
+            if not a.get("allowzero", 0):
+                shape = [ins[0].shape[i] if d == 0 else d for i, d in enumerate(shape)]
+            return [ins[0].reshape(shape)]
+        if op == "Slice":
+            if self.opset < 10:
+                starts, ends, axes, steps = a["starts"], a["ends"], a.get("axes"), None
+            else:
+                starts, ends = ins[1], ins[2]
+                axes = ins[3] if len(ins) > 3 and ins[3] is not None else None
+                steps = ins[4] if len(ins) > 4 and ins[4] is not None else None
+            x = ins[0]
+            axes = list(range(len(starts))) if axes is None else [int(ax) for ax in axes]
+            steps = [1] * len(starts) if steps is None else [int(s) for s in steps]
+            sl = [slice(None)] * x.ndim
+            for s, e, ax, st in zip(starts, ends, axes, steps):
+                sl[ax] = slice(int(s), int(e), st)
+            return [x[tuple(sl)]]
+        if op in ("Add", "Sub", "Mul", "Div"):
+            x, y = ins[0], ins[1]
+            if op == "Div" and np.issubdtype(x.dtype, np.integer):
+                return [(x // y).astype(x.dtype)]
+            fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op]
+            return [fn(x, y).astype(np.result_type(x, y))]
+        if op == "ConstantOfShape":
+            value = a.get("value")
+            fill = self.onnx.numpy_helper.to_array(value).reshape(-1)[0] if value is not None else np.float32(0)
+            return [np.full([int(d) for d in ins[0]], fill, dtype=np.asarray(fill).dtype)]
+        if op == "Transpose":
+            return [np.transpose(ins[0], a.get("perm"))]
+        if op == "Range":
+            return [np.arange(ins[0], ins[1], ins[2])]
+        return None  # pragma: no cover
+
+    def _constant_attr(self, node, a):
+        nh = self.onnx.numpy_helper
+        if "value" in a:
+            return nh.to_array(a["value"])
+        for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                           ("value_int", np.int64), ("value_ints", np.int64)):
+            if key in a:
+                return np.array(a[key], dtype=dtype)
+        raise self.unsupported(node, f"Constant with attributes {sorted(a)}")
+
+    # ------------------------------------------------------------ main loop
+    def run(self) -> tuple:
+        nh = self.onnx.numpy_helper
+        g = self.graph
+        for init in g.initializer:
+            self.consts[init.name] = nh.to_array(init)
+        for node in g.node:
+            for n in node.input:
+                if n:
+                    self.consumers[n] = self.consumers.get(n, 0) + 1
+            for n in node.output:
+                self.producer[n] = node
+        for out in g.output:
+            self.consumers[out.name] = self.consumers.get(out.name, 0) + 1
+        # constants that need no activation shapes (lets pattern matching see them)
+        for node in g.node:
+            if node.domain in ("", "ai.onnx") and node.op_type != "Shape" and \
+                    all(not n or n in self.consts for n in node.input):
+                outs = self.eval_const(node)
+                if outs is not None:
+                    self.consts.update(zip(node.output, outs))
+        self._find_lrn_patterns()
+        self._setup_input()
+        for node in g.node:
+            if id(node) in self.skip:
+                continue
+            if all(n in self.consts for n in node.output if n):
+                continue
+            if node.domain not in ("", "ai.onnx"):
+                raise self.unsupported(node, f"op {node.op_type!r} of domain {node.domain!r} is not supported")
+            outs = self.eval_const(node)
+            if outs is not None:
+                self.consts.update(zip(node.output, outs))
+                continue
+            if id(node) in self.fused:
+                self._emit_fused(node)
+                continue
+            handler = getattr(self, f"op_{node.op_type}", None)
+            if handler is None:
+                raise UnsupportedOpError(
+                    f"{self.where(node)}: op {node.op_type!r} is not supported by the mpicdc ONNX importer "
+                    f"(supported: {', '.join(SUPPORTED_OPS)})")
+            handler(node, _attrs(self.onnx, node))
+        if len(g.output) != 1:
+            raise UnsupportedOpError(f"{self.source}: the graph has {len(g.output)} outputs; mpicdc models have "
+                                     f"exactly one")
+        out_name = g.output[0].name
+        if out_name not in self.values:
+            raise ModelImportError(f"{self.source}: graph output {out_name!r} is not computed from the input")
+        return self.state.build(self.values[out_name], f"imported from ONNX {os.path.basename(self.source)}")
+
+    def _setup_input(self):
+        inits = {i.name for i in self.graph.initializer}
+        inputs = [i for i in self.graph.input if i.name not in inits]
+        if len(inputs) != 1:
+            raise UnsupportedOpError(f"{self.source}: the graph has {len(inputs)} inputs "
+                                     f"{[i.name for i in inputs]}; mpicdc models have exactly one")
+        inp = inputs[0]
+        dims = []
+        for i, d in enumerate(inp.type.tensor_type.shape.dim):
+            dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None)
+        if not dims:
+            raise ModelImportError(f"{self.source}: input {inp.name!r} has no shape information")
+        if dims[0] not in (None, 1):
+            raise UnsupportedOpError(f"{self.source}: input {inp.name!r} has batch size {dims[0]}; "
+                                     f"mpicdc runs batch 1")
+        shape = dims[1:]
+        if self.input_shape is not None:
+            given = tuple(int(d) for d in self.input_shape)
+            if len(given) != len(shape) or any(d is not None and d != g for d, g in zip(shape, given)):
+                raise ModelImportError(f"{self.source}: input_shape {given} does not fit the graph input "
+                                       f"{inp.name!r} of shape {tuple(dims)}")
+            shape = list(given)
+        if any(d is None for d in shape):
+            raise ModelImportError(f"{self.source}: input {inp.name!r} has symbolic dimensions {tuple(dims)}; "
+                                   f"pass input_shape=(...) without the batch axis")
+        fw = tuple(shape)
+        perm = None
+        if len(fw) > 1:
+            perm = self._input_perm(inp.name, len(fw))
+        m_shape = fw if perm is None else tuple(fw[perm.index(i)] for i in range(len(fw)))
+        self.values[inp.name] = self.state.set_input(m_shape, perm)
+
+    def _input_perm(self, name: str, rank: int) -> Optional[tuple]:
+        """tf2onnx graphs start with Transpose(NHWC -> NCHW): make the mpicdc input that NCHW tensor."""
+        users = [n for n in self.graph.node if name in n.input]
+        if not users or any(n.op_type != "Transpose" for n in users):
+            return None
+        perms = {tuple(_attrs(self.onnx, n).get("perm", ())) for n in users}
+        if len(perms) != 1:
+            return None
+        q = perms.pop()
+        if len(q) != rank + 1 or q[0] != 0:
+            return None
+        q = tuple(p - 1 for p in q[1:])
+        # after Transpose(q): framework = act.transpose(perm_in)[q] -> identity needs perm_in = argsort(q)
+        return tuple(int(i) for i in np.argsort(q))
+
+    # ------------------------------------------------------------ LRN as exported by torch (dynamo)
+    def _find_lrn_patterns(self):
+        """Fuse torch's LocalResponseNorm decomposition into one ``lrn`` layer.
+
+        ``x / (k + alpha * AvgPool3d(Pad(Reshape(x*x)), (size,1,1)).squeeze(1)) ** beta``
+        """
+        for node in self.graph.node:
+            if node.op_type != "Div":
+                continue
+            found = self._match_lrn(node)
+            if found is not None:
+                chain, x_name, attrs = found
+                self.skip.update(id(n) for n in chain)
+                self.fused[id(node)] = ("lrn", x_name, attrs)
+
+    def _single(self, name: str, op_types: tuple):
+        node = self.producer.get(name)
+        if node is None or node.op_type not in op_types or self.consumers.get(name, 0) != 1:
+            return None
+        return node
+
+    def _scalar(self, name: str) -> Optional[float]:
+        value = self.consts.get(name)
+        if value is None or value.size != 1:
+            return None
+        return float(value.reshape(-1)[0])
+
+    def _match_lrn(self, div):
+        pow_ = self._single(div.input[1], ("Pow",))
+        if pow_ is None or self._scalar(pow_.input[1]) is None:
+            return None
+        beta = self._scalar(pow_.input[1])
+        add = self._single(pow_.input[0], ("Add",))
+        if add is None:
+            return None
+        k_i = 1 if self._scalar(add.input[1]) is not None else 0
+        k = self._scalar(add.input[k_i])
+        mul = self._single(add.input[1 - k_i], ("Mul",))
+        if k is None or mul is None:
+            return None
+        a_i = 1 if self._scalar(mul.input[1]) is not None else 0
+        alpha = self._scalar(mul.input[a_i])
+        squeeze = self._single(mul.input[1 - a_i], ("Squeeze",))
+        if alpha is None or squeeze is None:
+            return None
+        pool = self._single(squeeze.input[0], ("AveragePool",))
+        if pool is None:
+            return None
+        pa = _attrs(self.onnx, pool)
+        kernel = list(pa.get("kernel_shape", []))
+        if len(kernel) != 3 or kernel[1:] != [1, 1] or any(s != 1 for s in pa.get("strides", [1])) or \
+                any(pa.get("pads", [0])) or pa.get("count_include_pad", 0) != 1:
+            return None
+        size = int(kernel[0])
+        pad = self._single(pool.input[0], ("Pad",))
+        if pad is None:
+            return None
+        pads = self.consts.get(pad.input[1]) if len(pad.input) > 1 else None
+        if pads is None:
+            pads = np.asarray(_attrs(self.onnx, pad).get("pads", []))
+        pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+        want = [0] * 10
+        want[2], want[7] = size // 2, (size - 1) // 2
+        if pads != want or _str(_attrs(self.onnx, pad).get("mode", b"constant")) != "constant":
+            return None
+        if len(pad.input) > 2 and pad.input[2] and self._scalar(pad.input[2]) != 0.0:
+            return None
+        reshape = self._single(pad.input[0], ("Reshape", "Unsqueeze"))
+        if reshape is None:
+            return None
+        sq = self._single(reshape.input[0], ("Mul", "Pow"))
+        if sq is None:
+            return None
+        x = div.input[0]
+        if sq.op_type == "Mul" and not (sq.input[0] == x and sq.input[1] == x):
+            return None
+        if sq.op_type == "Pow" and not (sq.input[0] == x and self._scalar(sq.input[1]) == 2.0):
+            return None
+        return ([pow_, add, mul, squeeze, pool, pad, reshape, sq], x,
+                dict(size=size, alpha=alpha, beta=beta, k=k))
+
+    def _emit_fused(self, node):
+        kind, x_name, attrs = self.fused[id(node)]
+        v = self.values.get(x_name)
+        if v is None:
+            raise ModelImportError(f"{self.where(node)}: input {x_name!r} is not an activation")
+        self.state.require_spatial(v, identity_perm(len(v.shape)), f"{self.where(node)} (LocalResponseNorm)")
+        self.values[node.output[0]] = self.state.elementwise("lrn", v, self.hint(node) + "_lrn", **attrs)
+
+    # ------------------------------------------------------------ window helpers
+    def _window(self, node, a, v: Value, kernel):
+        """Strides and symmetric pads of a Conv / pool node over input ``v`` (NCHW)."""
+        nd = len(kernel)
+        strides = list(a.get("strides", [1] * nd))
+        if any(d != 1 for d in a.get("dilations", [1] * nd)):
+            raise self.unsupported(node, f"dilations {list(a['dilations'])} are not supported (only 1)")
+        auto_pad = _str(a.get("auto_pad", "NOTSET"))
+        spatial = v.shape[1:]
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            begins, ends = [], []
+            for size, k, s in zip(spatial, kernel, strides):
+                total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+                small, large = total // 2, total - total // 2
+                begins.append(small if auto_pad == "SAME_UPPER" else large)
+                ends.append(large if auto_pad == "SAME_UPPER" else small)
+        elif auto_pad == "VALID":
+            begins = ends = [0] * nd
+        else:
+            pads = list(a.get("pads", [0] * 2 * nd))
+            begins, ends = pads[:nd], pads[nd:]
+        if list(begins) != list(ends):
+            raise self.unsupported(node, f"asymmetric padding (begin {list(begins)}, end {list(ends)}) is not "
+                                         f"supported; mpicdc pads both sides equally")
+        if a.get("ceil_mode", 0):
+            for size, k, s, p in zip(spatial, kernel, strides, begins):
+                if (size + 2 * p - k) % s:
+                    raise self.unsupported(node, "ceil_mode=1 changes the output size here; only floor "
+                                                 "rounding is supported")
+        return [int(s) for s in strides], [int(p) for p in begins]
+
+    def _nchw(self, node, v: Value):
+        self.state.require_spatial(v, identity_perm(len(v.shape)), self.where(node))
+
+    # ------------------------------------------------------------ op handlers
+    def op_Conv(self, node, a):
+        v = self.value(node)
+        W = self.const(node, 1, "W")
+        b = self.opt_const(node, 2)
+        if a.get("group", 1) != 1:
+            raise self.unsupported(node, f"grouped convolution (group={a['group']}) is not supported")
+        self._nchw(node, v)
+        kernel = list(a.get("kernel_shape", W.shape[2:]))
+        if list(W.shape[2:]) != kernel:
+            raise ModelImportError(f"{self.where(node)}: kernel_shape {kernel} differs from weight shape {W.shape}")
+        strides, pads = self._window(node, a, v, kernel)
+        self.values[node.output[0]] = self.state.conv(v, W, b, strides, pads, self.linear_hint(node, 1),
+                                                      identity_perm(len(v.shape)))
+
+    def op_Gemm(self, node, a):
+        v = self.value(node)
+        if a.get("transA", 0):
+            raise self.unsupported(node, "transA=1 is not supported")
+        B = self.const(node, 1, "B")
+        C = self.opt_const(node, 2)
+        if B.ndim != 2:
+            raise self.unsupported(node, f"B of shape {B.shape} is not a matrix")
+        W = B.T if not a.get("transB", 0) else B  # (out, in)
+        W = np.asarray(W, np.float64) * a.get("alpha", 1.0)
+        b = None
+        if C is not None:
+            C = np.asarray(C, np.float64) * a.get("beta", 1.0)
+            if C.size not in (1, W.shape[0]):
+                raise self.unsupported(node, f"bias C of shape {C.shape} is not per output")
+            b = np.broadcast_to(C.reshape(-1), (W.shape[0],))
+        self.values[node.output[0]] = self.state.dense(v, W.astype(DTYPE), b, self.linear_hint(node, 1))
+
+    def op_MatMul(self, node, a):
+        if node.input[0] in self.consts:
+            raise self.unsupported(node, "constant @ activation is not supported (only activation @ constant)")
+        v = self.value(node)
+        B = self.const(node, 1, "B")
+        if B.ndim != 2:
+            raise self.unsupported(node, f"B of shape {B.shape} is not a matrix")
+        if len(v.shape) != 1:
+            raise self.unsupported(node, f"MatMul on a tensor of shape {(1,) + tuple(v.shape)}; only "
+                                         f"(1, features) inputs are supported")
+        self.values[node.output[0]] = self.state.dense(v, B.T, None, self.hint(node))
+
+    def _binary(self, node, a, op):
+        n0, n1 = node.input[0], node.input[1]
+        c0, c1 = n0 in self.consts, n1 in self.consts
+        if not c0 and not c1:
+            if op != "Add":
+                hint = ""
+                if op == "Mul" and n0 == n1:
+                    hint = ("; if this is torch's LocalResponseNorm exported by the TorchScript exporter "
+                            "(dynamo=False), export with the default dynamo exporter, whose LRN pattern is "
+                            "recognised")
+                raise self.unsupported(node, f"{op} of two activations is not supported (only Add){hint}")
+            return self._add_acts(node)
+        act_i = 1 if c0 else 0
+        v = self.value(node, act_i)
+        c = np.asarray(self.consts[node.input[1 - act_i]], np.float64)
+        per = self._per_channel(node, v, c)
+        if op == "Add":
+            scale, shift = np.ones_like(per), per
+        elif op == "Sub":
+            scale, shift = (np.ones_like(per), -per) if act_i == 0 else (-np.ones_like(per), per)
+        elif op == "Mul":
+            scale, shift = per, np.zeros_like(per)
+        else:  # Div
+            if act_i == 1:
+                raise self.unsupported(node, "constant / activation is not supported")
+            scale, shift = 1.0 / per, np.zeros_like(per)
+        self.values[node.output[0]] = self.state.affine(v, scale, shift, self.hint(node),
+                                                        can_fold=self.foldable(node, act_i))
+
+    def _per_channel(self, node, v: Value, c: np.ndarray) -> np.ndarray:
+        """Reduce a broadcast constant to one value per channel (spatial) or per feature (flat)."""
+        full = (1,) + tuple(v.shape)
+        if c.ndim > len(full):
+            raise self.unsupported(node, f"constant of shape {c.shape} broadcasts beyond {full}")
+        cs = (1,) * (len(full) - c.ndim) + tuple(c.shape)
+        if v.is_flat:
+            if math.prod(cs) in (1, math.prod(v.shape)):
+                return np.broadcast_to(c.reshape(-1), (math.prod(v.shape),)) if c.size > 1 else c.reshape(1)
+        else:
+            axis = 1 + v.perm.index(0)  # framework axis (with batch) holding channels
+            if all(d == 1 for i, d in enumerate(cs) if i != axis) and cs[axis] in (1, full[axis]):
+                return c.reshape(-1)
+        raise self.unsupported(node, f"constant of shape {c.shape} is not a scalar or per-channel value for a "
+                                     f"tensor of shape {full}")
+
+    def _add_acts(self, node):
+        vs = [self.value(node, i) for i in range(len(node.input))]
+        first = vs[0]
+        for v in vs[1:]:
+            if tuple(v.shape) != tuple(first.shape) or v.perm != first.perm or \
+                    (v.index is None) != (first.index is None) or \
+                    (v.index is not None and not np.array_equal(v.index, first.index)):
+                raise self.unsupported(node, f"Add of tensors with shapes {[x.shape for x in vs]} in different "
+                                             f"layouts (broadcasting is not supported)")
+        name = self.state.add("add", [v.layer for v in vs], self.hint(node))
+        self.values[node.output[0]] = Value(name, first.shape, first.perm, first.index)
+
+    def op_Add(self, node, a):
+        self._binary(node, a, "Add")
+
+    def op_Sub(self, node, a):
+        self._binary(node, a, "Sub")
+
+    def op_Mul(self, node, a):
+        self._binary(node, a, "Mul")
+
+    def op_Div(self, node, a):
+        self._binary(node, a, "Div")
+
+    def op_Relu(self, node, a):
+        self.values[node.output[0]] = self.state.elementwise("relu", self.value(node), self.hint(node))
+
+    def _pool(self, node, a, op):
+        v = self.value(node)
+        self._nchw(node, v)
+        kernel = [int(k) for k in a["kernel_shape"]]
+        if len(kernel) != len(v.shape) - 1:
+            raise self.unsupported(node, f"kernel {kernel} does not fit input shape {v.shape}")
+        strides, pads = self._window(node, a, v, kernel)
+        attrs = dict(kernel=kernel, stride=strides, padding=pads)
+        if op == "avgpool":
+            attrs["count_include_pad"] = bool(a.get("count_include_pad", 0))
+        if op == "maxpool" and len(node.output) > 1 and node.output[1]:
+            raise self.unsupported(node, "the Indices output of MaxPool is not supported")
+        name = self.state.add(op, [v.layer], self.hint(node), **attrs)
+        self.values[node.output[0]] = self.state.spatial(name, v.perm)
+
+    def op_MaxPool(self, node, a):
+        self._pool(node, a, "maxpool")
+
+    def op_AveragePool(self, node, a):
+        self._pool(node, a, "avgpool")
+
+    def _gap(self, node, v: Value, out_shape: tuple):
+        name = self.state.add("gap", [v.layer], self.hint(node))
+        self.values[node.output[0]] = Value(name, tuple(out_shape))
+
+    def op_GlobalAveragePool(self, node, a):
+        v = self.value(node)
+        self._nchw(node, v)
+        self._gap(node, v, (v.shape[0],) + (1,) * (len(v.shape) - 1))
+
+    def op_ReduceMean(self, node, a):
+        v = self.value(node)
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = [int(x) for x in self.const(node, 1, "axes")]
+        if v.is_flat or axes is None:
+            raise self.unsupported(node, "only a mean over all spatial axes (global average pooling) is supported")
+        rank = len(v.shape) + 1
+        fw_axes = sorted({int(ax) % rank - 1 for ax in axes})
+        if -1 in fw_axes or sorted(v.perm[i] for i in fw_axes) != list(range(1, len(v.shape))):
+            raise self.unsupported(node, f"mean over axes {list(axes)} of a tensor of shape {(1,) + v.shape} is "
+                                         f"not a global average pooling")
+        keep = a.get("keepdims", 1)
+        out = tuple(1 if i in fw_axes else d for i, d in enumerate(v.shape) if keep or i not in fw_axes)
+        self._gap(node, v, out)
+
+    def op_LRN(self, node, a):
+        v = self.value(node)
+        self._nchw(node, v)
+        size = int(a["size"])
+        if size % 2 == 0:
+            raise self.unsupported(node, f"even LRN size {size}: ONNX centres even windows differently from "
+                                         f"mpicdc/torch; only odd sizes are supported")
+        self.values[node.output[0]] = self.state.elementwise(
+            "lrn", v, self.hint(node), size=size, alpha=float(a.get("alpha", 1e-4)),
+            beta=float(a.get("beta", 0.75)), k=float(a.get("bias", 1.0)))
+
+    def op_BatchNormalization(self, node, a):
+        if a.get("training_mode", 0):
+            raise self.unsupported(node, "training_mode=1 is not supported (export the model in eval mode)")
+        if len([o for o in node.output if o]) > 1 and any(self.consumers.get(o, 0) for o in node.output[1:] if o):
+            raise self.unsupported(node, "the running-statistics outputs are not supported")
+        v = self.value(node)
+        scale, bias, mean, var = (np.asarray(self.const(node, i, what), np.float64)
+                                  for i, what in ((1, "scale"), (2, "B"), (3, "mean"), (4, "var")))
+        eps = float(a.get("epsilon", 1e-5))
+        s = scale / np.sqrt(var + eps)
+        t = bias - mean * s
+        if not v.is_flat:
+            self.state.channel_axis(v, 0, self.where(node))
+        self.values[node.output[0]] = self.state.affine(v, s, t, self.hint(node), can_fold=self.foldable(node))
+
+    def op_Concat(self, node, a):
+        vs = [self.value(node, i) for i in range(len(node.input))]
+        axis = int(a["axis"])
+        rank = len(vs[0].shape) + 1
+        if axis % rank == 0:
+            raise self.unsupported(node, "concatenation along the batch axis is not supported")
+        fw_axis = axis % rank - 1
+        for v in vs:
+            if len(v.shape) != len(vs[0].shape) or v.is_flat != vs[0].is_flat or v.perm != vs[0].perm:
+                raise self.unsupported(node, f"inputs in different layouts {[x.shape for x in vs]}")
+            self.state.channel_axis(v, fw_axis, self.where(node))
+        name = self.state.add("concat", [v.layer for v in vs], self.hint(node))
+        shape = list(vs[0].shape)
+        shape[fw_axis] = sum(v.shape[fw_axis] for v in vs)
+        if vs[0].is_flat:
+            index = None
+            if any(v.index is not None for v in vs):
+                parts, offset = [], 0
+                for v in vs:
+                    n = math.prod(v.shape)
+                    parts.append((np.arange(n) if v.index is None else v.index) + offset)
+                    offset += n
+                index = np.concatenate(parts)
+            self.values[node.output[0]] = Value(name, tuple(shape), None, index)
+        else:
+            self.values[node.output[0]] = self.state.spatial(name, vs[0].perm)
+
+    def op_Flatten(self, node, a):
+        v = self.value(node)
+        current = (1,) + tuple(v.shape)
+        axis = a.get("axis", 1) % len(current)
+        if axis <= 1:
+            self.values[node.output[0]] = self.state.flatten(v, self.hint(node))
+        else:
+            self._reshape_to(node, v, [math.prod(current[:axis]), math.prod(current[axis:])])
+
+    def _reshape_to(self, node, v: Value, full: list):
+        if full[0] != 1:
+            raise self.unsupported(node, f"reshape to {tuple(full)} changes the batch axis")
+        self.values[node.output[0]] = self.state.reshape(v, tuple(full[1:]), self.where(node))
+
+    def op_Reshape(self, node, a):
+        v = self.value(node)
+        target = [int(d) for d in self.const(node, 1, "shape").reshape(-1)]
+        current = (1,) + tuple(v.shape)
+        if not a.get("allowzero", 0):
+            target = [current[i] if d == 0 and i < len(current) else d for i, d in enumerate(target)]
+        if target.count(-1) > 1:
+            raise ModelImportError(f"{self.where(node)}: more than one -1 in shape {target}")
+        if -1 in target:
+            known = math.prod(d for d in target if d != -1)
+            if known == 0 or math.prod(current) % known:
+                raise ModelImportError(f"{self.where(node)}: cannot reshape {current} to {target}")
+            target[target.index(-1)] = math.prod(current) // known
+        self._reshape_to(node, v, target)
+
+    def _axes(self, node, a):
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = [int(x) for x in self.const(node, 1, "axes")]
+        return axes
+
+    def op_Squeeze(self, node, a):
+        v = self.value(node)
+        current = [1] + list(v.shape)
+        axes = self._axes(node, a)
+        axes = [i for i, d in enumerate(current) if d == 1 and i > 0] if axes is None else \
+            [int(ax) % len(current) for ax in axes]
+        if 0 in axes:
+            raise self.unsupported(node, "squeezing the batch axis is not supported")
+        self._reshape_to(node, v, [d for i, d in enumerate(current) if i not in axes])
+
+    def op_Unsqueeze(self, node, a):
+        v = self.value(node)
+        out = [1] + list(v.shape)
+        axes = self._axes(node, a)
+        rank = len(out) + len(axes)
+        for ax in sorted(int(ax) % rank for ax in axes):
+            if ax == 0:
+                raise self.unsupported(node, "unsqueezing before the batch axis is not supported")
+            out.insert(ax, 1)
+        self._reshape_to(node, v, out)
+
+    def op_Transpose(self, node, a):
+        v = self.value(node)
+        rank = len(v.shape) + 1
+        q = list(a.get("perm", list(range(rank))[::-1]))
+        if q[0] != 0:
+            raise self.unsupported(node, f"transpose {q} moves the batch axis")
+        q = [p - 1 for p in q[1:]]
+        if v.is_flat:
+            moved = [v.shape[p] for p in q]
+            if [d for d in moved if d != 1] != [d for d in v.shape if d != 1]:
+                raise self.unsupported(node, f"transpose {q} of a flat tensor of shape {v.shape}")
+            self.values[node.output[0]] = Value(v.layer, tuple(moved), None, v.index, v.fresh)
+            return
+        perm = tuple(v.perm[p] for p in q)
+        self.values[node.output[0]] = Value(v.layer, tuple(v.shape[p] for p in q), perm, None, v.fresh)
+
+    def op_Softmax(self, node, a):
+        v = self.value(node)
+        rank = len(v.shape) + 1
+        axis = a.get("axis", 1 if self.opset < 13 else -1) % rank
+        if axis == 0:
+            raise self.unsupported(node, "softmax over the batch axis is not supported")
+        fw_axis = axis - 1
+        if self.opset < 13:  # softmax over all axes from `axis` on: fine when only one is not 1
+            tail = [i for i in range(fw_axis, len(v.shape)) if v.shape[i] != 1]
+            if len(tail) > 1:
+                raise self.unsupported(node, f"softmax (opset {self.opset}) over several axes of shape "
+                                             f"{(1,) + tuple(v.shape)}")
+            fw_axis = tail[0] if tail else fw_axis
+        self.state.channel_axis(v, fw_axis, self.where(node))
+        self.values[node.output[0]] = self.state.elementwise("softmax", v, self.hint(node))
+
+    def _passthrough(self, node):
+        self.values[node.output[0]] = self.value(node)
+
+    def op_Dropout(self, node, a):
+        if len(node.output) > 1 and node.output[1] and self.consumers.get(node.output[1], 0):
+            raise self.unsupported(node, "the mask output of Dropout is not supported")
+        self._passthrough(node)
+
+    def op_Identity(self, node, a):
+        self._passthrough(node)

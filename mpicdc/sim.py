@@ -1,0 +1,782 @@
+"""Discrete-event simulator of the coded inference protocol, vectorised over requests.
+
+It runs the same :class:`~mpicdc.plan.Plan`, codes and delay models as the MPI
+runtime, but with time computed instead of spent, so it scales to thousands of
+devices and requests.  For every request, layer by layer in graph order:
+
+1. **send** -- the master sends the layer input (``4 * prod(input shape)`` bytes) to
+   every rank of the layer it does not know to be dead.  On a ``shared`` link the
+   sends leave one after another in block order (the k-th arrives after
+   ``latency + k * size / bandwidth``); on a ``parallel`` link all take
+   ``latency + size / bandwidth``.
+2. **compute** -- each rank starts when the input is there and it is free, and takes
+   ``device.gemm_time(rows, cols, spatial)`` for its block (parity blocks have the
+   padded ``block_rows``), times its ``slowdown``.  A rank still busy with an older
+   layer skips that older job if the new one arrived before it could start it
+   (the runtime's stale-work rule).
+3. **straggle** -- the reply is held back by a sample of the rank's delay model
+   (per-rank ``delay:`` injections override the default).
+4. **reply** -- ``4 * rows * spatial`` bytes back; on a ``shared`` link replies queue
+   first-come first-served at the master's link.
+5. **decode** -- the master takes replies in arrival order until the set in hand is
+   decodable (closed forms for uncoded, sum, MDS, groups and replication codes;
+   ``code_obj.decodable`` otherwise), then spends
+   ``missing * master.compute_time(2 n E, 4 (n + 1) E)`` decoding, with ``E`` the
+   elements of one block: each missing block is a combination of up to ``n``
+   received blocks (an upper bound for sum and group codes; scaled by
+   ``SimConfig.decode_scale``).
+6. **master work** -- nonlinear layers (ReLU, pools, LRN, softmax, ...) and linear
+   layers without a layer plan run on the master's device, costed by the same
+   roofline (:func:`nonlinear_work`).
+
+A layer whose replies never become decodable fails the request (``ok = False``,
+latency NaN).  Dead ranks come from ``failures`` (dead from the start, known to
+the master), ``fail_prob`` (each worker independently unavailable for a whole
+request, unknown to the master) and crash/hang/exit injections (firing at the
+request and layer the runtime would fire them; crashed and exited ranks are
+known dead from the next request on, hung ranks never).
+
+Simplifications, stated: requests are independent (each starts on an idle
+cluster), links are full duplex (sends and replies do not contend), late replies
+of an earlier layer do not occupy the link, and the master's own compute does not
+overlap with its sends.  Randomness comes from ``numpy.random.SeedSequence(seed)``
+spawned per chunk of ``SimConfig.chunk`` requests, so a seed reproduces a run
+exactly (for the same chunk size).
+
+Run ``python -m mpicdc.sim --help`` for the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import lru_cache
+from itertools import combinations
+from typing import Sequence
+
+import numpy as np
+
+from .devices import DEFAULT_DEVICE, DeviceModel, device_names, get_device
+from .faults import DELAY_HELP, INJECT_HELP, Injections, parse_delay, parse_injections
+from .models import Model, get_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Link", "SimConfig", "SimResult", "Decodability", "decode_structure", "simulate",
+           "nonlinear_work", "main"]
+
+
+class Link(Enum):
+    """How the master's network link is shared."""
+
+    SHARED = "shared"      # one radio / port: sends serialise, replies queue FIFO
+    PARALLEL = "parallel"  # every transfer independent (ideal switch)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Knobs of the timing model (defaults follow the module docstring).
+
+    Parameters
+    ----------
+    link : :class:`Link` or its value.
+    nonlinear : charge the master for nonlinear layers.
+    decode_scale : multiplier on the decode-time model (0 makes decoding free).
+    delay_blocks_worker : if True the straggler delay keeps the worker busy (as a
+        worker that sleeps before replying would); by default it is network time.
+    chunk : requests simulated together (memory is about ``12 * chunk * world_size``
+        float64); part of the random stream, so keep it fixed to reproduce a run.
+    verify : random erasure patterns on which a closed-form decodability rule is
+        checked against ``code_obj.decodable`` before it is trusted.
+    """
+
+    link: Link = Link.SHARED
+    nonlinear: bool = True
+    decode_scale: float = 1.0
+    delay_blocks_worker: bool = False
+    chunk: int = 1024
+    verify: int = 200
+
+    def __post_init__(self):
+        object.__setattr__(self, "link", Link(self.link))
+        if not self.decode_scale >= 0:
+            raise ValueError(f"decode_scale must be >= 0, got {self.decode_scale}")
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+
+
+# ---------------------------------------------------------------------------------------------
+# decodability: when does the set of replies in hand suffice?
+
+
+@dataclass(frozen=True)
+class Decodability:
+    """When a layer can be decoded, as a function of its reply arrival times.
+
+    ``kind`` is ``"all"`` (uncoded: every data block), ``"kofn"`` (any ``k`` of the
+    ``m`` blocks: sum and MDS codes), ``"components"`` (blocks fall into
+    independent components, component ``c`` needing any ``k_c`` of its members:
+    groups and replication codes) or ``"generic"`` (ask ``code.decodable`` on
+    growing prefixes of the arrival order).
+    """
+
+    kind: str
+    n: int
+    m: int
+    k: int = 0
+    components: tuple = ()
+    code: object = field(default=None, compare=False, repr=False)
+
+    def decodable(self, received) -> bool:
+        """Closed-form answer for a set of received block indices."""
+        rec = set(received)
+        if self.kind == "all":
+            return all(i in rec for i in range(self.n))
+        if self.kind == "kofn":
+            return len(rec & set(range(self.m))) >= self.k
+        if self.kind == "components":
+            return all(len(rec & set(idx)) >= k for idx, k in self.components)
+        return bool(self.code.decodable(tuple(sorted(rec))))
+
+    def time(self, arrival: np.ndarray) -> np.ndarray:
+        """Earliest decodable time per row of ``arrival`` (``(requests, m)``, inf = never)."""
+        if self.kind == "all":
+            return arrival[:, :self.n].max(axis=1)
+        if self.kind == "kofn":
+            return _kth(arrival, self.k)
+        if self.kind == "components":
+            out = np.full(arrival.shape[0], -np.inf)
+            for (size, k), idx in self._component_groups().items():
+                sub = arrival[:, idx]                       # (R, C, size)
+                np.maximum(out, _kth(sub, k, axis=2).max(axis=1), out=out)
+            return out
+        return self._generic_time(arrival)
+
+    def _component_groups(self) -> dict:
+        groups: dict = {}
+        for idx, k in self.components:
+            groups.setdefault((len(idx), k), []).append(idx)
+        return {key: np.array(v, dtype=np.intp) for key, v in groups.items()}
+
+    def _generic_time(self, arrival: np.ndarray) -> np.ndarray:
+        order = np.argsort(arrival, axis=1, kind="stable")
+        ranked = np.take_along_axis(arrival, order, axis=1)
+        finite = np.isfinite(ranked).sum(axis=1)
+        out = np.full(arrival.shape[0], np.inf)
+        dec = self.code.decodable
+        for i in range(arrival.shape[0]):
+            f = int(finite[i])
+            row = order[i]
+            if f < self.n or not dec(tuple(sorted(row[:f].tolist()))):
+                continue
+            lo, hi = self.n, f  # smallest decodable prefix length lies in [lo, hi]
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if dec(tuple(sorted(row[:mid].tolist()))):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            out[i] = ranked[i, lo - 1]
+        return out
+
+
+def _kth(a: np.ndarray, k: int, axis: int = 1) -> np.ndarray:
+    """k-th smallest (1-based) along ``axis``."""
+    size = a.shape[axis]
+    if k == size:
+        return a.max(axis=axis)
+    if k == 1:
+        return a.min(axis=axis)
+    return np.take(np.partition(a, k - 1, axis=axis), k - 1, axis=axis)
+
+
+def _parity_matrix(code) -> np.ndarray | None:
+    n, r = code.n, code.r
+    for attr in ("P", "parity", "parity_matrix"):
+        value = getattr(code, attr, None)
+        if value is not None and not callable(value):
+            P = np.asarray(value, dtype=float)
+            if P.shape == (r, n):
+                return P
+    for attr in ("G", "generator"):
+        value = getattr(code, attr, None)
+        if value is not None and not callable(value):
+            G = np.asarray(value, dtype=float)
+            if G.shape == (n + r, n):
+                return G[n:]
+    return None
+
+
+def _components_from(P: np.ndarray, code) -> tuple | None:
+    r, n = P.shape
+    parent = list(range(n + r))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for j in range(r):
+        for i in np.flatnonzero(P[j]):
+            parent[find(n + j)] = find(int(i))
+    members: dict = {}
+    for b in range(n + r):
+        members.setdefault(find(b), []).append(b)
+    comps = []
+    everything = set(range(n + r))
+    for idx in members.values():
+        data = [b for b in idx if b < n]
+        par = [b for b in idx if b >= n]
+        if not data:
+            continue  # an all-zero parity row helps nobody
+        if len(data) > 1 and len(par) > 1:
+            # several parities over several blocks: closed form only if any |par| losses decode
+            if math.comb(len(idx), len(par)) > 5000:
+                return None
+            if not all(code.decodable(tuple(sorted(everything - set(lost))))
+                       for lost in combinations(idx, len(par))):
+                return None
+        comps.append((tuple(idx), len(data)))
+    return tuple(comps)
+
+
+def _kind(code) -> str:
+    kind = getattr(code, "kind", None) or str(getattr(code, "spec", "")).partition(":")[0]
+    return "mds" if str(kind).startswith("mds") else str(kind)
+
+
+def _cheap_tolerance(code, limit: int = 20000) -> int | None:
+    """``code.tolerance`` when enumerating its erasure patterns is cheap, else None."""
+    m, r = code.n + code.r, code.r
+    if sum(math.comb(m, t) for t in range(1, r + 1)) > limit:
+        return None
+    return int(getattr(code, "tolerance", -1))
+
+
+def decode_structure(code, *, verify: int = 200, seed: int = 0) -> Decodability:
+    """Find the closed-form decodability rule of ``code`` (a :mod:`mpicdc.codes` code object).
+
+    Uncoded (``r = 0``) needs every data block; sum and MDS codes (or any code that
+    tolerates any ``r`` losses) need any ``n`` of ``n + r`` blocks; a code whose parity
+    matrix (``code.parity``, ``code.P`` or ``code.generator``) splits into components with
+    one parity or one data block each (groups, replication) needs each component to be
+    decodable on its own.  Any closed form is checked against ``code.decodable`` on
+    ``verify`` random erasure patterns and dropped (with a log message) if it ever
+    disagrees; the fallback asks ``code.decodable``.  ``code.tolerance`` is only consulted
+    when enumerating its patterns is cheap.
+    """
+    n, r = int(code.n), int(code.r)
+    m = n + r
+    rule = None
+    if r == 0:
+        rule = Decodability("all", n, m, k=n, code=code)
+    elif _kind(code) in ("sum", "mds") and _cheap_tolerance(code) in (None, r):
+        rule = Decodability("kofn", n, m, k=n, code=code)  # exact check when small, else verified
+    else:
+        P = _parity_matrix(code)
+        comps = _components_from(P, code) if P is not None else None
+        if comps:
+            rule = Decodability("components", n, m, components=comps, code=code)
+        elif _cheap_tolerance(code) == r:
+            rule = Decodability("kofn", n, m, k=n, code=code)
+    if rule is None:
+        return Decodability("generic", n, m, code=code)
+    rng = np.random.default_rng(seed)
+    for _ in range(verify):
+        lost = rng.choice(m, size=int(rng.integers(0, min(m, r + 2, 16) + 1)), replace=False)
+        received = tuple(sorted(set(range(m)) - set(lost.tolist())))
+        if rule.decodable(received) != bool(code.decodable(received)):
+            log.warning("code %s: closed-form rule %r disagrees with code.decodable on %s; "
+                        "using code.decodable", getattr(code, "spec", code), rule.kind, received)
+            return Decodability("generic", n, m, code=code)
+    return rule
+
+
+# ---------------------------------------------------------------------------------------------
+# static costs of every step
+
+
+def nonlinear_work(op: str, in_shapes: Sequence[tuple], out_shape: tuple, attrs: dict) -> tuple:
+    """``(flops, bytes)`` of one nonlinear layer on the master (float32 roofline inputs).
+
+    Elementwise ops read and write each element once; pooling reads its window;
+    LRN sums ``size`` squares; views (flatten, identity) are free.
+    """
+    out = math.prod(out_shape)
+    inn = sum(math.prod(s) for s in in_shapes)
+    if op in ("flatten", "identity"):
+        return 0.0, 0.0
+    if op in ("maxpool", "avgpool"):
+        return float(out * math.prod(attrs.get("kernel", [1]))), 4.0 * (inn + out)
+    if op == "lrn":
+        return float(out * (attrs.get("size", 5) + 4)), 8.0 * out
+    if op == "softmax":
+        return 4.0 * out, 8.0 * out
+    if op in ("batchnorm",):
+        return 2.0 * out, 8.0 * out
+    if op == "concat":
+        return 0.0, 8.0 * out
+    return float(inn), 4.0 * (inn + out)  # relu, add, gap
+
+
+@dataclass
+class _MasterStep:
+    name: str
+    seconds: float
+
+
+@dataclass
+class _DistStep:
+    name: str
+    n: int
+    ranks: np.ndarray        # (m,) rank of each block
+    latency: float           # one-way latency of every message
+    send: float              # size / bandwidth of the layer input
+    reply: np.ndarray        # (m,) size / bandwidth of each reply
+    compute: np.ndarray      # (m,) seconds per block before slowdown
+    decode_cost: float       # master seconds per missing block
+    rule: Decodability
+    compute_slow: np.ndarray = None   # compute times the rank's slowdown (set by simulate)
+    columns: object = None            # ranks as a slice when contiguous (views, not copies)
+    delay_groups: list = None         # [(DelayModel, block indices)] (set by simulate)
+
+
+def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config: SimConfig) -> list:
+    shapes = model.shapes()
+    wshapes = model.weight_shapes()
+    bw = device.bandwidth_MBps * 1e6
+    steps, rules = [], {}
+    for layer in model.layers:
+        in_shapes = [shapes[i] for i in layer.inputs]
+        out_shape = shapes[layer.name]
+        lp = plan.for_layer(layer.name) if layer.is_linear else None
+        if lp is None:
+            if layer.is_linear:
+                rows, cols = wshapes[layer.name]
+                seconds = float(master.gemm_time(rows, cols, math.prod(out_shape[1:])))
+            elif config.nonlinear:
+                seconds = float(master.compute_time(*nonlinear_work(layer.op, in_shapes, out_shape,
+                                                                    layer.attrs)))
+            else:
+                seconds = 0.0
+            steps.append(_MasterStep(layer.name, seconds))
+            continue
+        rows_total, cols = wshapes[layer.name]
+        if lp.rows[-1][1] != rows_total:
+            raise ValueError(f"plan for {layer.name!r} covers rows up to {lp.rows[-1][1]}, "
+                             f"but the layer has {rows_total}")
+        if len(set(lp.ranks)) != len(lp.ranks):
+            raise ValueError(f"plan for {layer.name!r} gives one rank several blocks: {lp.ranks}")
+        spatial = math.prod(out_shape[1:])
+        block_rows = np.array([b - a for a, b in lp.rows] + [lp.block_rows] * lp.r, dtype=float)
+        elems = lp.block_rows * spatial
+        dec_flops, dec_bytes = 2.0 * lp.n * elems, 4.0 * (lp.n + 1) * elems
+        steps.append(_DistStep(
+            name=layer.name, n=lp.n, ranks=np.asarray(lp.ranks, dtype=np.intp),
+            latency=device.latency_s,
+            send=4.0 * math.prod(in_shapes[0]) / bw,
+            reply=4.0 * block_rows * spatial / bw,
+            compute=np.asarray(device.gemm_time(block_rows, cols, spatial), dtype=float),
+            decode_cost=config.decode_scale * float(master.compute_time(dec_flops, dec_bytes)),
+            rule=_rule_for(lp.code_obj, config.verify, rules)))
+    return steps
+
+
+def _rule_for(code, verify: int, cache: dict) -> Decodability:
+    key = (getattr(code, "spec", id(code)), code.n, code.r)
+    if key not in cache:
+        try:
+            cache[key] = _cached_rule(code, verify)
+        except TypeError:  # unhashable code object
+            cache[key] = decode_structure(code, verify=verify)
+    return cache[key]
+
+
+@lru_cache(maxsize=256)
+def _cached_rule(code, verify: int) -> Decodability:
+    return decode_structure(code, verify=verify)
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class SimResult:
+    """Per-request outcome of :func:`simulate`.
+
+    Attributes
+    ----------
+    latency : seconds per request (NaN where the request failed).
+    ok : True where every layer decoded.
+    failed_layer : name of the layer that failed each request ("" when ok).
+    layer_times : ``{layer: seconds per request}`` when ``breakdown=True``.
+    layer_missing : ``{distributed layer: data blocks decoded per request}`` when ``breakdown=True``.
+    meta : what was simulated (model, plan tag, device, delay spec, seed, ...).
+    """
+
+    latency: np.ndarray
+    ok: np.ndarray
+    failed_layer: np.ndarray
+    layer_times: dict | None = None
+    layer_missing: dict | None = None
+    meta: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """Mean, std, p50, p95, p99, min and max latency over the successful requests (s), and success rate."""
+        good = self.latency[self.ok]
+        stats = {"requests": int(self.ok.size), "succeeded": int(self.ok.sum()),
+                 "success_rate": float(self.ok.mean()) if self.ok.size else math.nan}
+        if good.size:
+            p50, p95, p99 = np.percentile(good, [50, 95, 99])
+            stats.update(mean=float(good.mean()), std=float(good.std()), p50=float(p50),
+                         p95=float(p95), p99=float(p99), min=float(good.min()), max=float(good.max()))
+        else:
+            stats.update({k: math.nan for k in ("mean", "std", "p50", "p95", "p99", "min", "max")})
+        return stats
+
+    def breakdown_means(self) -> dict:
+        """Mean seconds per layer over successful requests (needs ``breakdown=True``)."""
+        if self.layer_times is None:
+            raise ValueError("run simulate(..., breakdown=True) to get per-layer times")
+        return {name: float(np.mean(v[self.ok])) if self.ok.any() else math.nan
+                for name, v in self.layer_times.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the simulation
+
+
+@dataclass
+class _Faults:
+    """Per-rank failure schedule: rank -> (request, step) from which it no longer replies."""
+
+    silent_from: dict      # rank -> (request, step index)
+    known_after: dict      # rank -> request after which the master knows it is dead
+    persistent: np.ndarray  # bool (world,) dead from the start, known
+
+
+def _fault_schedule(steps, world: int, failures, injections: Injections, layer_names) -> _Faults:
+    persistent = np.zeros(world, dtype=bool)
+    for rank in failures:
+        if not 1 <= int(rank) < world:
+            raise ValueError(f"failed rank {rank} is outside the workers 1..{world - 1}")
+        persistent[int(rank)] = True
+    injections.validate(world, layer_names)
+    first_step: dict = {}
+    step_of: dict = {}
+    for si, st in enumerate(steps):
+        if isinstance(st, _DistStep):
+            step_of[st.name] = si
+            for rank in st.ranks.tolist():
+                first_step.setdefault(rank, si)
+    silent, known = {}, {}
+    for inj in injections.failures():
+        for rank in (inj.ranks or range(1, world)):
+            if rank not in first_step:
+                continue  # never given a job, so never fires
+            req, si = inj.request, first_step[rank]
+            if inj.layer is not None:
+                s = step_of.get(inj.layer)
+                if s is not None and rank in steps[s].ranks:
+                    si = s
+                else:
+                    req += 1  # fires at the rank's first job of the next request
+            if rank not in silent or (req, si) < silent[rank]:
+                silent[rank] = (req, si)
+                if inj.kind in ("crash", "exit"):
+                    known[rank] = req
+                else:
+                    known.pop(rank, None)
+    return _Faults(silent, known, persistent)
+
+
+def _resolve_slowdown(slowdown, world: int) -> np.ndarray:
+    out = np.ones(world)
+    if slowdown is None:
+        return out
+    if isinstance(slowdown, dict):
+        for rank, factor in slowdown.items():
+            if not 1 <= int(rank) < world:
+                raise ValueError(f"slowdown for rank {rank}: outside the workers 1..{world - 1}")
+            out[int(rank)] = float(factor)
+    else:
+        values = np.asarray(slowdown, dtype=float)
+        if values.shape != (world,):
+            raise ValueError(f"slowdown needs one factor per rank ({world}), got shape {values.shape}")
+        out = values.copy()
+    if not np.all(out > 0):
+        raise ValueError(f"slowdown factors must be > 0, got {out[~(out > 0)]}")
+    return out
+
+
+def simulate(model, plan, *, requests: int, device="rpi3", delay=None, failures=(),
+             fail_prob: float = 0.0, injections=None, slowdown=None, master_device=None,
+             seed: int = 0, config: SimConfig | None = None, breakdown: bool = False) -> SimResult:
+    """Simulate ``requests`` independent inference requests of ``model`` under ``plan``.
+
+    Local, pure computation (no MPI).
+
+    Parameters
+    ----------
+    model : :class:`~mpicdc.models.Model` or zoo name; must be the plan's model.
+    plan : :class:`~mpicdc.plan.Plan` (``make_plan``); its codes give decodability.
+    requests : number of requests.
+    device : worker :class:`~mpicdc.devices.DeviceModel` or registry name; its link
+        is the network between master and workers.
+    delay : default straggler :class:`~mpicdc.faults.DelayModel` or spec (None: no delay).
+    failures : worker ranks dead from the start (the master knows and skips them).
+    fail_prob : probability that a worker is unavailable for a whole request, i.i.d.
+    injections : :class:`~mpicdc.faults.Injections` or list of ``--inject`` specs
+        (per-rank delays; crash/hang/exit at a request and layer).
+    slowdown : ``{rank: factor}`` or one factor per rank multiplying compute time.
+    master_device : the master's device (default: ``device``).
+    seed : seed of the random stream.
+    config : :class:`SimConfig`.
+    breakdown : also record per-layer times and decoded-block counts.
+    """
+    config = config or SimConfig()
+    model = get_model(model) if isinstance(model, str) else model
+    if plan.model != model.name:
+        raise ValueError(f"plan is for model {plan.model!r}, not {model.name!r}")
+    if requests < 0:
+        raise ValueError(f"requests must be >= 0, got {requests}")
+    if not 0 <= fail_prob <= 1:
+        raise ValueError(f"fail_prob must be in [0, 1], got {fail_prob}")
+    device = get_device(device)
+    master = get_device(master_device) if master_device is not None else device
+    default_delay = parse_delay(delay)
+    if not isinstance(injections, Injections):
+        injections = parse_injections(list(injections or ()))
+    world = plan.world_size
+    steps = _steps(model, plan, device, master, config)
+    faults = _fault_schedule(steps, world, failures, injections, [l.name for l in model.layers])
+    slow = _resolve_slowdown(slowdown, world)
+    delays = [injections.delay_for(r) or default_delay for r in range(world)]
+    for st in steps:  # group the blocks of each step by delay model, once
+        if isinstance(st, _DistStep):
+            groups: dict = {}
+            for b, rank in enumerate(st.ranks.tolist()):
+                groups.setdefault(delays[rank], []).append(b)
+            st.delay_groups = [(m, np.array(bs, dtype=np.intp)) for m, bs in groups.items()]
+            st.compute_slow = st.compute * slow[st.ranks]
+            lo = int(st.ranks[0])
+            contiguous = np.array_equal(st.ranks, np.arange(lo, lo + st.ranks.size))
+            st.columns = slice(lo, lo + st.ranks.size) if contiguous else st.ranks
+
+    latency = np.empty(requests)
+    failed_step = np.full(requests, -1, dtype=np.intp)
+    times = {st.name: np.empty(requests) for st in steps} if breakdown else None
+    missing = {st.name: np.zeros(requests, dtype=np.int32) for st in steps
+               if isinstance(st, _DistStep)} if breakdown else None
+    chunks = range(0, requests, config.chunk)
+    seeds = np.random.SeedSequence(seed).spawn(len(chunks))
+    with np.errstate(invalid="ignore"):
+        for ss, lo in zip(seeds, chunks):
+            hi = min(lo + config.chunk, requests)
+            _run_chunk(steps, np.arange(lo, hi), np.random.default_rng(ss), world, fail_prob,
+                       faults, config, latency[lo:hi], failed_step[lo:hi],
+                       {k: v[lo:hi] for k, v in times.items()} if breakdown else None,
+                       {k: v[lo:hi] for k, v in missing.items()} if breakdown else None)
+    ok = np.isfinite(latency)
+    latency[~ok] = np.nan
+    names = np.array([st.name for st in steps] + [""], dtype=object)
+    meta = {"model": model.name, "plan": plan.tag, "world_size": world, "workers": plan.workers,
+            "parity": plan.parity, "code": plan.code, "device": device.name, "master_device": master.name,
+            "delay": default_delay.spec, "injections": injections.specs, "failures": sorted(map(int, failures)),
+            "fail_prob": fail_prob, "seed": seed, "link": config.link.value,
+            "rules": {st.name: st.rule.kind for st in steps if isinstance(st, _DistStep)}}
+    return SimResult(latency, ok, names[failed_step], times, missing, meta)
+
+
+def _run_chunk(steps, req, rng, world, fail_prob, faults: _Faults, config: SimConfig,
+               latency_out, failed_out, times_out, missing_out):
+    R = req.size
+    t = np.zeros(R)
+    drop = rng.random((R, world)) < fail_prob if fail_prob > 0 else None
+    if drop is not None:
+        drop[:, 0] = False
+    busy_start = np.full((R, world), -np.inf)  # start of each rank's latest job
+    busy_end = np.zeros((R, world))            # and when that job frees the rank
+    shared = config.link is Link.SHARED
+    for si, st in enumerate(steps):
+        t_before = t
+        if isinstance(st, _MasterStep):
+            t = t + st.seconds
+        else:
+            cols = st.columns
+            m = st.ranks.size
+            known, silent = _masks(st, si, req, faults, drop)
+            if not shared:
+                arrive = t[:, None] + (st.latency + st.send)
+            elif known is None:
+                arrive = t[:, None] + (st.latency + st.send * np.arange(1, m + 1))
+            else:
+                arrive = t[:, None] + st.latency + np.cumsum(~known, axis=1) * st.send
+            bs, be = busy_start[:, cols], busy_end[:, cols]
+            # a rank still busy starts when free; an older job not yet started is skipped
+            start = np.maximum(arrive, np.where(arrive <= bs, bs, be))
+            done = start + st.compute_slow
+            ready = np.empty((R, m))
+            for model, blocks in st.delay_groups:
+                ready[:, blocks] = model.sample(rng, (R, blocks.size))
+            ready += done
+            if silent is not None:
+                ready[silent] = np.inf
+            arrival = _fifo(ready, st.reply) if shared else ready + st.reply
+            arrival += st.latency
+            tstar = st.rule.time(arrival)
+            lost = np.count_nonzero(arrival[:, :st.n] > tstar[:, None], axis=1)
+            t = tstar + lost * st.decode_cost
+            end = ready if config.delay_blocks_worker else done
+            if silent is None:
+                busy_start[:, cols], busy_end[:, cols] = start, end
+            else:
+                ran = ~(silent | known)
+                busy_start[:, cols] = np.where(ran, start, bs)
+                busy_end[:, cols] = np.where(ran, end, be)
+            if missing_out is not None:
+                missing_out[st.name][:] = lost
+        newly = ~np.isfinite(t) & (failed_out < 0)
+        failed_out[newly] = si
+        if times_out is not None:
+            times_out[st.name][:] = t - t_before
+    latency_out[:] = t
+
+
+def _masks(st: _DistStep, si: int, req: np.ndarray, faults: _Faults, drop):
+    """``(known, silent)`` block masks of one step: not sent to / never replies (None: no faults)."""
+    ranks = st.ranks
+    hit = [(b, r) for b, r in enumerate(ranks.tolist())
+           if r in faults.silent_from or r in faults.known_after]
+    persistent = faults.persistent[ranks]
+    if not hit and not persistent.any() and drop is None:
+        return None, None
+    R, m = req.size, ranks.size
+    known = np.broadcast_to(persistent, (R, m)).copy()
+    silent = known.copy()
+    for b, rank in hit:
+        if rank in faults.silent_from:
+            q, s0 = faults.silent_from[rank]
+            silent[:, b] |= (req > q) | ((req == q) & (si >= s0))
+        if rank in faults.known_after:
+            known[:, b] |= req > faults.known_after[rank]
+    if drop is not None:
+        silent |= drop[:, st.columns]
+    return known, silent | known
+
+
+def _fifo(ready: np.ndarray, service: np.ndarray) -> np.ndarray:
+    """Departure times of a FIFO single server: jobs arrive at ``ready``, job b needs ``service[b]``.
+
+    In arrival order, ``finish_k = max(ready_k, finish_{k-1}) + s_k``, which unrolls to
+    ``C_k + max_{j <= k} (ready_j - C_{j-1})`` with ``C`` the cumulative service.
+    """
+    order = np.argsort(ready, axis=1, kind="stable")
+    r_sorted = np.take_along_axis(ready, order, axis=1)
+    s_sorted = service[order]
+    c = np.cumsum(s_sorted, axis=1)
+    finish_sorted = c + np.maximum.accumulate(r_sorted - (c - s_sorted), axis=1)
+    out = np.empty_like(ready)
+    np.put_along_axis(out, order, finish_sorted, axis=1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+_EPILOG = f"""\
+what it does:
+  Builds the plan of `python -m mpicdc.run` (every conv/dense layer split by output rows over
+  N data workers, plus R parity workers of CODE), then simulates K requests: the master sends
+  each layer's input, workers compute their block at the device's speed, replies are delayed by
+  the straggler model, and the master decodes from the first decodable set of replies.
+  Prints latency statistics over successful requests and the success rate.
+
+codes: none | replication | sum | groups:G | mds   (as in mpicdc.plan)
+devices: {', '.join(device_names())}
+
+{DELAY_HELP}
+
+{INJECT_HELP}
+
+examples:
+  python -m mpicdc.sim alexnet --workers 4 --parity 1 --code sum --requests 10000 --delay wifi:0.05
+  python -m mpicdc.sim vgg16 --workers 8 --code none --delay shexp:0.01,0.05 --fail-prob 0.01
+  python -m mpicdc.sim vgg16 --workers 990 --parity 10 --code groups:10 --requests 10000 \\
+      --delay pareto:0.002,2 --link parallel --json out.json
+  python -m mpicdc.sim alexnet --workers 4 --code sum --inject crash:2@100 --breakdown
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mpicdc.sim", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Simulate coded distributed DNN inference on many devices and requests.",
+        epilog=_EPILOG)
+    p.add_argument("model", help="zoo model name (tiny, lenet, alexnet, vgg16, c3d, actionrec)")
+    p.add_argument("--workers", "-n", type=int, required=True, help="data workers N (ranks 1..N)")
+    p.add_argument("--parity", "-r", type=int, default=None,
+                   help="parity workers R (implied by sum, groups:G, none)")
+    p.add_argument("--code", default="none", help="code spec (default: none)")
+    p.add_argument("--requests", "-k", type=int, default=1000, help="requests to simulate (default 1000)")
+    p.add_argument("--delay", default="none", help="straggler delay model of every worker (see below)")
+    p.add_argument("--device", default=DEFAULT_DEVICE, help=f"worker device (default {DEFAULT_DEVICE})")
+    p.add_argument("--master-device", default=None, help="master device (default: --device)")
+    p.add_argument("--link", choices=[l.value for l in Link], default=Link.SHARED.value,
+                   help="shared: the master's link serialises transfers (WiFi); parallel: independent")
+    p.add_argument("--fail-prob", type=float, default=0.0,
+                   help="probability a worker is unavailable for a whole request")
+    p.add_argument("--fail", default="", help="ranks dead from the start, e.g. 3 or 2,5")
+    p.add_argument("--inject", action="append", default=[], metavar="SPEC",
+                   help="fault injection (repeatable; see below)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--breakdown", action="store_true", help="print mean time per layer")
+    p.add_argument("--json", metavar="PATH", help="write summary (and per-layer means) as JSON")
+    return p
+
+
+def main(argv=None) -> int:
+    """Command-line entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    from .plan import make_plan
+    try:
+        model = get_model(args.model)
+        plan = make_plan(model, args.workers, args.parity, args.code)
+        try:
+            failures = [int(x) for x in args.fail.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--fail {args.fail!r}: expected rank numbers like 3 or 2,5") from None
+        result = simulate(model, plan, requests=args.requests, device=args.device, delay=args.delay,
+                          failures=failures, fail_prob=args.fail_prob, injections=args.inject,
+                          master_device=args.master_device, seed=args.seed,
+                          config=SimConfig(link=args.link), breakdown=args.breakdown)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = result.summary()
+    meta = result.meta
+    print(f"{meta['model']} plan {meta['plan']} (world {meta['world_size']}), device {meta['device']}, "
+          f"link {meta['link']}, delay {meta['delay']}, {s['requests']} requests, seed {meta['seed']}")
+    print(f"success {100 * s['success_rate']:.2f}%  mean {1e3 * s['mean']:.2f} ms  p50 {1e3 * s['p50']:.2f}"
+          f"  p95 {1e3 * s['p95']:.2f}  p99 {1e3 * s['p99']:.2f}  max {1e3 * s['max']:.2f} ms")
+    out = {"summary": s, "meta": meta}
+    if args.breakdown:
+        means = result.breakdown_means()
+        out["layer_means_s"] = means
+        for name, value in means.items():
+            if value > 0:
+                print(f"  {name:<14} {1e3 * value:10.3f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

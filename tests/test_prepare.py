@@ -1,0 +1,158 @@
+"""``python -m mpicdc.prepare`` and ``python -m mpicdc.bench prepare``: real subprocesses and real files."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpicdc import store
+from mpicdc.prepare import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=None, module="mpicdc.prepare", timeout=120):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """tiny over 3 data workers and one sum parity worker, prepared by the CLI into --out ROOT."""
+    root = tmp_path_factory.mktemp("cli")
+    done = run("tiny", "--workers", 3, "--code", "sum", "--seed", 2, "--out", root / "weights")
+    assert done.returncode == 0, done.stderr
+    out = root / "weights" / "tiny-w3-p1-sum"
+    assert f"wrote {out}/" in done.stdout and "mpiexec -np 5" in done.stdout
+    assert done.stderr == ""        # not a terminal: no progress bar
+    return out
+
+
+def test_help_teaches():
+    done = run("--help")
+    assert done.returncode == 0
+    for text in ("examples:", "--workers", "--parity", "groups:G", "--keep-on-master", "--layer-workers",
+                 "--speeds", "--source", "--show", "--verify", "--dry-run", "mpiexec -np", "exit status"):
+        assert text in done.stdout, text
+
+
+def test_prepare_writes_the_default_folder(shards):
+    m = store.open_manifest(shards)
+    assert (m.model.name, m.plan.tag, m.world_size, m.seed) == ("tiny", "w3-p1-sum", 5, 2)
+    assert m.command.startswith("python -m mpicdc.prepare tiny --workers 3 --code sum")
+    assert sorted(p.name for p in shards.iterdir()) == ["manifest.h5"] + [f"rank-{r:03d}.h5" for r in range(5)]
+
+
+def test_show_prints_the_plan_table(shards):
+    done = run("--show", shards)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for text in ("layer", "shape", "split", "ranks", "code", "block rows", "MB/rank", "conv1", "8x27",
+                 "1-3 | 4", "parity", "rank-004.h5", "seed 2", "mpiexec -np 5"):
+        assert text in out, text
+    assert out.count(" sum ") >= 7
+
+
+def test_verify_ok_then_problems(shards, tmp_path):
+    done = run("--verify", shards)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.startswith(f"OK: {shards}")
+    device = tmp_path / "device"        # what one Pi holds: the manifest and its own shard
+    device.mkdir()
+    for name in ("manifest.h5", "rank-003.h5"):
+        (device / name).write_bytes((shards / name).read_bytes())
+    done = run("--verify", device, "--rank", 3)
+    assert done.returncode == 0 and "OK: " in done.stdout and "rank-003.h5 verified" in done.stdout
+    done = run("--verify", device, "--rank", 2)
+    assert done.returncode == 1 and "rank-002.h5: shard file of rank 2 is missing" in done.stdout
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in shards.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    data = bytearray((broken / "rank-002.h5").read_bytes())
+    data[len(data) // 2] ^= 1
+    (broken / "rank-002.h5").write_bytes(bytes(data))
+    done = run("--verify", broken)
+    assert done.returncode == 1
+    assert "problem: " in done.stdout and "rank-002.h5" in done.stdout and "FAILED" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    done = run("alexnet", "--workers", 4, "--code", "groups:2", "--keep-on-master", "fc8",
+               "--layer-workers", "fc6=1-3", "--speeds", "1,1,1,2", "--dry-run", "--dir", tmp_path / "x")
+    assert done.returncode == 0, done.stderr
+    assert "nothing written" in done.stdout and not (tmp_path / "x").exists()
+    fc6 = [line for line in done.stdout.splitlines() if line.startswith("fc6")][0]
+    assert "3+2" in fc6 and "1-3 | 5-6" in fc6
+    assert "master" in [line for line in done.stdout.splitlines() if line.startswith("fc8")][0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["resnet9000", "--workers", "2"], "unknown model 'resnet9000'; known models: actionrec, alexnet, c3d"),
+    (["tiny", "--workers", "2", "--code", "fountain"], "unknown code 'fountain'"),
+    (["tiny", "--workers", "0"], "--workers must be at least 1"),
+    (["tiny"], "--workers N is required"),
+    (["tiny", "--workers", "2", "--code", "mds"], "needs --parity R"),
+    (["tiny", "--workers", "2", "--code", "sum", "--parity", "2"], "uses 1 parity worker(s)"),
+    (["tiny", "--workers", "2", "--keep-on-master", "relu7"], "'relu7' is not a linear layer of tiny"),
+    (["tiny", "--workers", "2", "--layer-workers", "fc1"], "expected LAYER=RANKS"),
+    (["tiny", "--workers", "2", "--layer-workers", "fc1=1,x"], "'x' is not a rank"),
+    (["tiny", "--workers", "2", "--layer-workers", "fc1=1,5"], "not data workers"),
+    (["tiny", "--workers", "2", "--speeds", "1,a"], "expected numbers"),
+    (["tiny", "--workers", "2", "--speeds", "1,2,3"], "speeds has 3 entries"),
+    (["tiny", "--workers", "2", "--source", "no-such-file.onnx"], "no such file"),
+    (["tiny", "--show", "somewhere"], "take a folder and no MODEL"),
+    (["--rank", "1"], "--rank K goes with --verify DIR"),
+    ([], "MODEL is required"),
+])
+def test_usage_errors_exit_2_without_traceback(capsys, tmp_path, args, message):
+    assert main(args + ["--dir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.startswith("usage: python -m mpicdc.prepare")
+    assert not (tmp_path / "w").exists()
+
+
+def test_error_exit_codes_in_a_subprocess(tmp_path):
+    done = run("lenet5", "--workers", 2)
+    assert done.returncode == 2 and "known models:" in done.stderr and "Traceback" not in done.stderr
+    done = run("tiny", "--workers", 2, "--bogus")
+    assert done.returncode == 2 and "unrecognized arguments: --bogus" in done.stderr
+    done = run("--show", tmp_path / "missing")
+    assert done.returncode == 1 and "no such weight directory" in done.stderr and "Traceback" not in done.stderr
+    done = run("--verify", tmp_path / "missing")
+    assert done.returncode == 1 and "problem:" in done.stdout
+
+
+def test_source_file_through_the_importers(tmp_path):
+    import numpy as np
+
+    from mpicdc.importers import save_npz
+    from mpicdc.kernels import init_weights
+    from mpicdc.models import get_model
+
+    model = get_model("lenet")
+    weights = init_weights(model, 5)
+    save_npz(tmp_path / "lenet.npz", model, weights)
+    done = run("lenet", "--workers", 2, "--code", "sum", "--source", "lenet.npz", "--dir", "shards", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    m = store.open_manifest(tmp_path / "shards")
+    assert (m.source, m.seed) == ("lenet.npz", None) and store.verify(m.directory) == []
+    lp = m.plan.for_layer("fc1")
+    (start, stop), rank = lp.rows[1], lp.ranks[1]
+    W, b = store.load_rank(m.directory, rank, m, pad=False)["fc1"]
+    np.testing.assert_array_equal(W, weights["fc1"][0][start:stop])
+    np.testing.assert_array_equal(b, weights["fc1"][1][start:stop])
+    done = run("tiny", "--workers", 2, "--source", "lenet.npz", "--dir", "other", cwd=tmp_path)
+    assert done.returncode == 1 and "lenet.npz" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bench_reports_peak_memory_ratio():
+    done = run("prepare", "--model", "alexnet", "--workers", 4, "--code", "sum", "--check", module="mpicdc.bench",
+               timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "largest layer        fc6 4096x9216" in done.stdout
+    assert "x largest layer" in done.stdout and "within the 1.5 x budget" in done.stdout

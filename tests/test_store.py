@@ -1,0 +1,448 @@
+"""HDF5 weight store: real files in tmp_path, reloaded and decoded against the serial reference."""
+import hashlib
+import io
+import itertools
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from mpicdc import store
+from mpicdc.codes import encode_rows
+from mpicdc.kernels import default_input, forward, init_weights, layer_weights, lower
+from mpicdc.models import GraphBuilder, get_model
+from mpicdc.plan import format_plan_table, make_plan, rank_bytes
+from mpicdc.progress import Progress
+from mpicdc.store import ShardError
+
+# (model, data workers, parity workers or None when the code implies them, code)
+CASES = [
+    ("tiny", 3, None, "none"),
+    ("tiny", 3, 3, "replication"),
+    ("tiny", 4, None, "sum"),
+    ("tiny", 4, None, "groups:2"),
+    ("tiny", 4, 2, "mds"),
+    ("lenet", 3, None, "sum"),
+    ("lenet", 4, 2, "mds"),
+    ("actionrec", 4, None, "groups:2"),
+    ("alexnet", 4, None, "sum"),
+]
+SEED = 3
+
+
+def case_id(case):
+    return f"{case[0]}-{case[3]}"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """``case -> Manifest``, each case prepared once per module."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            name, workers, parity, code = case
+            model = get_model(name)
+            plan = make_plan(model, workers, parity, code)
+            out = tmp_path_factory.mktemp(case_id(case)) / f"{name}-{plan.tag}"
+            cache[case] = store.prepare(model, plan, out, "random", SEED)
+        return cache[case]
+    return get
+
+
+@pytest.fixture(scope="module")
+def tiny_sum(prepared):
+    return prepared(("tiny", 4, None, "sum"))
+
+
+@pytest.fixture
+def tiny_copy(tiny_sum, tmp_path):
+    """A private copy of the prepared tiny/sum directory, free to damage."""
+    out = tmp_path / tiny_sum.directory.name
+    shutil.copytree(tiny_sum.directory, out)
+    return out
+
+
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- format and manifest
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_prepared_directory_verifies_and_manifest_matches(prepared, case):
+    m = prepared(case)
+    name, workers, parity, code = case
+    model = get_model(name)
+    plan = make_plan(model, workers, parity, code)
+    assert store.verify(m.directory) == []
+    assert m.model == model and m.plan == plan
+    assert (m.source, m.seed, m.format_version) == ("random", SEED, store.FORMAT_VERSION)
+    assert m.directory.name == f"{name}-{plan.tag}"
+    assert sorted(p.name for p in m.directory.iterdir()) == ["manifest.h5"] + [
+        f"rank-{r:03d}.h5" for r in range(plan.world_size)]
+    for rank in range(plan.world_size):
+        path = m.directory / m.files[rank]
+        assert m.checksums[rank] == _sha256(path)
+        assert m.sizes[rank] == path.stat().st_size
+    for lp in plan.layers:
+        np.testing.assert_array_equal(m.parity[lp.layer], lp.code_obj.parity)
+
+
+def test_shard_files_are_self_describing(tiny_sum):
+    m = tiny_sum
+    lp = m.plan.for_layer("fc1")
+    with h5py.File(m.directory / "rank-002.h5", "r") as f:
+        assert f.attrs["format"] == "mpicdc-shard" and f.attrs["rank"] == 2 and f.attrs["role"] == "data"
+        assert f.attrs["world_size"] == 6 and f.attrs["plan_tag"] == m.plan.tag and f.attrs["code"] == "sum"
+        start, stop = lp.rows[1]
+        g = f[f"fc1/data-block-1-rows-{start}-{stop}"]
+        assert g.parent.attrs["layer"] == "fc1"
+        assert (g.attrs["layer"], g.attrs["kind"], g.attrs["block"], g.attrs["code"]) == ("fc1", "data", 1, "sum")
+        assert list(g.attrs["rows"]) == [start, stop] and "rows" in g.attrs["description"]
+        for key in ("W", "b"):
+            d = g[key]
+            assert d.attrs["sha256"] == hashlib.sha256(d[()].astype("<f4").tobytes()).hexdigest()
+    with h5py.File(m.directory / "rank-005.h5", "r") as f:
+        g = f["fc1/parity-block-4"]
+        assert f.attrs["role"] == "parity" and g.attrs["kind"] == "parity"
+        np.testing.assert_array_equal(g.attrs["coefficients"], np.ones(4))
+        assert g["W"].shape == (lp.block_rows, 192)
+    with h5py.File(m.directory / "manifest.h5", "r") as f:
+        assert f.attrs["format"] == "mpicdc-manifest"
+        assert f["codes/fc1"].shape == (1, 4)
+        assert list(f["shards/files"].asstr()[()]) == [f"rank-{r:03d}.h5" for r in range(6)]
+
+
+def test_no_pickle_anywhere(tiny_sum):
+    """Every dataset is numeric or a string; every attribute a number, string or numeric array."""
+    def check(obj):
+        for value in obj.attrs.values():
+            assert isinstance(value, (str, bytes, np.integer, np.floating, np.ndarray)), type(value)
+            if isinstance(value, np.ndarray):
+                assert value.dtype.kind in "iuf"
+        if isinstance(obj, h5py.Dataset):
+            assert obj.dtype.kind in "iufO" and (obj.dtype.kind != "O" or h5py.check_string_dtype(obj.dtype))
+    for path in tiny_sum.directory.iterdir():
+        with h5py.File(path, "r") as f:
+            check(f)
+            f.visititems(lambda _, obj: check(obj))
+
+
+# ---------------------------------------------------------------- values
+
+def _assemble(manifest):
+    """Full ``{layer: (W, b)}`` from the data blocks (trimmed) and the master's layers."""
+    blocks = {rank: store.load_rank(manifest.directory, rank, manifest) for rank in range(manifest.world_size)}
+    weights = dict(blocks[0])
+    for lp in manifest.plan.layers:
+        parts = [blocks[lp.ranks[i]][lp.layer] for i in range(lp.n)]
+        sizes = [stop - start for start, stop in lp.rows]
+        weights[lp.layer] = (np.concatenate([W[:k] for (W, _), k in zip(parts, sizes)]),
+                             np.concatenate([b[:k] for (_, b), k in zip(parts, sizes)]))
+    return weights, blocks
+
+
+def test_random_shards_reproduce_init_weights_exactly(tmp_path):
+    model = get_model("lenet")
+    plan = make_plan(model, 3, None, "sum", keep_on_master=["fc3"], speeds=[1, 2, 1])
+    m = store.prepare(model, plan, tmp_path / "w", "random", 7)
+    weights, blocks = _assemble(m)
+    reference = init_weights(model, 7)
+    assert set(blocks[0]) == {"fc3"}
+    for name, (W, b) in reference.items():
+        np.testing.assert_array_equal(weights[name][0], W)
+        np.testing.assert_array_equal(weights[name][1], b)
+
+
+@pytest.mark.parametrize("name", ["tiny", "lenet", "actionrec"])
+def test_streaming_random_layer_matches_layer_weights(name):
+    model = get_model(name)
+    for layer in model.linear_layers:
+        W, b = store._random_layer(model, layer.name, 5)
+        W0, b0 = layer_weights(model, layer.name, 5)
+        assert W.dtype == W0.dtype == np.float32
+        np.testing.assert_array_equal(W, W0)
+        np.testing.assert_array_equal(b, b0)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[3] != "none"], ids=case_id)
+def test_parity_blocks_match_encode_rows(prepared, case):
+    m = prepared(case)
+    reference = init_weights(m.model, SEED)
+    loaded = {}
+    for lp in m.plan.layers:
+        W, b = reference[lp.layer]
+        expected = encode_rows(W, b, lp.code_obj, [slice(*r) for r in lp.rows])
+        for i in range(lp.n, lp.n + lp.r):
+            rank = lp.ranks[i]
+            if rank not in loaded:
+                loaded[rank] = store.load_rank(m.directory, rank, m)
+            Wp, bp = loaded[rank][lp.layer]
+            scale = float(np.abs(expected[i][0]).max()) or 1.0
+            np.testing.assert_allclose(Wp, expected[i][0], rtol=0, atol=1e-6 * scale)
+            np.testing.assert_allclose(bp, expected[i][1], rtol=0, atol=1e-6 * max(float(np.abs(bp).max()), 1e-3))
+
+
+def _loss_patterns(code):
+    """Every set of lost blocks the code tolerates, up to ``r`` losses (all patterns up to ``tolerance``)."""
+    blocks = range(code.n + code.r)
+    for k in range(1, code.r + 1):
+        for lost in itertools.combinations(blocks, k):
+            received = [i for i in blocks if i not in lost]
+            if k <= code.tolerance:
+                assert code.decodable(received), (code.spec, lost)
+            if code.decodable(received):
+                yield lost
+
+
+def _check_layer_decodes(layer, lp, blocks, x, reference_out, rtol=1e-4):
+    lo = lower(layer, x)
+    replies = {}
+    for i, rank in enumerate(lp.ranks):
+        W, b = blocks[rank][lp.layer]
+        assert W.shape[0] == lp.block_rows and b.shape == (lp.block_rows,)
+        replies[i] = W @ lo.X + b[:, None]
+    code = lp.code_obj
+    scale = float(np.abs(reference_out).max())
+    sizes = [stop - start for start, stop in lp.rows]
+    checked = 0
+    for lost in [()] + list(_loss_patterns(code)):
+        got = code.decode({i: y for i, y in replies.items() if i not in lost})
+        assert len(got) == lp.n
+        Y = np.concatenate([np.asarray(y)[:k] for y, k in zip(got, sizes)])
+        out = lo.finish(Y)
+        assert out.shape == reference_out.shape
+        err = float(np.abs(out - reference_out).max())
+        assert err <= rtol * scale, f"{lp.layer} lost {lost}: max error {err:.3g} vs max {scale:.3g}"
+        checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_reloaded_blocks_decode_to_reference_layer_outputs(prepared, case):
+    """Every rank's ``W_block @ X + b_block`` decodes (all replies, each tolerated loss) to the reference."""
+    m = prepared(case)
+    model = m.model
+    acts = forward(model, init_weights(model, SEED), default_input(model, 1), return_all=True)
+    blocks = {rank: store.load_rank(m.directory, rank, m) for rank in range(m.world_size)}
+    patterns = 0
+    for layer in model.linear_layers:
+        lp = m.plan.for_layer(layer.name)
+        assert lp is not None
+        patterns += _check_layer_decodes(layer, lp, blocks, acts[layer.inputs[0]], acts[layer.name])
+    if m.plan.parity:
+        assert patterns > len(model.linear_layers)
+
+
+def test_layer_subsets_speeds_and_master_layers(tmp_path):
+    model = get_model("tiny")
+    plan = make_plan(model, 4, 2, "mds", keep_on_master=["fc2"], layer_workers={"fc1": [1, 3, 4]},
+                     speeds=[1, 1, 2, 4])
+    m = store.prepare(model, plan, tmp_path / "w", "random", 0)
+    assert store.verify(m.directory) == []
+    blocks = {rank: store.load_rank(m.directory, rank, m) for rank in range(m.world_size)}
+    assert set(blocks[0]) == {"fc2"}
+    np.testing.assert_array_equal(blocks[0]["fc2"][0], layer_weights(model, "fc2", 0)[0])
+    assert "fc1" not in blocks[2] and "fc1" in blocks[5] and "fc1" in blocks[6]
+    lp = plan.for_layer("conv2")
+    assert len({stop - start for start, stop in lp.rows}) > 1      # proportional blocks
+    unpadded = store.load_rank(m.directory, 1, m, pad=False)
+    assert unpadded["conv2"][0].shape[0] == lp.rows[0][1] - lp.rows[0][0] < lp.block_rows
+    acts = forward(model, init_weights(model, 0), default_input(model), return_all=True)
+    for name in ("conv2", "fc1"):
+        layer = model.layer(name)
+        _check_layer_decodes(layer, plan.for_layer(name), blocks, acts[layer.inputs[0]], acts[name])
+
+
+def test_mapping_source_and_layer_names_with_slashes(tmp_path):
+    b = GraphBuilder("imported", (2, 6, 6))
+    x = b.conv_relu("input", 4, 3, padding=1, name="features/0/Conv")
+    x = b.flatten(x, name="flat")
+    b.dense(x, 5, name="classifier.fc")
+    model = b.build()
+    weights = {name: (np.full(shape, i + 1.5, np.float64), None)
+               for i, (name, shape) in enumerate(model.weight_shapes().items())}
+    plan = make_plan(model, 2, None, "sum")
+    m = store.prepare(model, plan, tmp_path / "w", dict(weights), source_label="model.onnx", consume=False)
+    assert (m.source, m.seed) == ("model.onnx", None)
+    assert store.verify(m.directory) == []
+    got, _ = _assemble(m)
+    for name, (W, _) in weights.items():
+        np.testing.assert_array_equal(got[name][0], W.astype(np.float32))
+        np.testing.assert_array_equal(got[name][1], 0)
+    with h5py.File(m.directory / "rank-001.h5", "r") as f:
+        assert "features%2F0%2FConv" in f and f["features%2F0%2FConv"].attrs["layer"] == "features/0/Conv"
+    consumed = dict(weights)
+    store.prepare(model, plan, tmp_path / "w2", consumed, consume=True)
+    assert consumed == {}
+
+
+def test_bad_source_weights_are_rejected(tmp_path):
+    model = get_model("tiny")
+    plan = make_plan(model, 2, None, "sum")
+    weights = init_weights(model)
+    weights["fc1"] = (weights["fc1"][0][:, :-1], weights["fc1"][1])
+    with pytest.raises(ValueError, match=r"fc1.*\(32, 191\).*\(32, 192\)"):
+        store.prepare(model, plan, tmp_path / "w", weights)
+    del weights["fc2"]
+    with pytest.raises(ValueError, match="fc2"):
+        store.prepare(model, plan, tmp_path / "w", weights)
+    with pytest.raises(FileNotFoundError, match="nothing.onnx"):
+        store.prepare(model, plan, tmp_path / "w", str(tmp_path / "nothing.onnx"))
+    with pytest.raises(ValueError, match="plan is for model"):
+        store.prepare(get_model("lenet"), plan, tmp_path / "w")
+    assert not (tmp_path / "w" / "manifest.h5").exists()
+
+
+def test_reprepare_replaces_files_and_drops_stale_ranks(tmp_path):
+    model = get_model("tiny")
+    out = tmp_path / "w"
+    store.prepare(model, make_plan(model, 4, None, "sum"), out)
+    (out / "notes.txt").write_text("mine")
+    m = store.prepare(model, make_plan(model, 2, None, "sum"), out, seed=1)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.h5", "notes.txt", "rank-000.h5",
+                                                      "rank-001.h5", "rank-002.h5", "rank-003.h5"]
+    assert m.seed == 1 and store.verify(out) == []
+
+
+# ---------------------------------------------------------------- integrity
+
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _dataset_offset(path, name):
+    with h5py.File(path, "r") as f:
+        return f[name].id.get_offset()
+
+
+def test_flipped_byte_in_a_dataset(tiny_copy):
+    path = tiny_copy / "rank-003.h5"
+    m = store.open_manifest(tiny_copy)
+    blk = [b for b in store._layout(m.model, m.plan, 3) if b.layer == "conv2"][0]
+    _flip(path, _dataset_offset(path, f"{blk.path}/W") + 5)
+    with pytest.raises(ShardError, match=r"rank-003\.h5.*corrupted"):
+        store.load_rank(tiny_copy, 3)
+    problems = store.verify(tiny_copy)
+    assert any("rank-003.h5: corrupted: sha256" in p for p in problems)
+    assert any(f"/{blk.path}/W is corrupted" in p for p in problems), problems
+    store.load_rank(tiny_copy, 3, verify=False)   # without verify only attributes and shapes are checked
+
+
+def test_flipped_byte_anywhere_in_the_file(tiny_copy):
+    path = tiny_copy / "rank-001.h5"
+    _flip(path, 40)      # inside the HDF5 superblock
+    with pytest.raises(ShardError, match=r"rank-001\.h5"):
+        store.load_rank(tiny_copy, 1)
+    assert any("rank-001.h5" in p for p in store.verify(tiny_copy))
+
+
+def test_truncated_shard(tiny_copy):
+    path = tiny_copy / "rank-002.h5"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ShardError, match=r"rank-002\.h5: truncated: \d+ bytes, the manifest says \d+"):
+        store.load_rank(tiny_copy, 2, verify=False)
+    assert any("truncated" in p for p in store.verify(tiny_copy))
+
+
+def test_missing_shard(tiny_copy):
+    (tiny_copy / "rank-005.h5").unlink()
+    with pytest.raises(ShardError, match=r"rank-005\.h5: shard file of rank 5 is missing.*python -m mpicdc\.prepare"):
+        store.load_rank(tiny_copy, 5)
+    problems = store.verify(tiny_copy)
+    assert len(problems) == 1 and "rank-005.h5" in problems[0]
+
+
+def test_shard_for_another_world_size(tiny_copy, prepared):
+    other = prepared(("tiny", 3, None, "none"))        # world size 4
+    shutil.copy(other.directory / "rank-002.h5", tiny_copy / "rank-002.h5")
+    with pytest.raises(ShardError, match=r"rank-002\.h5: this shard belongs to another preparation: "
+                                         r"world size 4 \(expected 6\)"):
+        store.load_rank(tiny_copy, 2, verify=False)
+
+
+def test_shard_for_another_code(tiny_copy, tmp_path):
+    model = get_model("tiny")
+    other = store.prepare(model, make_plan(model, 4, 1, "mds"), tmp_path / "mds")   # same world size 6
+    shutil.copy(other.directory / "rank-005.h5", tiny_copy / "rank-005.h5")
+    with pytest.raises(ShardError, match=r"rank-005\.h5: .*code 'mds' \(expected 'sum'\)"):
+        store.load_rank(tiny_copy, 5)
+    assert any("code 'mds'" in p for p in store.verify(tiny_copy))
+
+
+def test_shard_from_another_run_of_the_same_plan(tiny_copy, tmp_path):
+    model = get_model("tiny")
+    other = store.prepare(model, make_plan(model, 4, None, "sum"), tmp_path / "again", seed=SEED)
+    shutil.copy(other.directory / "rank-001.h5", tiny_copy / "rank-001.h5")
+    with pytest.raises(ShardError, match=r"rank-001\.h5: this shard comes from another run of prepare"):
+        store.load_rank(tiny_copy, 1, verify=False)
+
+
+def test_manifest_problems(tiny_copy, tmp_path):
+    with pytest.raises(ShardError, match="no such weight directory"):
+        store.open_manifest(tmp_path / "nowhere")
+    path = tiny_copy / "manifest.h5"
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ShardError, match=r"manifest\.h5: damaged or incomplete manifest"):
+        store.open_manifest(tiny_copy)
+    path.unlink()
+    with pytest.raises(ShardError, match=r"manifest\.h5: manifest missing"):
+        store.load_rank(tiny_copy, 1)
+    assert "manifest missing" in store.verify(tiny_copy)[0]
+
+
+def test_check_world_names_the_fitting_commands(tiny_sum):
+    store.check_world(tiny_sum, 6)
+    with pytest.raises(ShardError, match=r"prepared for 6 ranks .* has 9: launch with mpiexec -np 6, or prepare "
+                                         r"shards for 9 ranks: python -m mpicdc.prepare tiny --workers 7 --code sum"):
+        store.check_world(tiny_sum, 9)
+    with pytest.raises(ShardError, match=r"-np 6, or prepare uncoded shards for 2 ranks: .*--workers 1 --code none"):
+        store.check_world(tiny_sum, 2)
+    with pytest.raises(ShardError, match="rank 6 has no shard"):
+        store.load_rank(tiny_sum.directory, 6, tiny_sum)
+
+
+def test_stored_parity_matrix_must_match_the_codes(tiny_copy):
+    with h5py.File(tiny_copy / "manifest.h5", "r+") as f:
+        f["codes/fc1"][0, 0] = 2.0
+    assert any("layer 'fc1' was encoded with a parity matrix that differs" in p for p in store.verify(tiny_copy))
+    with pytest.raises(ShardError, match="fc1"):
+        store.load_rank(tiny_copy, 0)
+
+
+# ---------------------------------------------------------------- plan table and progress bar
+
+def test_plan_table_and_rank_bytes():
+    model = get_model("alexnet")
+    plan = make_plan(model, 4, None, "sum", keep_on_master=["fc8"])
+    text = format_plan_table(plan, model)
+    assert "block rows" in text and "MB/rank" in text
+    assert "fc6" in text and "4096x9216" in text and "1-4 | 5" in text
+    fc8 = [line for line in text.splitlines() if line.startswith("fc8")][0]
+    assert "master" in fc8
+    sizes = rank_bytes(plan, model)
+    assert sizes[0] == 4 * 1000 * 4097
+    assert sizes[5] == sizes[1] and len(sizes) == 6
+
+
+def test_progress_bar_only_on_a_terminal():
+    quiet = io.StringIO()
+    with Progress(100, "x", stream=quiet) as bar:
+        bar.update(50, status="fc6")
+    assert quiet.getvalue() == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    with Progress(2e6, "vgg16", stream=term, rate=1e9) as bar:
+        bar.update(1e6, status="fc6")
+        assert term.getvalue().startswith("\rvgg16 [###")
+        assert "50%" in term.getvalue() and "1.0 MB/2.0 MB" in term.getvalue() and "fc6" in term.getvalue()
+        bar.update(1e6, status="fc7")
+    out = term.getvalue()
+    assert out.endswith("\n") and "100%" in out and "2.0 MB/2.0 MB" in out and out.count("\n") == 1
