@@ -5,11 +5,10 @@ three requests; worker 2 SIGKILLs itself during request 1 at layer conv3_1,
 and every output is checked against the serial fault-free reference forward.
 """
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
-from .launch import mpirun_command, thread_env
+from .launch import mpirun_command, run
 
 DEMO_ARGS = ["vgg16", "--repeat", "3", "--inject", "crash:2@1:conv3_1", "--check"]
 
@@ -21,7 +20,7 @@ def main(argv=None) -> int:
     cmd = mpirun_command(ranks, DEMO_ARGS + list(argv), str(hostfile) if hostfile.exists() else None)
     print("$ " + shlex.join(cmd), flush=True)
     print("(first run: prepares VGG16's random-weight shards under weights/, about 0.7 GB)", flush=True)
-    return subprocess.call(cmd, env=thread_env(ranks))
+    return run(cmd, ranks)
 
 
 if __name__ == "__main__":

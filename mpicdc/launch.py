@@ -6,7 +6,12 @@ tolerant and fit the machine, then ``python -m mpicdc.run`` on every rank:
 * ``--with-ft ulfm`` so that a dead rank does not end the job;
 * ``--allow-run-as-root`` when run as root, ``--oversubscribe`` when there are
   more ranks than cores;
-* one BLAS thread per rank when ranks share the cores (exported with ``-x``).
+* one BLAS thread per rank when ranks share the cores (exported with ``-x``);
+* ``--prtemca state_base_error_non_zero_exit 0``: otherwise Open MPI's runtime
+  ends the whole job about two seconds after any worker exits with a non-zero
+  code, which is exactly the failure the job should survive.  With it,
+  ``mpirun`` always returns 0, so the master writes its exit code to the file
+  named by ``MPICDC_EXIT_FILE`` and the launcher returns that code.
 
 ``--dry-run`` prints the line instead of running it.
 """
@@ -16,12 +21,16 @@ import argparse
 import os
 import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from .mpienv import FT_FLAGS
 
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+EXIT_FILE_VAR = "MPICDC_EXIT_FILE"
+SURVIVE_NONZERO_EXIT = ["--prtemca", "state_base_error_non_zero_exit", "0"]
 
 
 def find_mpirun() -> str:
@@ -46,7 +55,8 @@ def mpirun_command(np_ranks: int, run_args: list, hostfile: str | None = None, m
         cmd.append("--allow-run-as-root")
     if hostfile is None and np_ranks > (os.cpu_count() or 1):
         cmd.append("--oversubscribe")
-    for var in THREAD_VARS:
+    cmd += SURVIVE_NONZERO_EXIT
+    for var in THREAD_VARS + (EXIT_FILE_VAR,):
         cmd += ["-x", var]
     cmd += list(extra or [])
     return cmd + [sys.executable, "-m", "mpicdc.run", *run_args]
@@ -55,10 +65,25 @@ def mpirun_command(np_ranks: int, run_args: list, hostfile: str | None = None, m
 def thread_env(np_ranks: int) -> dict:
     """Environment with one BLAS thread per rank when the ranks share this machine's cores."""
     env = dict(os.environ)
+    env.setdefault(EXIT_FILE_VAR, "")
     per_rank = max(1, (os.cpu_count() or 1) // max(1, np_ranks))
     for var in THREAD_VARS:
         env.setdefault(var, str(per_rank))
     return env
+
+
+def run(cmd: list, np_ranks: int) -> int:
+    """Run an ``mpirun`` line from :func:`mpirun_command`; return the master's exit code."""
+    with tempfile.TemporaryDirectory(prefix="mpicdc-") as tmp:
+        exit_file = Path(tmp) / "exit-code"
+        env = thread_env(np_ranks)
+        env[EXIT_FILE_VAR] = str(exit_file)
+        code = subprocess.call(cmd, env=env)
+        if exit_file.exists():
+            text = exit_file.read_text().strip()
+            if text.lstrip("-").isdigit():
+                return int(text)
+        return code if code != 0 else 1  # the master never reported: it died
 
 
 def main(argv=None) -> int:
@@ -86,8 +111,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
-    os.execvpe(cmd[0], cmd, thread_env(args.np))
-    return 0  # not reached
+    return run(cmd, args.np)
 
 
 if __name__ == "__main__":

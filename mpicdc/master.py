@@ -132,6 +132,7 @@ class Coordinator:
         x = check_input(self.model, x)
         request = self.next_request
         self.next_request += 1
+        self._refresh_dead()
         records, acts = [], {"input": x}
         start = time.perf_counter()
         try:
@@ -257,6 +258,7 @@ class Coordinator:
             self._mark_dead(rank)
 
     def _mark_dead(self, rank: int) -> None:
+        self.silent.discard(rank)
         if rank not in self.dead:
             log.warning("rank %d failed; decoding around it from now on", rank)
             self.dead.add(rank)
@@ -281,6 +283,7 @@ class Coordinator:
     def drain(self, seconds: float) -> None:
         """Collect late replies for up to ``seconds`` (so their arrival times are recorded)."""
         end = time.perf_counter() + seconds
+        self._refresh_dead()
         while self.late_pool and time.perf_counter() < end:
             live = [(p, n) for p, n in self.late_pool if p.rank not in self.dead | self.silent]
             if not live:

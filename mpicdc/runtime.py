@@ -220,6 +220,11 @@ def serve(config: RunConfig, *, comm=None):
     return None
 
 
+def _world_rank() -> int:
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_rank() if MPI.Is_initialized() else 0
+
+
 def end_process(code: int, *, ulfm: bool, hung: bool = False) -> None:
     """End this rank in bounded time.
 
@@ -228,6 +233,13 @@ def end_process(code: int, *, ulfm: bool, hung: bool = False) -> None:
     that).  Without ULFM, all ranks finalize normally, unless a rank is hung, in
     which case the master aborts the job (which works without ULFM).
     """
+    exit_file = os.environ.get("MPICDC_EXIT_FILE")
+    if exit_file and _world_rank() == 0:
+        try:
+            with open(exit_file, "w") as f:
+                f.write(f"{code}\n")
+        except OSError:
+            pass
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
