@@ -1,0 +1,22 @@
+# Sourced by every job script: find the package's Python and a hostfile, here or under Slurm.
+# shellcheck shell=bash
+set -euo pipefail
+JOBS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(dirname "$JOBS_DIR")"
+cd "$REPO"
+if [[ -x "$REPO/.venv/bin/python" ]]; then
+    PY="$REPO/.venv/bin/python"
+else
+    make -s venv >/dev/null
+    PY="$REPO/.venv/bin/python"
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# Under Slurm, turn the allocation into an Open MPI hostfile (one slot per task per node).
+HOSTFILE_ARGS=()
+if [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
+    HOSTFILE="$REPO/results/hostfile.$SLURM_JOB_ID"
+    mkdir -p "$REPO/results"
+    scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=${SLURM_NTASKS_PER_NODE:-1}/" > "$HOSTFILE"
+    HOSTFILE_ARGS=(--hostfile "$HOSTFILE")
+fi
+export MPICDC_HOSTFILE="${HOSTFILE:-}"
