@@ -41,6 +41,7 @@ class LayerRecord:
     wait_s: float = 0.0
     decode_s: float = 0.0
     compute_s: float = 0.0
+    modeled_s: float = 0.0
     used: list = field(default_factory=list)
     decoded_blocks: list = field(default_factory=list)
     late: list = field(default_factory=list)
@@ -48,7 +49,7 @@ class LayerRecord:
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "wait_ms": self.wait_s * 1e3, "decode_ms": self.decode_s * 1e3,
-                "compute_ms": self.compute_s * 1e3, "used": self.used, "decoded_blocks": self.decoded_blocks,
+                "compute_ms": self.compute_s * 1e3, "modeled_ms": self.modeled_s * 1e3, "used": self.used, "decoded_blocks": self.decoded_blocks,
                 "late": self.late, "failed": self.failed}
 
 
@@ -202,7 +203,9 @@ class Coordinator:
         record.decode_s = time.perf_counter() - t0
         record.used = sorted(lp.ranks[b] for b in received)
         record.decoded_blocks = sorted(set(range(lp.n)) - set(received))
-        record.compute_s = max(wire.Header.unpack(buf).compute_s for buf in received.values())
+        heads = [wire.Header.unpack(buf) for buf in received.values()]
+        record.compute_s = max(h.compute_s for h in heads)
+        record.modeled_s = max(h.modeled_s for h in heads)
         record.late = sorted(p.rank for p in pending.values())
         self._retire(pending, layer.name)
         return out.reshape(out_shape)

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "rank 0 decodes each layer from the first replies, so stragglers and crashed "
                     "workers cost nothing.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help=f"zoo model: {', '.join(model_names())}")
+    p.add_argument("model", help=f"zoo model ({', '.join(model_names())}), or the name of the model "
+                                 "prepared in --weights DIR")
     p.add_argument("--weights", metavar="DIR", help="prepared shard directory (default: see below)")
     p.add_argument("--code", default="sum", help="code for a default directory: none, replication, sum, "
                                                  "groups:G, mds (default: sum)")
@@ -212,6 +213,13 @@ def master_main(args, session) -> int:
               f"p99 {summary['p99_ms']:.1f}")
     else:
         print(f"summary: 0/{summary['requests']} requests ok")
+    modeled = [(rec.compute_s, rec.modeled_s) for r in results for rec in r.layers if rec.modeled_s > 0]
+    if modeled:
+        worst = max(c / m for c, m in modeled)
+        note = ("fine" if worst < 0.5 else
+                "WARNING: real compute is not well below the modeled time, the local cores distort the emulation")
+        print(f"emulation ({args.device}): real compute reached {worst:.0%} of the modeled device time; {note}")
+        summary["emulation_worst_compute_fraction"] = worst
     if session.dead or session.silent:
         print(f"lost ranks: dead {sorted(session.dead)}, silent {sorted(session.silent)}")
     if checks:
@@ -242,7 +250,8 @@ def main(argv=None) -> int:
     from .models import UnknownModelError, get_model
 
     try:
-        get_model(args.model)
+        if not args.weights:  # with --weights the model graph comes from the manifest
+            get_model(args.model)
         if args.repeat < 1 or args.top_k < 1 or not math.isfinite(args.layer_timeout) or args.layer_timeout <= 0:
             raise ValueError("--repeat and --top-k must be >= 1 and --layer-timeout > 0")
         if args.inject:

@@ -186,6 +186,8 @@ def serve(config: RunConfig, *, comm=None):
     manifest = blocks = injections = device = None
     try:
         manifest = store.open_manifest(directory)
+        if manifest.model.name != config.model:
+            raise ValueError(f"{directory} holds weights for model {manifest.model.name!r}, not {config.model!r}")
         store.check_world(manifest, size)
         blocks = store.load_rank(directory, rank, manifest)
         if config.injections:

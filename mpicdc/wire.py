@@ -4,7 +4,8 @@ Nothing is pickled.  Every message is one contiguous ``uint8`` buffer: a
 64-byte header of eight little-endian int64/float64 slots followed by the
 payload bytes.  Jobs (master -> worker) carry ``(request, layer)`` and the
 activation shape; replies (worker -> master) carry ``(request, layer, block)``,
-a status and the worker's compute time, so that a late reply can never be
+a status, the worker's real compute time and (when emulating a slower device)
+the modeled time it was padded to, so that a late reply can never be
 taken for a current one.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-HEADER_BYTES = 64
+HEADER_BYTES = 80
 MAX_DIMS = 4
 
 # message kinds
@@ -42,6 +43,7 @@ class Header:
     block: int = -1
     shape: tuple = ()
     compute_s: float = 0.0
+    modeled_s: float = 0.0
 
     def pack_into(self, buf: np.ndarray) -> None:
         ints = buf[:HEADER_BYTES].view(np.int64)
@@ -55,15 +57,17 @@ class Header:
             if not 0 <= d < 1 << 32:
                 raise ValueError(f"dimension {d} of shape {self.shape} does not fit the wire format")
             dims[i] = d
-        buf[56:64].view(np.float64)[0] = self.compute_s
+        times = buf[56:72].view(np.float64)
+        times[0], times[1] = self.compute_s, self.modeled_s
 
     @classmethod
     def unpack(cls, buf: np.ndarray) -> "Header":
         ints = buf[:HEADER_BYTES].view(np.int64)
         ndim = int(ints[4])
         shape = tuple(int(d) for d in buf[40:56].view(np.uint32)[:ndim])
+        times = buf[56:72].view(np.float64)
         return cls(int(ints[0]), int(ints[1]), int(ints[2]), int(ints[3]), shape,
-                   float(buf[56:64].view(np.float64)[0]))
+                   float(times[0]), float(times[1]))
 
 
 def message(header: Header, payload: np.ndarray | None = None) -> np.ndarray:

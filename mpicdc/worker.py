@@ -103,7 +103,6 @@ def worker_loop(MPI, comm, state: WorkerState, stop_event: threading.Event) -> i
     n_linear = len(layers)
     rng = np.random.default_rng([state.seed, state.rank])
     delay = state.injections.delay_for(state.rank) if state.injections is not None else None
-    flops = state.model.flops()
     last_request = None
     status = MPI.Status()
     while not stop_event.is_set():
@@ -137,18 +136,30 @@ def worker_loop(MPI, comm, state: WorkerState, stop_event: threading.Event) -> i
         lowered = lower(layer, wire.payload(buf, head.shape))
         out = lowered.finish(gemm(W, b, lowered.X))
         compute = time.perf_counter() - start
-        if state.device is not None:  # emulate a slower device: pad to its modeled compute time
-            share = W.shape[0] / max(1, sum(e - s for s, e in lp.rows))
-            target = state.device.compute_time(flops[layer.name] * share)
-            if target > compute:
-                time.sleep(target - compute)
+        modeled = 0.0
+        if state.device is not None:  # emulate a slower device: pad to its modeled time
+            modeled = emulated_seconds(state.device, W.shape, out, buf.nbytes - wire.HEADER_BYTES)
+            if modeled > compute:
+                time.sleep(modeled - compute)
         if delay is not None:
             time.sleep(float(delay.sample(rng)))
-        reply = wire.message(wire.Header(wire.REPLY, head.request, head.layer, block, out.shape, compute),
-                             np.ascontiguousarray(out))
+        reply = wire.message(wire.Header(wire.REPLY, head.request, head.layer, block, out.shape, compute,
+                                         modeled), np.ascontiguousarray(out))
         if not _send(MPI, comm, reply, tag):
             return 1
     return 0
+
+
+def emulated_seconds(device, weight_shape, out: np.ndarray, input_bytes: int) -> float:
+    """Time a ``device`` would take for this block: its GEMM plus receiving the input and sending the reply.
+
+    Uses :meth:`DeviceModel.gemm_time` (compute- or memory-bound) and
+    :meth:`DeviceModel.transfer_time` on the device's own link, as :mod:`mpicdc.sim` does.
+    """
+    rows, cols = weight_shape
+    spatial = out.size // max(1, out.shape[0])
+    return float(device.gemm_time(rows, cols, spatial) + device.transfer_time(input_bytes)
+                 + device.transfer_time(out.nbytes))
 
 
 def _send(MPI, comm, buf, tag) -> bool:
