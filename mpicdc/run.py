@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a layer may wait for a decodable set of replies (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights, input and delays")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--help-inject", action="store_true", help="explain the --inject and delay grammar and exit")
     return p
 
 
@@ -246,6 +247,12 @@ def _setup_logging(rank: int) -> None:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--help-inject" in argv:
+        from .faults import INJECT_HELP
+        print(INJECT_HELP)
+        return 0
     args = parser.parse_args(argv)
     from .models import UnknownModelError, get_model
 
