@@ -374,3 +374,93 @@ def actionrec() -> Model:
     x = b.dense(x, 10, name="fc6")
     b.softmax(x, name="prob")
     return b.build()
+
+
+@register("inception_v3")
+def inception_v3() -> Model:
+    """Inception v3 (Szegedy et al. 2016) as in torchvision, for 3x299x299 inputs, without AuxLogits.
+
+    Every BasicConv2d (conv, BatchNorm, ReLU) is a conv with bias (BatchNorm folded) and a ReLU.
+    The branch pools are 3x3 stride-1 average pools that count the padding, as torchvision's
+    ``F.avg_pool2d(x, 3, 1, 1)`` does.  Factorised 1x7 / 7x1 and 1x3 / 3x1 convolutions keep
+    asymmetric kernels and padding.
+    """
+    b = GraphBuilder("inception_v3", (3, 299, 299),
+                     "Inception v3 (torchvision layout, BatchNorm folded, no auxiliary head)")
+
+    def conv(x, out, kernel, name, stride=1, padding=0):
+        return b.conv_relu(x, out, kernel, stride=stride, padding=padding, name=name)
+
+    def branch_pool(x, name):
+        return b._add("avgpool", [x], f"{name}_pool", kernel=[3, 3], stride=[1, 1], padding=[1, 1],
+                      count_include_pad=True)
+
+    def block_a(x, name, pool_features):
+        b1 = conv(x, 64, 1, f"{name}_1x1")
+        b5 = conv(conv(x, 48, 1, f"{name}_5x5_1"), 64, 5, f"{name}_5x5_2", padding=2)
+        b3 = conv(conv(x, 64, 1, f"{name}_3x3dbl_1"), 96, 3, f"{name}_3x3dbl_2", padding=1)
+        b3 = conv(b3, 96, 3, f"{name}_3x3dbl_3", padding=1)
+        bp = conv(branch_pool(x, name), pool_features, 1, f"{name}_pool_proj")
+        return b.concat([b1, b5, b3, bp], name=f"{name}_concat")
+
+    def block_b(x, name):
+        b3 = conv(x, 384, 3, f"{name}_3x3", stride=2)
+        bd = conv(conv(x, 64, 1, f"{name}_3x3dbl_1"), 96, 3, f"{name}_3x3dbl_2", padding=1)
+        bd = conv(bd, 96, 3, f"{name}_3x3dbl_3", stride=2)
+        bp = b.maxpool(x, 3, stride=2, name=f"{name}_pool")
+        return b.concat([b3, bd, bp], name=f"{name}_concat")
+
+    def block_c(x, name, c7):
+        b1 = conv(x, 192, 1, f"{name}_1x1")
+        b7 = conv(x, c7, 1, f"{name}_7x7_1")
+        b7 = conv(b7, c7, (1, 7), f"{name}_7x7_2", padding=(0, 3))
+        b7 = conv(b7, 192, (7, 1), f"{name}_7x7_3", padding=(3, 0))
+        bd = conv(x, c7, 1, f"{name}_7x7dbl_1")
+        bd = conv(bd, c7, (7, 1), f"{name}_7x7dbl_2", padding=(3, 0))
+        bd = conv(bd, c7, (1, 7), f"{name}_7x7dbl_3", padding=(0, 3))
+        bd = conv(bd, c7, (7, 1), f"{name}_7x7dbl_4", padding=(3, 0))
+        bd = conv(bd, 192, (1, 7), f"{name}_7x7dbl_5", padding=(0, 3))
+        bp = conv(branch_pool(x, name), 192, 1, f"{name}_pool_proj")
+        return b.concat([b1, b7, bd, bp], name=f"{name}_concat")
+
+    def block_d(x, name):
+        b3 = conv(conv(x, 192, 1, f"{name}_3x3_1"), 320, 3, f"{name}_3x3_2", stride=2)
+        b7 = conv(x, 192, 1, f"{name}_7x7x3_1")
+        b7 = conv(b7, 192, (1, 7), f"{name}_7x7x3_2", padding=(0, 3))
+        b7 = conv(b7, 192, (7, 1), f"{name}_7x7x3_3", padding=(3, 0))
+        b7 = conv(b7, 192, 3, f"{name}_7x7x3_4", stride=2)
+        bp = b.maxpool(x, 3, stride=2, name=f"{name}_pool")
+        return b.concat([b3, b7, bp], name=f"{name}_concat")
+
+    def block_e(x, name):
+        b1 = conv(x, 320, 1, f"{name}_1x1")
+        b3 = conv(x, 384, 1, f"{name}_3x3_1")
+        b3 = b.concat([conv(b3, 384, (1, 3), f"{name}_3x3_2a", padding=(0, 1)),
+                       conv(b3, 384, (3, 1), f"{name}_3x3_2b", padding=(1, 0))], name=f"{name}_3x3_cat")
+        bd = conv(conv(x, 448, 1, f"{name}_3x3dbl_1"), 384, 3, f"{name}_3x3dbl_2", padding=1)
+        bd = b.concat([conv(bd, 384, (1, 3), f"{name}_3x3dbl_3a", padding=(0, 1)),
+                       conv(bd, 384, (3, 1), f"{name}_3x3dbl_3b", padding=(1, 0))],
+                      name=f"{name}_3x3dbl_cat")
+        bp = conv(branch_pool(x, name), 192, 1, f"{name}_pool_proj")
+        return b.concat([b1, b3, bd, bp], name=f"{name}_concat")
+
+    x = conv("input", 32, 3, "Conv2d_1a_3x3", stride=2)
+    x = conv(x, 32, 3, "Conv2d_2a_3x3")
+    x = conv(x, 64, 3, "Conv2d_2b_3x3", padding=1)
+    x = b.maxpool(x, 3, stride=2, name="maxpool1")
+    x = conv(x, 80, 1, "Conv2d_3b_1x1")
+    x = conv(x, 192, 3, "Conv2d_4a_3x3")
+    x = b.maxpool(x, 3, stride=2, name="maxpool2")
+    x = block_a(x, "Mixed_5b", 32)
+    x = block_a(x, "Mixed_5c", 64)
+    x = block_a(x, "Mixed_5d", 64)
+    x = block_b(x, "Mixed_6a")
+    for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+        x = block_c(x, name, c7)
+    x = block_d(x, "Mixed_7a")
+    x = block_e(x, "Mixed_7b")
+    x = block_e(x, "Mixed_7c")
+    x = b.gap(x, name="avgpool")
+    x = b.dense(x, 1000, name="fc")
+    b.softmax(x, name="prob")
+    return b.build()
