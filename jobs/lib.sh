@@ -4,8 +4,12 @@ set -euo pipefail
 JOBS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$JOBS_DIR")"
 cd "$REPO"
-if [[ -x "$REPO/.venv/bin/python" ]]; then
+if [[ -n "${MPICDC_PYTHON:-}" ]]; then
+    PY="$MPICDC_PYTHON"
+elif [[ -x "$REPO/.venv/bin/python" ]]; then
     PY="$REPO/.venv/bin/python"
+elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
+    PY="$VIRTUAL_ENV/bin/python"
 else
     make -s venv >/dev/null
     PY="$REPO/.venv/bin/python"

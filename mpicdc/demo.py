@@ -18,6 +18,7 @@ def main(argv=None) -> int:
     hostfile = Path("hostfile")
     ranks = 6  # master + 4 workers + 1 sum-parity worker
     cmd = mpirun_command(ranks, DEMO_ARGS + list(argv), str(hostfile) if hostfile.exists() else None)
+    # the repo's hostfile is this one machine: share its cores among the ranks
     print("$ " + shlex.join(cmd), flush=True)
     print("(first run: prepares VGG16's random-weight shards under weights/, about 0.7 GB)", flush=True)
     return run(cmd, ranks)

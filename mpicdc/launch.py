@@ -62,21 +62,23 @@ def mpirun_command(np_ranks: int, run_args: list, hostfile: str | None = None, m
     return cmd + [sys.executable, "-m", "mpicdc.run", *run_args]
 
 
-def thread_env(np_ranks: int) -> dict:
-    """Environment with one BLAS thread per rank when the ranks share this machine's cores."""
+def thread_env(np_ranks: int, hostfile: str | None = None) -> dict:
+    """Environment with BLAS threads per rank: this machine's cores shared among the ranks on one
+    machine; all of a device's cores with a hostfile (one rank per device), unless already set."""
     env = dict(os.environ)
     env.setdefault(EXIT_FILE_VAR, "")
-    per_rank = max(1, (os.cpu_count() or 1) // max(1, np_ranks))
+    cores = os.cpu_count() or 1
+    per_rank = cores if hostfile else max(1, cores // max(1, np_ranks))
     for var in THREAD_VARS:
         env.setdefault(var, str(per_rank))
     return env
 
 
-def run(cmd: list, np_ranks: int) -> int:
+def run(cmd: list, np_ranks: int, hostfile: str | None = None) -> int:
     """Run an ``mpirun`` line from :func:`mpirun_command`; return the master's exit code."""
     with tempfile.TemporaryDirectory(prefix="mpicdc-") as tmp:
         exit_file = Path(tmp) / "exit-code"
-        env = thread_env(np_ranks)
+        env = thread_env(np_ranks, hostfile)
         env[EXIT_FILE_VAR] = str(exit_file)
         code = subprocess.call(cmd, env=env)
         if exit_file.exists():
@@ -97,6 +99,9 @@ def main(argv=None) -> int:
                                                                      "4 workers, 1 parity)")
     p.add_argument("--hostfile", help="Open MPI hostfile (default: this machine only)")
     p.add_argument("--mpirun", help="path of mpirun (default: the one beside this Python, or on PATH)")
+    p.add_argument("--mpirun-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for mpirun, repeatable (e.g. --mpirun-arg=--mca "
+                        "--mpirun-arg=btl_tcp_if_include --mpirun-arg=wlan0)")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     args, run_args = p.parse_known_args(argv)
     if args.np < 1:
@@ -104,14 +109,14 @@ def main(argv=None) -> int:
     if not run_args:
         p.error("name a model, e.g. python -m mpicdc.launch -np 6 vgg16")
     try:
-        cmd = mpirun_command(args.np, run_args, args.hostfile, args.mpirun)
+        cmd = mpirun_command(args.np, run_args, args.hostfile, args.mpirun, extra=args.mpirun_arg)
     except FileNotFoundError as exc:
         print(f"mpicdc.launch: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
-    return run(cmd, args.np)
+    return run(cmd, args.np, args.hostfile)
 
 
 if __name__ == "__main__":
