@@ -416,26 +416,30 @@ def _combine(jobs: list) -> None:
     """For each ``(terms, out)``: ``out[...] = sum(c * x for c, x in terms)`` in ``out``'s dtype.
 
     Coefficients of +-1 are plain additions and subtractions (the sum-parity path has no
-    multiplication); others use BLAS ``axpy`` (one pass instead of numpy's multiply + add).
-    Decoding is memory-bound, so contiguous arrays are processed in cache-sized chunks, all
-    outputs per chunk: every reply is read from memory once and every output written once.
+    multiplication).  Decoding is memory-bound, so contiguous arrays are processed in
+    cache-sized chunks, all outputs per chunk: every reply is read from memory once and every
+    output written once.  Only single-threaded numpy ufuncs: BLAS ``axpy`` is a little faster
+    in isolation but wakes the BLAS thread pool on every chunk, which costs far more when the
+    pool has gone to sleep.
     """
     small = jobs[0][1].size <= _DECODE_CHUNK
     if small or not all(out.flags.c_contiguous and all(x.flags.c_contiguous for _, x in terms)
                         for terms, out in jobs):        # one chunk, or strided replies: whole arrays
+        tmp = np.empty_like(jobs[0][1])
         for terms, out in jobs:
-            _accumulate(terms, out, None)
+            _accumulate(terms, out, tmp)
         return
     jobs = [([(c, x.reshape(-1)) for c, x in terms], out.reshape(-1)) for terms, out in jobs]
     size = jobs[0][1].size
-    axpy = _blas_axpy(jobs[0][1].dtype.char)
+    tmp = np.empty(_DECODE_CHUNK, jobs[0][1].dtype)
     for lo in range(0, size, _DECODE_CHUNK):
         hi = lo + _DECODE_CHUNK
         for terms, out in jobs:
-            _accumulate([(c, x[lo:hi]) for c, x in terms], out[lo:hi], axpy)
+            _accumulate([(c, x[lo:hi]) for c, x in terms], out[lo:hi], tmp)
 
 
-def _accumulate(terms: list, out: np.ndarray, axpy) -> None:
+def _accumulate(terms: list, out: np.ndarray, tmp: np.ndarray) -> None:
+    """``out = sum(c * x)`` for arrays of one shape; ``tmp`` is scratch at least as large."""
     (c0, x0), rest = terms[0], terms[1:]
     if rest and c0 == 1.0 and rest[0][0] == -1.0:
         np.subtract(x0, rest[0][1], out=out)
@@ -449,19 +453,10 @@ def _accumulate(terms: list, out: np.ndarray, axpy) -> None:
             np.add(out, x, out=out)
         elif c == -1.0:
             np.subtract(out, x, out=out)
-        elif axpy is not None:
-            axpy(x, out, a=c)                           # in place: out is contiguous
         else:
-            out += c * x
-
-
-@lru_cache(maxsize=None)
-def _blas_axpy(dtype_char: str):
-    """BLAS ``y += a * x`` for contiguous float32/float64 vectors (``None`` for other dtypes)."""
-    if dtype_char not in "fd":
-        return None
-    from scipy.linalg.blas import get_blas_funcs
-    return get_blas_funcs("axpy", dtype=np.dtype(dtype_char))
+            t = tmp.reshape(-1)[:out.size].reshape(out.shape)
+            np.multiply(x, c, out=t)
+            np.add(out, t, out=out)
 
 
 # ---------------------------------------------------------------------- constructors
@@ -597,8 +592,7 @@ def _mds_parity(name: str, n: int, r: int) -> np.ndarray:
     rng = np.random.default_rng([_GAUSSIAN_SEED, n, r])
     draws = [rng.standard_normal((r, n)) for _ in range(_GAUSSIAN_DRAWS)]
     systems = _all_square_systems(n, r)
-    worst = [np.max(_system_conditions(D, systems)) for D in draws]
-    best = draws[int(np.argmin(worst))]
+    best = draws[_stable_argmin([np.max(_system_conditions(D, systems)) for D in draws])]
     return best / np.linalg.norm(best, axis=1, keepdims=True)
 
 
@@ -629,11 +623,17 @@ def _rotation_parity(n: int, r: int) -> np.ndarray:
     step = 2 * np.pi / n
     grid = [(a, f) for a in np.linspace(0.35, 1.4, 15) for f in np.linspace(0, 1, 8, endpoint=False)]
     conds = [np.max(_system_conditions(_cone(n, r, a, f * step), systems)) for a, f in grid]
-    a0, f0 = grid[int(np.argmin(conds))]
+    a0, f0 = grid[_stable_argmin(conds)]
     fine = [(a0 + da, (f0 + df) * step) for da in np.linspace(-0.04, 0.04, 5)
             for df in np.linspace(-1 / 16, 1 / 16, 5)]
     conds = [np.max(_system_conditions(_cone(n, r, a, f), systems)) for a, f in fine]
-    return _cone(n, r, *fine[int(np.argmin(conds))])
+    return _cone(n, r, *fine[_stable_argmin(conds)])
+
+
+def _stable_argmin(conds: list) -> int:
+    """First index of the smallest condition number, compared to 6 digits: ties (from symmetric
+    choices) and last-bit differences between machines cannot change which one is picked."""
+    return int(np.argmin(np.round(np.log(conds), 6)))
 
 
 def _cone(n: int, r: int, angle: float, phase: float) -> np.ndarray:

@@ -5,7 +5,8 @@ tolerant and fit the machine, then ``python -m mpicdc.run`` on every rank:
 
 * ``--with-ft ulfm`` so that a dead rank does not end the job;
 * ``--allow-run-as-root`` when run as root, ``--oversubscribe`` when there are
-  more ranks than cores;
+  more ranks than cores, ``--bind-to none`` (a hostfile may list more slots
+  than this machine has cores);
 * one BLAS thread per rank when ranks share the cores (exported with ``-x``);
 * ``--prtemca state_base_error_non_zero_exit 0``: otherwise Open MPI's runtime
   ends the whole job about two seconds after any worker exits with a non-zero
@@ -55,6 +56,7 @@ def mpirun_command(np_ranks: int, run_args: list, hostfile: str | None = None, m
         cmd.append("--allow-run-as-root")
     if hostfile is None and np_ranks > (os.cpu_count() or 1):
         cmd.append("--oversubscribe")
+    cmd += ["--bind-to", "none"]  # one rank per device; on one machine ranks may outnumber cores
     cmd += SURVIVE_NONZERO_EXIT
     for var in THREAD_VARS + (EXIT_FILE_VAR,):
         cmd += ["-x", var]

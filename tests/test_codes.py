@@ -116,6 +116,23 @@ def test_default_mds_is_mds_and_beats_vandermonde(n, r):
     assert default.worst_condition() < 25 * n
 
 
+@pytest.mark.parametrize("n,r", [(1, 3), (2, 3), (3, 2), (4, 2), (5, 3), (6, 3), (9, 4)])
+def test_condition_numbers_match_the_dense_systems(n, r):
+    """The 2m x 2m reduction in worst_condition() equals cond() of the n x n decode systems."""
+    from mpicdc.codes import _all_square_systems, _system_conditions
+    P = np.random.default_rng(n * 10 + r).standard_normal((r, n))
+    Pn = P / np.linalg.norm(P, axis=1, keepdims=True)
+    systems = _all_square_systems(n, r)
+    dense = []
+    for missing, rows in systems:
+        G = np.eye(n)
+        G[list(missing)] = Pn[list(rows)]
+        dense.append(np.linalg.cond(G))
+    np.testing.assert_allclose(_system_conditions(P, systems), dense, rtol=1e-9)
+    code = Code("mds", n, P, "mds-gaussian")
+    assert code.worst_condition() == pytest.approx(max(dense), rel=1e-9)
+
+
 # ---------------------------------------------------------------------- decoding
 
 @pytest.mark.parametrize("spec,n,r", CODE_CASES)

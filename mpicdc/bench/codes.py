@@ -111,21 +111,17 @@ def error_table(ns, rs, shape=FC6, log=print) -> dict:
     return table
 
 
-def _interleaved_medians(calls: dict, reps: int) -> dict:
-    """Median time of each callable; one call of each per repetition, interleaved, so that a
-    burst of load on a shared machine hits all of them alike.  One warm-up call each."""
-    for fn in calls.values():
-        fn()
-    times = {name: [] for name in calls}
+def _median_time(fn, reps: int) -> float:
+    fn()                                        # warm-up: caches, page faults, BLAS threads
+    times = []
     for _ in range(reps):
-        for name, fn in calls.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
-def timing_table(model_name="vgg16", n=4, reps=15, log=print) -> list:
+def timing_table(model_name="vgg16", n=4, reps=7, log=print) -> list:
     """Per linear layer: GEMM shape, layer time, and decode time of sum parity / MDS r=2."""
     from ..kernels import default_input, forward, gemm, init_weights, lower
     from ..models import get_model
@@ -139,16 +135,15 @@ def timing_table(model_name="vgg16", n=4, reps=15, log=print) -> list:
         W, b = weights[layer.name]
         X = np.ascontiguousarray(lower(layer, acts[layer.inputs[0]]).X)
         blocks = C.split_rows(W.shape[0], n)
-        calls = {"layer_s": lambda: gemm(W, b, X)}
+        row = {"layer": layer.name, "gemm": (W.shape[0], W.shape[1], X.shape[1]),
+               "layer_s": _median_time(lambda: gemm(W, b, X), reps)}
         for label, (code, lost) in codes.items():
             pairs = C.encode_rows(W, b, code, blocks)
             replies = {i: gemm(Wi, bi, X) for i, (Wi, bi) in enumerate(pairs) if i not in lost}
             buffers = {i: np.empty_like(replies[n]) for i in lost}
-            calls[label] = lambda code=code, replies=replies, buffers=buffers: \
-                code.decode(replies, out=buffers)
-            calls[label + " fresh"] = lambda code=code, replies=replies: code.decode(replies)
-        row = {"layer": layer.name, "gemm": (W.shape[0], W.shape[1], X.shape[1])}
-        row.update(_interleaved_medians(calls, reps))
+            time.sleep(0.05)                    # let the BLAS threads of the GEMMs go idle
+            row[label] = _median_time(lambda: code.decode(replies, out=buffers), 2 * reps)
+            row[label + " fresh"] = _median_time(lambda: code.decode(replies), 2 * reps)
         rows.append(row)
         log(f"  {layer.name}: layer {row['layer_s'] * 1e3:.2f} ms, sum {row['sum'] * 1e3:.3f} ms, "
             f"mds r=2 {row['mds r=2'] * 1e3:.3f} ms (fresh output: {row['sum fresh'] * 1e3:.3f}, "
@@ -212,7 +207,7 @@ def format_report(ns, rs, cond, errors, timings, shape, n_workers, reps, load=(0
                 f"`Code.decode` of the worst pattern (sum: one data block lost; MDS r = 2: two "
                 f"data blocks lost), recipe cached, writing into reused `out=` buffers; the "
                 f"'fresh' columns let `decode` allocate its output (page faults included).  "
-                f"Medians of {reps} interleaved repetitions; load average "
+                f"Medians of {reps} (layer) and {2 * reps} (decode) repetitions; load average "
                 f"{load[0]:.1f} before and {load[1]:.1f} after the run on this shared machine.", "",
                 _markdown(["layer", "GEMM", "layer ms", "sum decode ms", "sum / layer",
                            "sum / layer, fresh", "MDS r=2 decode ms", "MDS r=2 / layer",
@@ -311,9 +306,10 @@ def format_entry(n: int, r: int, P: np.ndarray) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mpicdc.bench codes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="n in {4, 8}, a 1024 x 4096 layer for the errors, 5 repetitions")
+                        help="n in {4, 8}, a 1024 x 4096 layer for the errors, 3 repetitions")
     parser.add_argument("--doc", metavar="PATH", help="write the tables into PATH (e.g. docs/codes.md)")
-    parser.add_argument("--reps", type=int, default=None, help="timing repetitions (default 15, quick 5)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="layer timing repetitions, twice as many for decoding (default 11, quick 3)")
     parser.add_argument("--no-timing", action="store_true", help="skip the VGG16 decode-time table")
     parser.add_argument("--search", nargs=2, metavar=("R", "N,N,..."),
                         help="rerun the parity search for these sizes and print table entries")
@@ -335,7 +331,7 @@ def main(argv=None) -> int:
 
     ns, rs = ((4, 8), (1, 2, 3)) if args.quick else ((4, 8, 12, 16), (1, 2, 3))
     shape = (1024, 4096) if args.quick else FC6
-    reps = args.reps or (5 if args.quick else 15)
+    reps = args.reps or (3 if args.quick else 11)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     log("condition numbers ...")
