@@ -232,6 +232,18 @@ class GraphBuilder:
         c = self.conv(x, out, kernel, stride, padding, name=name)
         return self.relu(c, name=None if name is None else f"{name}_relu")
 
+    def classifier(self, x, hidden, classes, first_index):
+        """Flatten, then dense+ReLU layers of widths ``hidden`` and a ``classes``-way softmax head.
+
+        Dense layers are named ``fc{first_index}``, ``fc{first_index + 1}``, ...; the output is ``prob``.
+        """
+        x = self.flatten(x, name="flatten")
+        for i, width in enumerate(hidden):
+            name = f"fc{first_index + i}"
+            x = self.relu(self.dense(x, width, name=name), name=f"{name}_relu")
+        x = self.dense(x, classes, name=f"fc{first_index + len(hidden)}")
+        return self.softmax(x, name="prob")
+
     def build(self) -> Model:
         return Model(self.name, self.input_shape, tuple(self.layers), self.description)
 
@@ -290,11 +302,7 @@ def lenet() -> Model:
     x = b.maxpool(x, 2, name="pool1")
     x = b.conv_relu(x, 16, 5, name="conv2")
     x = b.maxpool(x, 2, name="pool2")
-    x = b.flatten(x, name="flatten")
-    x = b.relu(b.dense(x, 120, name="fc1"), name="fc1_relu")
-    x = b.relu(b.dense(x, 84, name="fc2"), name="fc2_relu")
-    x = b.dense(x, 10, name="fc3")
-    b.softmax(x, name="prob")
+    b.classifier(x, (120, 84), 10, first_index=1)
     return b.build()
 
 
@@ -312,11 +320,7 @@ def alexnet() -> Model:
     x = b.conv_relu(x, 384, 3, padding=1, name="conv4")
     x = b.conv_relu(x, 256, 3, padding=1, name="conv5")
     x = b.maxpool(x, 3, stride=2, name="pool5")
-    x = b.flatten(x, name="flatten")
-    x = b.relu(b.dense(x, 4096, name="fc6"), name="fc6_relu")
-    x = b.relu(b.dense(x, 4096, name="fc7"), name="fc7_relu")
-    x = b.dense(x, 1000, name="fc8")
-    b.softmax(x, name="prob")
+    b.classifier(x, (4096, 4096), 1000, first_index=6)
     return b.build()
 
 
@@ -329,11 +333,7 @@ def vgg16() -> Model:
         for i in range(1, depth + 1):
             x = b.conv_relu(x, width, 3, padding=1, name=f"conv{stage}_{i}")
         x = b.maxpool(x, 2, name=f"pool{stage}")
-    x = b.flatten(x, name="flatten")
-    x = b.relu(b.dense(x, 4096, name="fc6"), name="fc6_relu")
-    x = b.relu(b.dense(x, 4096, name="fc7"), name="fc7_relu")
-    x = b.dense(x, 1000, name="fc8")
-    b.softmax(x, name="prob")
+    b.classifier(x, (4096, 4096), 1000, first_index=6)
     return b.build()
 
 
@@ -349,11 +349,7 @@ def c3d() -> Model:
         x = b.conv_relu(x, width, 3, padding=1, name=f"conv{stage}a")
         x = b.conv_relu(x, width, 3, padding=1, name=f"conv{stage}b")
         x = b.maxpool(x, 2, padding=(0, 1, 1) if stage == 5 else 0, name=f"pool{stage}")
-    x = b.flatten(x, name="flatten")
-    x = b.relu(b.dense(x, 4096, name="fc6"), name="fc6_relu")
-    x = b.relu(b.dense(x, 4096, name="fc7"), name="fc7_relu")
-    x = b.dense(x, 487, name="fc8")
-    b.softmax(x, name="prob")
+    b.classifier(x, (4096, 4096), 487, first_index=6)
     return b.build()
 
 
@@ -368,11 +364,7 @@ def actionrec() -> Model:
     x = b.maxpool(x, 2, name="pool2")
     x = b.conv_relu(x, 128, 3, padding=1, name="conv3")
     x = b.maxpool(x, 2, name="pool3")
-    x = b.flatten(x, name="flatten")
-    x = b.relu(b.dense(x, 512, name="fc4"), name="fc4_relu")
-    x = b.relu(b.dense(x, 256, name="fc5"), name="fc5_relu")
-    x = b.dense(x, 10, name="fc6")
-    b.softmax(x, name="prob")
+    b.classifier(x, (512, 256), 10, first_index=4)
     return b.build()
 
 

@@ -39,8 +39,8 @@ from urllib.parse import quote
 import h5py
 import numpy as np
 
-from .models import Model
-from .plan import Plan, rank_role
+from .models import Model, get_model
+from .plan import Plan, make_plan, rank_role
 from .progress import Progress
 
 __all__ = ["ShardError", "Manifest", "FORMAT_VERSION", "MANIFEST_NAME", "default_dir", "shard_name",
@@ -119,6 +119,15 @@ class Manifest:
 def default_dir(model_name: str, plan: Plan, root="weights") -> Path:
     """``<root>/<model>-<plan tag>``, the folder :func:`prepare` writes by default."""
     return Path(root) / f"{model_name}-{plan.tag}"
+
+
+def prepare_zoo(root, model_name: str, workers: int, parity: int, code: str, seed: int = 0) -> Path:
+    """Prepare random-weight shards of a zoo model under ``root/<model>-<plan tag>``; returns the folder."""
+    model = get_model(model_name)
+    plan = make_plan(model, workers, parity, code)
+    out = default_dir(model_name, plan, root=root)
+    prepare(model, plan, out, source="random", seed=seed)
+    return out
 
 
 def shard_name(rank: int) -> str:

@@ -98,7 +98,6 @@ def _fire(injection, rank: int, stop_event: threading.Event) -> None:
 def worker_loop(MPI, comm, state: WorkerState, stop_event: threading.Event) -> int:
     """Serve jobs from rank 0 until the watchdog sees STOP.  Local to this rank (no collectives)."""
     layers = [layer for layer in state.model.linear_layers]
-    index = {layer.name: i for i, layer in enumerate(layers)}
     mine = {lp.layer: (lp, block) for lp, block in state.plan.rank_blocks(state.rank)}
     n_linear = len(layers)
     rng = np.random.default_rng([state.seed, state.rank])

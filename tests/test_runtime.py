@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mpicdc.models import get_model
-from mpicdc.plan import make_plan
+from mpicdc.store import prepare_zoo
 from mpi_helpers import ROOT, leftover_processes, requires_mpi, run_job
 
 pytestmark = [requires_mpi, pytest.mark.mpi]
@@ -28,22 +28,13 @@ pytestmark = [requires_mpi, pytest.mark.mpi]
 RTOL = {"sum": 1e-4, "mds": 1e-3}
 
 
-def _prepare(root: Path, model_name: str, workers: int, parity: int, code: str) -> Path:
-    from mpicdc.store import prepare
-    model = get_model(model_name)
-    plan = make_plan(model, workers, parity, code)
-    out = root / f"{model_name}-{plan.tag}"
-    prepare(model, plan, out, source="random", seed=0)
-    return out
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     return {
-        ("tiny", "sum"): _prepare(root, "tiny", 4, 1, "sum"),
-        ("tiny", "mds"): _prepare(root, "tiny", 3, 2, "mds"),
-        ("alexnet", "sum"): _prepare(root, "alexnet", 4, 1, "sum"),
+        ("tiny", "sum"): prepare_zoo(root, "tiny", 4, 1, "sum"),
+        ("tiny", "mds"): prepare_zoo(root, "tiny", 3, 2, "mds"),
+        ("alexnet", "sum"): prepare_zoo(root, "alexnet", 4, 1, "sum"),
     }
 
 

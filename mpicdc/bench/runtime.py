@@ -20,16 +20,7 @@ import numpy as np
 
 from ..experiments.common import run_mpi_job
 from ..models import get_model
-from ..plan import make_plan
-
-
-def _prepare(root: Path, model_name: str, workers: int, parity: int, code: str) -> Path:
-    from ..store import prepare
-    model = get_model(model_name)
-    plan = make_plan(model, workers, parity, code)
-    out = root / f"{model_name}-{plan.tag}"
-    prepare(model, plan, out, source="random", seed=0)
-    return out
+from ..store import prepare_zoo
 
 
 def _latencies(result: dict, skip: int = 1) -> np.ndarray:
@@ -59,9 +50,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mpicdc-bench-") as tmp:
         root = Path(tmp)
         print(f"preparing {args.model} shards ...", flush=True)
-        dirs = {"uncoded n": _prepare(root, args.model, n, 0, "none"),
-                "uncoded n+1": _prepare(root, args.model, n + 1, 0, "none"),
-                "sum n+1": _prepare(root, args.model, n, 1, "sum")}
+        dirs = {"uncoded n": prepare_zoo(root, args.model, n, 0, "none"),
+                "uncoded n+1": prepare_zoo(root, args.model, n + 1, 0, "none"),
+                "sum n+1": prepare_zoo(root, args.model, n, 1, "sum")}
         runs = {}
         for label, directory in dirs.items():
             ranks = 1 + n + (0 if label == "uncoded n" else 1)
