@@ -18,8 +18,12 @@ drops.  This keeps the copy into ``X`` at memory speed and the whole layer one
 GEMM.  The padding is *shared*: the right pad of one row is the left pad of the
 next (and the bottom pad rows of one channel are the top pad rows of the next),
 so each row carries ``kernel - 1 - padding`` junk columns instead of
-``kernel - 1``: for a 3x3 "same" convolution on VGG16's 14x14 layers, 15
-columns per output row instead of 16.
+``kernel - 1``: for a 3x3 "same" convolution on a 56-wide image, 57 columns
+per output row instead of 58.  Where the junk would still exceed
+``MAX_JUNK`` of the GEMM (small images: VGG16's 28x28 and 14x14 layers), and
+for strided convolutions, ``X`` is a dense strided copy with exactly
+``prod(out)`` columns instead.  Only shapes decide, so the master can get the
+columns of any layer's product from :func:`lowered_layout`.
 
 The weight matrix layout never depends on the lowering: one row per output
 channel, columns ordered ``(in_channel, *kernel)`` exactly like torch's
@@ -27,7 +31,7 @@ channel, columns ordered ``(in_channel, *kernel)`` exactly like torch's
 
 Where the time goes (VGG16, one core; details in ``docs/performance.md``):
 the GEMMs.  But a lowered ``X`` can be far larger than the layer's input
-(116 MB for VGG16's conv1_2, 372 MB for C3D's conv2a), and writing it to
+(116 MB for VGG16's conv1_2, 359 MB for C3D's conv2a), and writing it to
 memory and reading it back costs as much as a third of the GEMM.
 :func:`lower_gemm` therefore lowers and multiplies such layers one
 cache-sized column tile at a time -- the same product, so workers and parity
@@ -91,7 +95,7 @@ class Workspace:
     once and are then reused, instead of a fresh allocation per layer; a
     fresh ``X`` of VGG16's conv1_2 size (116 MB) costs about 7 ms of page
     faults on top of the 12 ms copy.  With :func:`lower_gemm` tiling the big
-    layers, the workspace stays small (20 MB for VGG16, 28 MB for C3D).
+    layers, the workspace stays bounded (42 MB for VGG16, 107 MB for C3D).
     """
 
     def __init__(self):
