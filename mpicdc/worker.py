@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import wire
-from .kernels import gemm, lower
+from .kernels import Workspace, lower_gemm
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def worker_loop(MPI, comm, state: WorkerState, stop_event: threading.Event) -> i
     rng = np.random.default_rng([state.seed, state.rank])
     delay = state.injections.delay_for(state.rank) if state.injections is not None else None
     last_request = None
+    workspace = Workspace()  # lowering scratch, reused across layers and requests
     status = MPI.Status()
     while not stop_event.is_set():
         try:
@@ -132,8 +133,8 @@ def worker_loop(MPI, comm, state: WorkerState, stop_event: threading.Event) -> i
             continue
         start = time.perf_counter()
         W, b = state.blocks[layer.name]
-        lowered = lower(layer, wire.payload(buf, head.shape))
-        out = lowered.finish(gemm(W, b, lowered.X))
+        Y, lowered = lower_gemm(layer, W, b, wire.payload(buf, head.shape), workspace=workspace)
+        out = lowered.finish(Y)
         compute = time.perf_counter() - start
         modeled = 0.0
         if state.device is not None:  # emulate a slower device: pad to its modeled time
