@@ -87,5 +87,18 @@ def start_progress_thread(MPI, comm, interval_s: float = 0.05) -> threading.Even
                 return
             time.sleep(interval_s)
 
-    threading.Thread(target=spin, name="mpicdc-progress", daemon=True).start()
+    thread = threading.Thread(target=spin, name="mpicdc-progress", daemon=True)
+    thread.start()
+    _PROGRESS.append((stop, thread))
     return stop
+
+
+_PROGRESS: list = []
+
+
+def stop_progress_threads(timeout_s: float = 1.0) -> None:
+    """Stop and join the progress threads (needed before ``MPI_Finalize``)."""
+    while _PROGRESS:
+        stop, thread = _PROGRESS.pop()
+        stop.set()
+        thread.join(timeout_s)

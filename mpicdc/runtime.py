@@ -251,7 +251,10 @@ def end_process(code: int, *, ulfm: bool, hung: bool = False) -> None:
     if ulfm:
         os._exit(code)
     from mpi4py import MPI
+
+    from .mpienv import stop_progress_threads
     if hung:
         MPI.COMM_WORLD.Abort(code or 1)
+    stop_progress_threads()
     MPI.Finalize()
     sys.exit(code)
