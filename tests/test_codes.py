@@ -231,6 +231,9 @@ def test_replica_is_returned_without_copy_and_extra_replies_are_ignored():
     replies = dict(enumerate(data + code.encode(data)))
     del replies[1]
     assert code.decode(replies)[1] is replies[4]
+    buffer = np.empty_like(data[1])
+    assert code.decode(replies, out={1: buffer})[1] is buffer      # out= is always honoured
+    np.testing.assert_array_equal(buffer, data[1])
     code = mds(4, 3)
     data = random_blocks(np.random.default_rng(4), 4, (6,))
     replies = dict(enumerate(data + code.encode(data)))
@@ -394,7 +397,8 @@ def test_split_rows_tiles_rows(m, n, data):
     (lambda: sum_parity(4).decodable([0, 1, 7]), r"\[7\] out of range.*n \+ r = 5"),
     (lambda: sum_parity(2).encode([np.ones(2)]), "n=2 data blocks, got 1"),
     (lambda: sum_parity(2).encode([np.ones(2), np.ones(3)]), r"\(2,\), \(3,\)"),
-    (lambda: sum_parity(2).decode({0: np.ones(2), 2: np.ones(3)}), r"shapes \[\(2,\), \(3,\)\]"),
+    (lambda: sum_parity(2).decode({0: np.ones(2), 2: np.ones(3)}),
+     r"replies \[2, 0\].*shapes \[\(3,\), \(2,\)\]"),
     (lambda: sum_parity(2).decode({0: np.ones(2, np.int64), 2: np.ones(2, np.int64)}), "int64"),
     (lambda: encode_rows(np.ones(3), None, sum_parity(1), [slice(0, 3)]), r"shape \(3,\)"),
     (lambda: encode_rows(np.ones((4, 2)), np.ones(3), sum_parity(2), split_rows(4, 2)),
