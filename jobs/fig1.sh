@@ -6,7 +6,7 @@
 # Fig. 1: histogram of reply arrival times, FC layer of size 2048 on a master + 3 workers (emulated Pi 3s)
 # under the paper's WiFi straggler model; measured on MPI ranks and simulated.
 #
-#   bash jobs/fig1.sh [--quick] [options]     here (--quick: ~20 s; full: ~5 min on 2 cores)
+#   bash jobs/fig1.sh [--quick] [options]     here (--quick: ~20 s; full: ~4 min on 2 cores)
 #   sbatch jobs/fig1.sh [--quick]             on Slurm, from the repository root (mkdir -p results first)
 #   bash jobs/fig1.sh --help                  every option
 #

@@ -6,7 +6,7 @@
 # Fig. 5b: straggler mitigation on AlexNet -- mean/p95/p99 latency of uncoded (5 ranks), 2MR+1 (6)
 # and CDC+1 sum parity (6) on emulated Pi 3s with WiFi stragglers, on MPI ranks and simulated.
 #
-#   bash jobs/fig5b.sh [--quick] [options]     here (--quick: ~1 min; full: ~15 min on 2 cores)
+#   bash jobs/fig5b.sh [--quick] [options]     here (--quick: ~1 min; full: ~14 min on 2 cores)
 #   sbatch jobs/fig5b.sh [--quick]             on Slurm, from the repository root (mkdir -p results first)
 #   bash jobs/fig5b.sh --help                  every option
 #

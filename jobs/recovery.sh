@@ -6,7 +6,7 @@
 # Recovery latency after a real SIGKILL: CDC+1 decodes around the dead rank; restart-based
 # recovery detects, relaunches without it on a new plan, reloads shards and redoes the request.
 #
-#   bash jobs/recovery.sh [--quick] [options]     here (--quick: ~35 s; full: ~3 min on 2 cores)
+#   bash jobs/recovery.sh [--quick] [options]     here (--quick: ~35 s; full: ~2 min on 2 cores)
 #   sbatch jobs/recovery.sh [--quick]             on Slurm, from the repository root (mkdir -p results first)
 #   bash jobs/recovery.sh --help                  every option
 #

@@ -6,7 +6,7 @@
 # Simulator validation: mean/p95/p99 of the Fig. 5b systems, simulator vs MPI emulation
 # (--from-fig5b results/fig5b reuses a finished fig5b run instead of running the systems again).
 #
-#   bash jobs/sim_validation.sh [--quick] [options]     here (--quick: ~1 min; full: ~15 min on 2 cores)
+#   bash jobs/sim_validation.sh [--quick] [options]     here (--quick: ~1 min; full: ~14 min on 2 cores)
 #   sbatch jobs/sim_validation.sh [--quick]             on Slurm, from the repository root (mkdir -p results first)
 #   bash jobs/sim_validation.sh --help                  every option
 #

@@ -5,6 +5,7 @@ import argparse
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,14 +72,16 @@ def run_mpi_job(np_ranks: int, run_args: list, timeout: float = 600, hostfile: s
         if hostfile:
             cmd += ["--hostfile", hostfile]
         cmd += [*run_args, "--output", str(out), "--quiet"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ), start_new_session=True)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  env=dict(os.environ), start_new_session=True)
+            stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired as exc:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher, mpirun and every rank
+            proc.communicate()
             raise RuntimeError(f"MPI job timed out after {timeout}s: {' '.join(cmd)}") from exc
         if not out.exists():
-            raise RuntimeError(f"MPI job failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                               f"{proc.stdout}\n{proc.stderr}")
+            raise RuntimeError(f"MPI job failed (exit {proc.returncode}): {' '.join(cmd)}\n{stdout}\n{stderr}")
         result = json.loads(out.read_text())
         result["_returncode"] = proc.returncode
         return result
