@@ -54,6 +54,24 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path, title: str | None = None) -> None:
+    """Give ``fig`` its title, lay it out, write it as a PNG and free it."""
+    plt = pyplot()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def finish(text: str, folder, problems: list) -> int:
+    """Print and keep the summary, with any correctness problems appended; the job's exit code."""
+    if problems:
+        text += " PROBLEMS: " + "; ".join(problems)
+    summary(text, folder)
+    return 1 if problems else 0
+
+
 def summary(text: str, folder: Path | None = None) -> None:
     """Print the one-paragraph summary (and keep a copy next to the data)."""
     print(text, flush=True)

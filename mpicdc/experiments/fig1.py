@@ -113,10 +113,7 @@ def plot(path, mpi_s: np.ndarray, sim_s: np.ndarray, c: float, model_cdf, title:
     ax.set_title("CDF")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, title)
 
 
 def main(argv=None) -> int:
@@ -183,10 +180,7 @@ def main(argv=None) -> int:
             f"(worst relative error {max(errs) if errs else float('nan'):.1e}); real compute {100 * med:.0f}% "
             f"of the modeled time in the median layer (worst {100 * worst:.0f}%). Run time "
             f"{time.perf_counter() - started:.0f} s.")
-    if problems:
-        text += " PROBLEMS: " + "; ".join(problems)
-    common.summary(text, folder)
-    return 1 if problems else 0
+    return common.finish(text, folder, problems)
 
 
 if __name__ == "__main__":

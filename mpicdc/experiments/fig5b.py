@@ -284,10 +284,7 @@ def plot(path, stats: list, emulated: dict, simulated: dict, title: str) -> None
     ax2.set_title("latency CDF")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, title)
 
 
 def main(argv=None) -> int:

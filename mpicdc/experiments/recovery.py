@@ -243,10 +243,7 @@ def plot(path, rows: list, parts: list, kill_at: int, title: str) -> None:
     ax2.set_ylabel("latency of the killed request (s)")
     ax2.set_title(f"killed request, mean of {len(parts)} trial(s)")
     ax2.legend(fontsize=7, loc="upper right")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, title)
 
 
 def main(argv=None) -> int:
@@ -296,10 +293,7 @@ def main(argv=None) -> int:
             f"{m('restart_total_ms') / m('cdc_kill_request_ms'):.1f}x the CDC latency, plus {m('reshard_ms') / 1e3:.1f} s "
             f"to re-cut the shards if they were not prepared in advance. Every served output matched the serial "
             f"reference. Run time {time.perf_counter() - started:.0f} s.")
-    if problems:
-        text += " PROBLEMS: " + "; ".join(problems)
-    common.summary(text, folder)
-    return 1 if problems else 0
+    return common.finish(text, folder, problems)
 
 
 if __name__ == "__main__":

@@ -214,9 +214,7 @@ def plot(path, rows: list, title: str) -> None:
     ax.set_ylim(lo_all - 12, max(20.0, float(np.nanmax(hi))) + 2)
     ax.legend(fontsize=8, loc="lower left", ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def measure_overhead(args, delay_root: Path) -> int:
@@ -366,10 +364,7 @@ def main(argv=None) -> int:
             + _rt_note(rows)
             + _layer_note(per_layer)
             + f"Run time {time.perf_counter() - started:.0f} s.")
-    if problems:
-        text += " PROBLEMS: " + "; ".join(problems)
-    common.summary(text, folder)
-    return 1 if problems else 0
+    return common.finish(text, folder, problems)
 
 
 if __name__ == "__main__":
