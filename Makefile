@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) -m mpicdc.bench kernels
 	$(PY) -m mpicdc.bench codes
 	$(PY) -m mpicdc.bench runtime
+	$(PY) -m mpicdc.bench prepare
 
 clean:
 	rm -rf $(VENV) build *.egg-info
