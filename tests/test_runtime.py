@@ -194,3 +194,14 @@ def test_wrong_world_size_is_a_clear_error(shards, tmp_path):
     job = run_job(5, ["tiny", "--weights", str(shards["tiny", "sum"])], tmp_path, output=False, timeout=60)
     assert job.returncode == 2, job.explain()
     assert "python -m mpicdc.prepare tiny --workers 3" in job.stderr or "-np 6" in job.stderr, job.explain()
+
+
+def test_straggler_skips_stale_jobs(shards, tmp_path):
+    """A worker 30 ms behind finds newer jobs queued and skips the stale ones instead of computing them."""
+    job = run_job(6, ["tiny", "--weights", str(shards["tiny", "sum"]), "--repeat", "10", "--check", "--quiet",
+                      "--inject", "delay:1:const:0.03"], tmp_path)
+    assert job.returncode == 0, job.explain()
+    _assert_all_ok(job, 10, RTOL["sum"])
+    from_rank1 = [a for a in job.results["arrivals"] if a["rank"] == 1]
+    assert any(a["status"] == "skipped" for a in from_rank1), from_rank1
+    assert all(a["late"] for a in from_rank1 if a["status"] == "skipped")
