@@ -10,6 +10,10 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	@# one rank per device: never bind ranks to cores, so a hostfile may list more slots than this
+	@# machine has cores (Open MPI otherwise refuses `mpirun -hostfile hostfile -np 6` on 2 cores)
+	@conf=$(VENV)/etc/prte-mca-params.conf; if [ -f $$conf ] && ! grep -q "^hwloc_default_binding_policy" $$conf; then \
+		echo "hwloc_default_binding_policy = none" >> $$conf; fi
 	touch $(STAMP)
 
 venv: $(STAMP)
