@@ -27,9 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ._threads import THREAD_VARS
 from .mpienv import FT_FLAGS
 
-THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 EXIT_FILE_VAR = "MPICDC_EXIT_FILE"
 SURVIVE_NONZERO_EXIT = ["--prtemca", "state_base_error_non_zero_exit", "0"]
 
