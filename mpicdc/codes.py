@@ -558,11 +558,13 @@ def group_parity(n: int, groups: int | Sequence[Sequence[int]]) -> Code:
         P[j, g] = 1.0
     contiguous = [list(range(s.start, s.stop)) for s in split_rows(n, len(parts))]
     spec = f"groups:{len(parts)}" if parts == contiguous else \
-        "groups:" + "/".join(_format_group(g) for g in parts)
+        "groups:" + "/".join(format_ranges(g) for g in parts)
     return Code("groups", n, P, spec)
 
 
-def _format_group(group: list) -> str:
+def format_ranges(values) -> str:
+    """Increasing integers as runs: ``[1, 2, 3, 5]`` -> ``"1-3,5"``."""
+    group = list(values)
     runs, start = [], None
     for k, i in enumerate(group):
         if start is None:

@@ -532,8 +532,10 @@ def layer_weights(model: Model, name: str, seed: int = 0) -> tuple:
     """Deterministic He-initialised ``(W, b)`` of one linear layer, independent of the other layers."""
     rows, cols = model.weight_shapes()[name]
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    W = rng.standard_normal((rows, cols), dtype=DTYPE) * DTYPE(math.sqrt(2.0 / cols))
-    b = rng.standard_normal(rows, dtype=DTYPE) * DTYPE(0.01)
+    W = rng.standard_normal((rows, cols), dtype=DTYPE)
+    W *= DTYPE(math.sqrt(2.0 / cols))  # in place: one full-size array at a time (fc6 is 411 MB)
+    b = rng.standard_normal(rows, dtype=DTYPE)
+    b *= DTYPE(0.01)
     return W, b
 
 

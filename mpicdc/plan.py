@@ -173,16 +173,9 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
 # ---------------------------------------------------------------- plan table (used by ``prepare --show``)
 
 def _rank_ranges(ranks) -> str:
-    """``[1, 2, 3, 5]`` -> ``"1-3,5"``."""
-    ranks = sorted(ranks)
-    parts, start = [], None
-    for i, x in enumerate(ranks):
-        if start is None:
-            start = x
-        if i + 1 == len(ranks) or ranks[i + 1] != x + 1:
-            parts.append(str(x) if x == start else f"{start}-{x}")
-            start = None
-    return ",".join(parts) or "-"
+    """``[1, 2, 3, 5]`` -> ``"1-3,5"`` (``"-"`` for none)."""
+    from .codes import format_ranges
+    return format_ranges(sorted(ranks)) or "-"
 
 
 def rank_role(plan: Plan, rank: int) -> str:

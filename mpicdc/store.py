@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import uuid
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from urllib.parse import quote
 import h5py
 import numpy as np
 
+from .kernels import layer_weights
 from .models import Model, get_model
 from .plan import Plan, make_plan, rank_role
 from .progress import Progress
@@ -263,22 +263,6 @@ def _check_plan(model: Model, plan: Plan) -> None:
 
 # ---------------------------------------------------------------- writing
 
-def _random_layer(model: Model, name: str, seed: int) -> tuple:
-    """Same values as :func:`mpicdc.kernels.layer_weights`, without its second full-size temporary.
-
-    ``layer_weights`` computes ``standard_normal(shape) * scale``, which holds two copies of ``W``
-    for a moment; scaling in place gives bit-identical values at half the peak memory (checked by
-    ``tests/test_store.py``).
-    """
-    rows, cols = model.weight_shapes()[name]
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    W = rng.standard_normal((rows, cols), dtype=np.float32)
-    W *= np.float32(math.sqrt(2.0 / cols))
-    b = rng.standard_normal(rows, dtype=np.float32)
-    b *= np.float32(0.01)
-    return W, b
-
-
 def _as_weights(name: str, pair, shape) -> tuple:
     """Validate one imported ``(W, b)`` pair and return it as C-ordered float32 arrays."""
     try:
@@ -387,7 +371,7 @@ def _resolve_source(model: Model, source, seed, source_label, consume):
         if seed is None or int(seed) != seed or seed < 0:
             raise ValueError(f"random weights need a seed >= 0, got {seed!r}")
         seed = int(seed)
-        return (lambda name: _random_layer(model, name, seed)), "random", seed
+        return (lambda name: layer_weights(model, name, seed)), "random", seed
     if isinstance(source, Mapping):
         weights = source
         label = source_label or "in-memory weights"

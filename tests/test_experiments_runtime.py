@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from mpi_helpers import ROOT, leftover_processes, requires_mpi
+from mpi_helpers import requires_mpi, run_bounded
 
 pytestmark = [requires_mpi, pytest.mark.mpi, pytest.mark.slow]
 
@@ -35,24 +32,10 @@ def shared(tmp_path_factory) -> Path:
 def run_experiment(name: str, out: Path, weights: Path, *extra, timeout: float = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", f"mpicdc.experiments.{name}", "--quick", "--out", str(out),
            "--weights-dir", str(weights), *extra]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{name} --quick did not end within {timeout}s\n{stdout}\n{stderr}")
-    deadline = time.monotonic() + 10
-    while leftover_processes(str(weights)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = leftover_processes(str(weights))
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"{name}: MPI processes left behind: {left}"
-    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-    assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{stdout}\n{stderr}"
+    job = run_bounded(cmd, out.parent, timeout, str(weights))
+    stdout, stderr = job.stdout, job.stderr
+    result = subprocess.CompletedProcess(cmd, job.returncode, stdout, stderr)
+    assert job.returncode == 0, f"{name} exited {job.returncode}\n{stdout}\n{stderr}"
     for f in ("summary.txt",):
         assert (out / f).exists(), f"{name}: {f} missing"
     assert (out / "summary.txt").read_text().strip() in stdout

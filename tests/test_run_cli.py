@@ -13,7 +13,7 @@ from mpicdc.kernels import forward, init_weights
 from mpicdc.launch import find_mpirun
 from mpicdc.models import get_model
 from mpicdc.store import prepare_zoo
-from mpi_helpers import ROOT, requires_mpi, run_job
+from mpi_helpers import ROOT, requires_mpi, run_bounded, run_job
 
 pytestmark = [requires_mpi, pytest.mark.mpi]
 
@@ -62,14 +62,8 @@ def test_without_ulfm_warns_and_still_mitigates_stragglers(tiny_sum, tmp_path):
         cmd.append("--allow-run-as-root")
     cmd += [sys.executable, "-m", "mpicdc.run", "tiny", "--weights", str(tiny_sum), "--repeat", "3", "--check",
             "--inject", "delay:1:const:0.2"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")
-    env.pop("MPICDC_EXIT_FILE", None)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
-                              start_new_session=True)
-    except subprocess.TimeoutExpired:
-        pytest.fail("plain mpirun job did not end in 120 s")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_bounded(cmd, tmp_path, 120, str(tiny_sum))
+    assert proc.returncode == 0, proc.explain()
     assert "fault tolerance is OFF" in proc.stderr
     assert "MATCHED" in proc.stdout
     assert "decoded around missing blocks" in proc.stdout  # rank 1's 0.2 s replies were not waited for

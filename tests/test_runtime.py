@@ -8,10 +8,12 @@ job's JSON output and hold them to ``RTOL``.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -164,6 +166,9 @@ def test_worker_killed_from_outside(shards, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+    # hard bound on the whole job, including the wait for its 21st line
+    guard = threading.Timer(180, os.killpg, (proc.pid, signal.SIGKILL))
+    guard.start()
     try:
         lines = []
         for line in proc.stdout:
@@ -177,9 +182,11 @@ def test_worker_killed_from_outside(shards, tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("job did not end after a worker was killed from outside")
+    finally:
+        guard.cancel()
     text = "".join(lines) + rest
+    assert proc.returncode != -signal.SIGKILL, f"job killed after 180 s\n{text}"
     assert proc.returncode == 0, text
-    import json
     results = json.loads(out.read_text())
     assert results["dead_ranks"] == [3], text
     assert all(r["ok"] and r["check_rel_err"] <= RTOL["sum"] for r in results["requests"]), text
