@@ -25,7 +25,7 @@ setup(
     },
     entry_points={"console_scripts": [
         "mpicdc-run=mpicdc.run:main",
-        "mpicdc-prepare=mpicdc.prepare:main",
-        "mpicdc-launch=mpicdc.launch:main",
+        "mpicdc-prepare=mpicdc.store.prepare_cli:main",
+        "mpicdc-launch=mpicdc.runtime.launch:main",
     ]},
 )

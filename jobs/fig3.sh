@@ -5,7 +5,7 @@
 #SBATCH --time=00:05:00
 #SBATCH --output=results/%x-%j.out
 # Fig. 3: coverage of one device failure against additional devices, 2MR vs CDC+2MR, for the
-# paper's five distributions (mpicdc.coverage; see docs/coverage.md).
+# paper's five distributions (mpicdc.sim.coverage; see docs/coverage.md).
 #
 #   bash jobs/fig3.sh [--quick] [options]     here (--quick and full: ~2 s (exact computation))
 #   sbatch jobs/fig3.sh [--quick]             on Slurm, from the repository root (mkdir -p results first)

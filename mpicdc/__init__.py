@@ -3,12 +3,12 @@
 Importing the package starts no MPI and prints nothing; MPI is imported only by
 the runtime modules that use it.
 """
-from ._threads import share_cores_among_local_ranks
+from mpicdc._threads import share_cores_among_local_ranks
 
 share_cores_among_local_ranks()  # before numpy loads its BLAS
 
-from .models import Layer, Model, UnknownModelError, get_model, model_names
-from .kernels import default_input, forward, init_weights
+from mpicdc.core.kernels import default_input, forward, init_weights
+from mpicdc.core.models import Layer, Model, UnknownModelError, get_model, model_names
 
 __version__ = "0.1.0"
 __all__ = ["Layer", "Model", "UnknownModelError", "get_model", "model_names",

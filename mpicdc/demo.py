@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .launch import mpirun_command, run
+from mpicdc.runtime.launch import mpirun_command, run
 
 DEMO_ARGS = ["vgg16", "--repeat", "3", "--inject", "crash:2@1:conv3_1", "--check"]
 

@@ -39,7 +39,7 @@ CHECK_RTOL = {"none": 1e-4, "replication": 1e-4, "sum": 1e-4, "groups": 1e-4, "m
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import model_names
+    from mpicdc.core.models import model_names
 
     p = argparse.ArgumentParser(
         prog="python -m mpicdc.run",
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_input(model, path: str | None, seed: int) -> np.ndarray:
     """The request input: a .npy array, an image resized to the model's input, or the default input."""
-    from .kernels import check_input, default_input
+    from mpicdc.core.kernels import check_input, default_input
 
     if path is None:
         return default_input(model, seed)
@@ -177,8 +177,8 @@ def _print_request(r, check, top_k) -> None:
 
 def master_main(args, session) -> int:
     """Rank 0: run the requests, print and write the results; returns the exit code."""
-    from .kernels import forward
-    from .runtime import reference_weights
+    from mpicdc.core.kernels import forward
+    from mpicdc.runtime.session import reference_weights
 
     model = session.model
     x = load_input(model, args.input, args.seed)
@@ -250,11 +250,11 @@ def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if "--help-inject" in argv:
-        from .faults import INJECT_HELP
+        from mpicdc.core.faults import INJECT_HELP
         print(INJECT_HELP)
         return 0
     args = parser.parse_args(argv)
-    from .models import UnknownModelError, get_model
+    from mpicdc.core.models import UnknownModelError, get_model
 
     try:
         if not args.weights:  # with --weights the model graph comes from the manifest
@@ -262,12 +262,12 @@ def main(argv=None) -> int:
         if args.repeat < 1 or args.top_k < 1 or not math.isfinite(args.layer_timeout) or args.layer_timeout <= 0:
             raise ValueError("--repeat and --top-k must be >= 1 and --layer-timeout > 0")
         if args.inject:
-            from .faults import parse_injections
+            from mpicdc.core.faults import parse_injections
             parse_injections(args.inject)
     except (UnknownModelError, ValueError) as exc:
         parser.error(str(exc))
-    from .mpienv import import_mpi
-    from .runtime import RunConfig, StartupError, end_process, serve
+    from mpicdc.runtime.mpienv import import_mpi
+    from mpicdc.runtime.session import RunConfig, StartupError, end_process, serve
 
     MPI = import_mpi()
     rank = MPI.COMM_WORLD.Get_rank()
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     config = RunConfig(args.model, weights=args.weights, code=args.code, parity=args.parity,
                        prepare_missing=not args.no_prepare, injections=tuple(args.inject),
                        device=args.device, layer_timeout_s=args.layer_timeout, seed=args.seed)
-    from .mpienv import ulfm_enabled
+    from mpicdc.runtime.mpienv import ulfm_enabled
     ulfm = ulfm_enabled(MPI)
     try:
         session = serve(config)

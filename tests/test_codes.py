@@ -1,4 +1,4 @@
-"""Tests of mpicdc.codes: every code decodes every tolerated loss pattern within a stated
+"""Tests of mpicdc.core.codes: every code decodes every tolerated loss pattern within a stated
 float32 bound, refuses the others with a DecodeError naming the missing blocks, and
 encode_rows + one GEMM per block + decode reproduces ``W @ X + b``."""
 import itertools
@@ -11,9 +11,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpicdc.codes import (KINDS, MDS_CONSTRUCTIONS, Code, DecodeError, block_rows, encode_rows,
-                          group_parity, make_code, mds, replication, split_rows, sum_parity,
-                          uncoded)
+from mpicdc.core.codes import (
+    KINDS,
+    MDS_CONSTRUCTIONS,
+    Code,
+    DecodeError,
+    block_rows,
+    encode_rows,
+    group_parity,
+    make_code,
+    mds,
+    replication,
+    split_rows,
+    sum_parity,
+    uncoded,
+)
 
 # Unit roundoff of float32: one rounding changes a value by at most this relative amount.
 EPS32 = 2.0 ** -24
@@ -120,7 +132,7 @@ def test_default_mds_is_mds_and_beats_vandermonde(n, r):
 @pytest.mark.parametrize("n,r", [(1, 3), (2, 3), (3, 2), (4, 2), (5, 3), (6, 3), (9, 4)])
 def test_condition_numbers_match_the_dense_systems(n, r):
     """The 2m x 2m reduction in worst_condition() equals cond() of the n x n decode systems."""
-    from mpicdc.codes import _all_square_systems, _system_conditions
+    from mpicdc.core.codes import _all_square_systems, _system_conditions
     P = np.random.default_rng(n * 10 + r).standard_normal((r, n))
     Pn = P / np.linalg.norm(P, axis=1, keepdims=True)
     systems = _all_square_systems(n, r)
@@ -419,6 +431,6 @@ def test_decode_error_is_a_value_error():
 
 
 def test_import_is_quiet():
-    out = subprocess.run([sys.executable, "-c", "import mpicdc, mpicdc.codes"],
+    out = subprocess.run([sys.executable, "-c", "import mpicdc, mpicdc.core.codes"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""

@@ -3,9 +3,17 @@ import json
 
 import pytest
 
-from mpicdc.coverage import (DISTRIBUTIONS, Distribution, Part, additions, coverage_curve,
-                             devices_for_full_coverage, main, part_loads)
-from mpicdc.models import get_model
+from mpicdc.core.models import get_model
+from mpicdc.sim.coverage import (
+    DISTRIBUTIONS,
+    Distribution,
+    Part,
+    additions,
+    coverage_curve,
+    devices_for_full_coverage,
+    main,
+    part_loads,
+)
 
 
 def small():

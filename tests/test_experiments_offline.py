@@ -4,7 +4,7 @@ Each job's module runs once per module in a subprocess with a hard timeout, into
 folder; the tests then check that the outputs exist and that the numbers that can be checked
 are right: coded accuracy equals the fault-free accuracy while losses stay within the code's
 tolerance, uncoded accuracy at 0 % loss equals the fault-free accuracy, survival fractions match
-closed forms and an independent enumeration, coverage matches :mod:`mpicdc.coverage`.
+closed forms and an independent enumeration, coverage matches :mod:`mpicdc.sim.coverage`.
 No wall-clock assertions.
 """
 import itertools
@@ -72,8 +72,8 @@ def test_fig2_outputs_and_fault_free_accuracy(fig2):
 
 @pytest.mark.slow
 def test_fig2_converted_weights_load_with_the_npz_importer(fig2):
-    from mpicdc.importers.npz import load_npz
-    from mpicdc.models import get_model
+    from mpicdc.core.models import get_model
+    from mpicdc.store.importers.npz import load_npz
     out, _ = fig2
     model, weights = load_npz(out / "lenet-mnist.npz")
     assert model.name == "lenet" and model.weight_shapes() == get_model("lenet").weight_shapes()
@@ -118,7 +118,7 @@ def test_fig2_uncoded_and_coded_accuracy(fig2):
 
 def test_fig2_partial_decoding_beyond_tolerance():
     """The best-effort master rebuilds exactly the blocks the replies still determine."""
-    from mpicdc.codes import make_code
+    from mpicdc.core.codes import make_code
     from mpicdc.experiments.fig2 import best_effort
     rng = np.random.default_rng(1)
     for spec, n, r, lost, recoverable in [("groups:2", 4, 2, {0, 1, 2}, {2}),
@@ -146,7 +146,7 @@ def fig3(tmp_path_factory):
 
 
 def test_fig3_matches_the_coverage_module(fig3):
-    from mpicdc import coverage as cov
+    from mpicdc.sim import coverage as cov
     out, proc = fig3
     check_common(out, proc, ["fig3_coverage.png"])
     full = {r["distribution"]: r for r in read_csv(out / "full_coverage.csv")}
@@ -182,7 +182,7 @@ def mds(tmp_path_factory):
 
 def _groups_survive(n, G, k):
     """Independent count: k-failure sets of n data + G group parities with <= 1 loss per group."""
-    from mpicdc.codes import split_rows
+    from mpicdc.core.codes import split_rows
     group_of = {}
     for g, s in enumerate(split_rows(n, G)):
         for i in range(s.start, s.stop):
@@ -254,7 +254,7 @@ def test_mds_vs_groups_decode_error_is_float32_noise(mds):
 
 
 def test_mds_vs_groups_sampled_survival_for_large_n():
-    from mpicdc.codes import make_code
+    from mpicdc.core.codes import make_code
     from mpicdc.experiments.mds_vs_groups import closed_form, survival
     rng = np.random.default_rng(0)
     code = make_code("mds", 12, 2)

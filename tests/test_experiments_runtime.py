@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from mpi_helpers import requires_mpi, run_bounded
 
 pytestmark = [requires_mpi, pytest.mark.mpi, pytest.mark.slow]

@@ -3,10 +3,22 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mpicdc.faults import (DELAY_HELP, INJECT_HELP, ConstDelay, EmpiricalDelay, Injection, MixtureDelay,
-                           ParetoDelay, ShiftedExpDelay, parse_delay, parse_injection, parse_injections)
+from mpicdc.core.faults import (
+    DELAY_HELP,
+    INJECT_HELP,
+    ConstDelay,
+    EmpiricalDelay,
+    Injection,
+    MixtureDelay,
+    ParetoDelay,
+    ShiftedExpDelay,
+    parse_delay,
+    parse_injection,
+    parse_injections,
+)
 
 N = 200_000  # samples for moment checks; tolerances are 5 standard errors
 

@@ -1,7 +1,7 @@
 """Importers checked against the framework that wrote each file.
 
 Every numeric test runs the imported graph through the serial reference
-(:func:`mpicdc.kernels.forward`) and compares it with the writing framework's own output
+(:func:`mpicdc.core.kernels.forward`) and compares it with the writing framework's own output
 (torch, onnxruntime, Keras, or TensorFlow's stored output for the committed fixtures).
 Tolerance: ``max|ours - theirs| / max|theirs| <= 1e-4`` in float32 (the project standard).
 Frameworks that are not installed skip their tests with a reason.
@@ -18,11 +18,20 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-from mpicdc.importers import (ModelImportError, UnsupportedOpError, WeightMismatchError,  # noqa: E402
-                              load_keras_h5, load_keras_weights, load_npz, load_onnx, load_source,
-                              load_torch_state, save_npz)
-from mpicdc.kernels import forward, init_weights  # noqa: E402
-from mpicdc.models import get_model  # noqa: E402
+from mpicdc.core.kernels import forward, init_weights  # noqa: E402
+from mpicdc.core.models import get_model  # noqa: E402
+from mpicdc.store.importers import (  # noqa: E402
+    ModelImportError,
+    UnsupportedOpError,
+    WeightMismatchError,
+    load_keras_h5,
+    load_keras_weights,
+    load_npz,
+    load_onnx,
+    load_source,
+    load_torch_state,
+    save_npz,
+)
 
 # Keras 3 on numpy 2 warns about __array__(copy=...) on every weight access: not ours
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -642,7 +651,7 @@ def test_files_that_are_not_what_their_suffix_claims(tmp_path):
 
 
 def test_import_is_quiet_and_lazy():
-    code = ("import sys, mpicdc.importers; "
+    code = ("import sys, mpicdc.store.importers; "
             "print(sorted(m for m in ('onnx', 'torch', 'keras', 'tensorflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(HERE), env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))

@@ -14,10 +14,18 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mpicdc import kernels as K
-from mpicdc.models import GraphBuilder, Layer, Model, UnknownModelError, get_model, model_names
+from mpicdc.core import kernels as K
+from mpicdc.core.models import (
+    GraphBuilder,
+    Layer,
+    Model,
+    UnknownModelError,
+    get_model,
+    model_names,
+)
 
 RNG = np.random.default_rng(12345)
 
@@ -516,7 +524,7 @@ def test_import_is_quiet_and_starts_no_mpi():
     quiet = _run_python("import mpicdc")
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout == "" and quiet.stderr == ""
-    probe = _run_python("import sys, mpicdc, mpicdc.kernels, mpicdc.bench.kernels\n"
+    probe = _run_python("import sys, mpicdc, mpicdc.core.kernels, mpicdc.bench.kernels\n"
                         "print(sorted(m for m in ('mpi4py', 'torch') if m in sys.modules))")
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "[]", f"import mpicdc imported {probe.stdout.strip()}"

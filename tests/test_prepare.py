@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mpicdc import store
-from mpicdc.prepare import main
+from mpicdc.store.prepare_cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,9 +130,9 @@ def test_error_exit_codes_in_a_subprocess(tmp_path):
 def test_source_file_through_the_importers(tmp_path):
     import numpy as np
 
-    from mpicdc.importers import save_npz
-    from mpicdc.kernels import init_weights
-    from mpicdc.models import get_model
+    from mpicdc.core.kernels import init_weights
+    from mpicdc.core.models import get_model
+    from mpicdc.store.importers import save_npz
 
     model = get_model("lenet")
     weights = init_weights(model, 5)

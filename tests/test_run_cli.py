@@ -8,12 +8,12 @@ import sys
 import h5py
 import numpy as np
 import pytest
-
-from mpicdc.kernels import forward, init_weights
-from mpicdc.launch import find_mpirun
-from mpicdc.models import get_model
-from mpicdc.store import prepare_zoo
 from mpi_helpers import ROOT, requires_mpi, run_bounded, run_job
+
+from mpicdc.core.kernels import forward, init_weights
+from mpicdc.core.models import get_model
+from mpicdc.runtime.launch import find_mpirun
+from mpicdc.store import prepare_zoo
 
 pytestmark = [requires_mpi, pytest.mark.mpi]
 

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from mpicdc.models import get_model
-from mpicdc.store import prepare_zoo
 from mpi_helpers import ROOT, leftover_processes, requires_mpi, run_job
+
+from mpicdc.core.models import get_model
+from mpicdc.store import prepare_zoo
 
 pytestmark = [requires_mpi, pytest.mark.mpi]
 

@@ -6,11 +6,24 @@ import math
 import numpy as np
 import pytest
 
-from mpicdc.devices import (DEVICES, PAPER_FC_COMPUTE_S, DeviceModel, get_device, paper_wifi_delay,
-                            wifi_calibration)
-from mpicdc.models import GraphBuilder, get_model
-from mpicdc.plan import make_plan
-from mpicdc.sim import Decodability, SimConfig, decode_structure, main, nonlinear_work, simulate
+from mpicdc.core.models import GraphBuilder, get_model
+from mpicdc.core.plan import make_plan
+from mpicdc.sim import (
+    Decodability,
+    SimConfig,
+    decode_structure,
+    main,
+    nonlinear_work,
+    simulate,
+)
+from mpicdc.sim.devices import (
+    DEVICES,
+    PAPER_FC_COMPUTE_S,
+    DeviceModel,
+    get_device,
+    paper_wifi_delay,
+    wifi_calibration,
+)
 
 # A device with round numbers: 1 GFLOP/s, 1 MB/s, 1 ms latency, no memory limit.
 DEV = DeviceModel("test", gflops=1.0, bandwidth_MBps=1.0, latency_s=0.001)

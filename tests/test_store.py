@@ -11,12 +11,18 @@ import numpy as np
 import pytest
 
 from mpicdc import store
-from mpicdc.codes import encode_rows
-from mpicdc.kernels import default_input, forward, init_weights, layer_weights, lower
-from mpicdc.models import GraphBuilder, get_model
-from mpicdc.plan import format_plan_table, make_plan, rank_bytes
+from mpicdc.core.codes import encode_rows
+from mpicdc.core.kernels import (
+    default_input,
+    forward,
+    init_weights,
+    layer_weights,
+    lower,
+)
+from mpicdc.core.models import GraphBuilder, get_model
+from mpicdc.core.plan import format_plan_table, make_plan, rank_bytes
 from mpicdc.progress import Progress
-from mpicdc.store import ShardError
+from mpicdc.store import ShardError, shards
 
 # (model, data workers, parity workers or None when the code implies them, code)
 CASES = [
@@ -329,7 +335,7 @@ def _dataset_offset(path, name):
 def test_flipped_byte_in_a_dataset(tiny_copy):
     path = tiny_copy / "rank-003.h5"
     m = store.open_manifest(tiny_copy)
-    blk = [b for b in store._layout(m.model, m.plan, 3) if b.layer == "conv2"][0]
+    blk = [b for b in shards._layout(m.model, m.plan, 3) if b.layer == "conv2"][0]
     _flip(path, _dataset_offset(path, f"{blk.path}/W") + 5)
     with pytest.raises(ShardError, match=r"rank-003\.h5.*corrupted"):
         store.load_rank(tiny_copy, 3)

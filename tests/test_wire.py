@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mpicdc import wire
+from mpicdc.runtime import wire
 
 
 def test_header_round_trip_with_payload():

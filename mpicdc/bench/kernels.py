@@ -173,8 +173,9 @@ def bench_model(name: str, repeat: int, torch_mod, fresh: bool = True) -> dict:
     (``layers``: ``{layer: (mpicdc_ms, torch_ms)}``) from the timed runs.
     """
     import numpy as np
-    from mpicdc.kernels import Workspace, default_input, forward, init_weights
-    from mpicdc.models import get_model
+
+    from mpicdc.core.kernels import Workspace, default_input, forward, init_weights
+    from mpicdc.core.models import get_model
 
     model = get_model(name)
     weights = init_weights(model, seed=0)
@@ -228,7 +229,7 @@ def bench_model(name: str, repeat: int, torch_mod, fresh: bool = True) -> dict:
 
 def print_layers(model_name: str, layers: dict) -> None:
     """Per-layer table (median ms) of one model, mpicdc against torch."""
-    from mpicdc.models import get_model
+    from mpicdc.core.models import get_model
     model = get_model(model_name)
     flops = model.flops()
     print(f"\nper layer, {model_name} (median ms; a ReLU fused into its linear layer shows 0):")
@@ -249,7 +250,7 @@ def _threads_ok() -> bool:
 
 def main(argv=None) -> int:
     """Entry point of ``python -m mpicdc.bench kernels``; returns the exit code."""
-    from mpicdc.models import model_names
+    from mpicdc.core.models import model_names
 
     parser = argparse.ArgumentParser(
         prog="python -m mpicdc.bench kernels",

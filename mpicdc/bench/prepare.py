@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 when the peak is over the budget")
     args = p.parse_args(argv)
 
-    from ..models import UnknownModelError, get_model
+    from mpicdc.core.models import UnknownModelError, get_model
     try:
         model = get_model(args.model)
     except UnknownModelError as exc:
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     env = _child_env()
     # Children are measured one after the other: RUSAGE_CHILDREN keeps the maximum over all
     # waited-for children, so the import-only baseline must run first (it is the smaller one).
-    subprocess.run([sys.executable, "-c", "import numpy, h5py, mpicdc.store, mpicdc.prepare, mpicdc.plan"],
+    subprocess.run([sys.executable, "-c", "import numpy, h5py, mpicdc.store, mpicdc.store.prepare_cli, mpicdc.core.plan"],
                    check=True, env=env)
     overhead = _peak_children_bytes()
     with tempfile.TemporaryDirectory(prefix="mpicdc-bench-") as tmp:

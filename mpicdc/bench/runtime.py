@@ -1,6 +1,6 @@
 """``python -m mpicdc.bench runtime``: coded against uncoded MPI inference, and recovery after a SIGKILL.
 
-Runs real MPI jobs through ``mpicdc.launch`` (fault tolerant, one BLAS thread
+Runs real MPI jobs through ``mpicdc.runtime.launch`` (fault tolerant, one BLAS thread
 per rank) and prints, from the jobs' own per-request timings:
 
 * fault-free latency of uncoded runs (n and n+1 workers) and of sum-parity
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..experiments.common import run_mpi_job
-from ..models import get_model
-from ..store import prepare_zoo
+from mpicdc.core.models import get_model
+from mpicdc.experiments.common import run_mpi_job
+from mpicdc.store import prepare_zoo
 
 
 def _latencies(result: dict, skip: int = 1) -> np.ndarray:

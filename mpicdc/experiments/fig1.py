@@ -3,7 +3,7 @@
 The paper's set-up: a master sends the input of a fully connected layer of size
 2048 to three Raspberry Pi 3s over WiFi; replies arrive after the compute time
 ``c`` plus a network delay, and only about 34 % arrive within ``2c`` and 42 %
-within ``3c``.  :func:`mpicdc.devices.paper_wifi_delay` (``wifi:C``) is the
+within ``3c``.  :func:`mpicdc.sim.devices.paper_wifi_delay` (``wifi:C``) is the
 straggler model fitted to those two numbers.  Here:
 
 * **MPI (emulated)**: a one-layer model (input 2048 -> dense 2048 -> softmax) is
@@ -30,8 +30,14 @@ import time
 
 import numpy as np
 
-from . import common
-from .fig5b import add_common_options, check_job, compute_fractions, ensure_weights, weights_root
+from mpicdc.experiments import common
+from mpicdc.experiments.fig5b import (
+    add_common_options,
+    check_job,
+    compute_fractions,
+    ensure_weights,
+    weights_root,
+)
 
 DEVICE = "rpi3-paper"
 WORKERS = 3
@@ -41,7 +47,7 @@ PAPER = {2: 0.34, 3: 0.42}
 
 def fc_model(rows: int = SIZE, name: str = "fc2048"):
     """input (2048,) -> dense ``rows`` -> softmax."""
-    from ..models import GraphBuilder
+    from mpicdc.core.models import GraphBuilder
 
     b = GraphBuilder(name, (SIZE,), f"one fully connected layer {SIZE} -> {rows} (the paper's Fig. 1 layer)")
     x = b.dense("input", rows, name="fc")
@@ -51,7 +57,7 @@ def fc_model(rows: int = SIZE, name: str = "fc2048"):
 
 def reply_time(device, rows: int) -> float:
     """Modeled time of one worker's reply without straggling: GEMM + input and reply transfers (s)."""
-    from ..devices import get_device
+    from mpicdc.sim.devices import get_device
 
     dev = get_device(device)
     return float(dev.gemm_time(rows, SIZE, 1) + dev.transfer_time(4 * SIZE) + dev.transfer_time(4 * rows))
@@ -59,9 +65,9 @@ def reply_time(device, rows: int) -> float:
 
 def simulated_arrivals(device, delay: str, rows: int, requests: int, seed: int) -> np.ndarray:
     """Arrival times (s) of single replies from the simulator: one worker, one ``rows`` x 2048 block."""
-    from ..plan import make_plan
-    from ..sim import simulate
-    from .fig5b import sim_config
+    from mpicdc.core.plan import make_plan
+    from mpicdc.experiments.fig5b import sim_config
+    from mpicdc.sim import simulate
 
     model = fc_model(rows, name=f"fc{SIZE}-block")
     plan = make_plan(model, 1, None, "none")
@@ -130,8 +136,8 @@ def main(argv=None) -> int:
     folder = common.out_dir(args.out)
     started = time.perf_counter()
 
-    from ..faults import parse_delay
-    from ..plan import make_plan
+    from mpicdc.core.faults import parse_delay
+    from mpicdc.core.plan import make_plan
 
     model = fc_model()
     plan = make_plan(model, WORKERS, None, "none")

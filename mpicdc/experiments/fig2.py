@@ -10,16 +10,16 @@ curve with mpicdc's own kernels:
    (``--dataset digits``), with torch on the CPU: seeded, single-threaded, stratified 80/20
    hold-out split.
 2. **Convert** the trained weights to mpicdc's GEMM layout (``weight.reshape(out, -1)``) and
-   check that the serial reference :func:`mpicdc.kernels.forward` reproduces torch's test
+   check that the serial reference :func:`mpicdc.core.kernels.forward` reproduces torch's test
    accuracy (predictions compared image by image).
 3. **Uncoded loss**: for each linear layer, split its output rows over ``n`` workers with
-   :func:`mpicdc.codes.split_rows` (``n = min(--workers, rows)``), drop ``k = 0..n`` of the
+   :func:`mpicdc.core.codes.split_rows` (``n = min(--workers, rows)``), drop ``k = 0..n`` of the
    workers' replies (random block subsets, ``--trials`` per ``k``) and zero those output
    channels -- exactly what an uncoded master has when those replies never come -- then run the
    rest of the network.  Random channel subsets (0-100 % in 10 % steps) are a second curve.
-4. **Coded loss**: encode the layer with :func:`mpicdc.codes.encode_rows` for each code
+4. **Coded loss**: encode the layer with :func:`mpicdc.core.codes.encode_rows` for each code
    (``sum``, ``groups:2``, ``mds`` with ``r = 2`` by default), compute every block's reply with
-   :func:`mpicdc.kernels.gemm` on the lowered input, drop the same data blocks, and decode with
+   :func:`mpicdc.core.kernels.gemm` on the lowered input, drop the same data blocks, and decode with
    ``Code.decode``.  While the losses are within the code's tolerance the accuracy must equal the
    fault-free accuracy (checked, also for random losses among all ``n + r`` blocks).  Beyond it,
    the runtime fails the request with a ``DecodeError``; the curve shows what a *best-effort*
@@ -43,10 +43,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import common
-from ..codes import Code, encode_rows, make_code, split_rows
-from ..kernels import DTYPE, Workspace, forward, gemm, linear_forward, lower, nonlinear
-from ..models import GraphBuilder, Model, get_model
+from mpicdc.core.codes import Code, encode_rows, make_code, split_rows
+from mpicdc.core.kernels import (
+    DTYPE,
+    Workspace,
+    forward,
+    gemm,
+    linear_forward,
+    lower,
+    nonlinear,
+)
+from mpicdc.core.models import GraphBuilder, Model, get_model
+from mpicdc.experiments import common
 
 log = logging.getLogger(__name__)
 
@@ -573,7 +581,7 @@ def main(argv=None) -> int:
     t_train = time.perf_counter() - t0
     common.write_csv(out / "training.csv", history)
     weights = to_mpicdc(net, model)
-    from ..importers.npz import save_npz
+    from mpicdc.store.importers.npz import save_npz
     save_npz(out / f"lenet-{args.dataset}.npz", model, weights)
 
     # fault-free: torch against mpicdc's reference forward, on the whole test split

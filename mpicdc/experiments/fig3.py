@@ -1,6 +1,6 @@
 """Fig. 3: coverage of one device failure against additional devices, 2MR vs CDC+2MR.
 
-A thin job around :mod:`mpicdc.coverage` (the planner; its model and our reconstruction of the
+A thin job around :mod:`mpicdc.sim.coverage` (the planner; its model and our reconstruction of the
 paper's five distributions are described in ``docs/coverage.md``).  For each distribution --
 (a) AlexNet on 5, (b) action recognition on 8, (c) C3D on 7, (d) C3D on 9, (e) VGG16 on 8
 devices -- it writes the coverage after 0, 1, ... additional devices for 2MR (one replica per
@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 import sys
 
-from . import common
-from .. import coverage as cov
+from mpicdc.experiments import common
+from mpicdc.sim import coverage as cov
 
 NAME = "fig3"
 LABELS = {"2mr": "2MR", "cdc+2mr": "CDC+2MR"}

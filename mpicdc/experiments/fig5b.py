@@ -2,7 +2,7 @@
 
 Three systems serve the same AlexNet requests (batch 1) with every worker an
 emulated Raspberry Pi 3 (``--device rpi3``) whose replies are held back by the
-paper's Fig. 1 WiFi straggler model (``wifi:C``, :func:`mpicdc.devices.paper_wifi_delay`):
+paper's Fig. 1 WiFi straggler model (``wifi:C``, :func:`mpicdc.sim.devices.paper_wifi_delay`):
 
 * **uncoded**: 4 data workers (5 ranks); every layer waits for all four replies;
 * **2MR+1**: the same plus one replica of worker 1's blocks (``--code replication
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import common
+from mpicdc.experiments import common
 
 MODEL = "alexnet"
 DEVICE = "rpi3"
@@ -54,7 +54,7 @@ class System:
     workers: int = WORKERS
 
     def plan(self, model):
-        from ..plan import make_plan
+        from mpicdc.core.plan import make_plan
         return make_plan(model, self.workers, self.parity, self.code)
 
 
@@ -80,7 +80,7 @@ def ensure_weights(model, plan, root, seed: int = 0) -> Path:
 
     Random He-initialised weights from ``seed`` (:func:`mpicdc.store.prepare`).  Local; no MPI.
     """
-    from .. import store
+    from mpicdc import store
 
     folder = Path(root) / f"{model.name}-{plan.tag}-seed{seed}"
     if (folder / "manifest.h5").exists():
@@ -97,7 +97,7 @@ def ensure_weights(model, plan, root, seed: int = 0) -> Path:
 
 def mean_block_gemm_time(model, plan, device) -> float:
     """Mean over the plan's layers of one data block's modeled GEMM time (s) on ``device``."""
-    from ..devices import get_device
+    from mpicdc.sim.devices import get_device
 
     dev = get_device(device)
     shapes, wshapes = model.shapes(), model.weight_shapes()
@@ -108,7 +108,7 @@ def mean_block_gemm_time(model, plan, device) -> float:
 
 def default_delay_c(device: str = DEVICE) -> float:
     """The Fig. 5b straggler scale: mean per-block GEMM time of AlexNet on 4 workers, rounded to 0.1 ms."""
-    from ..models import get_model
+    from mpicdc.core.models import get_model
 
     model = get_model(MODEL)
     return round(mean_block_gemm_time(model, SYSTEMS[0].plan(model), device), 4)
@@ -116,7 +116,7 @@ def default_delay_c(device: str = DEVICE) -> float:
 
 def sim_config():
     """Simulator settings that mirror the emulating runtime (see the module docstring)."""
-    from ..sim import SimConfig
+    from mpicdc.sim import SimConfig
     return SimConfig(link="parallel", delay_blocks_worker=True)
 
 
@@ -158,7 +158,7 @@ def latency_stats(lat_ms) -> dict:
 def run_emulation(systems, *, requests: int, delay: str, device: str, seed: int, root: Path,
                   hostfile: str | None = None, log=print) -> dict:
     """Run every system on real MPI ranks; returns ``{label: job JSON}`` (plus ``_wall_s``)."""
-    from ..models import get_model
+    from mpicdc.core.models import get_model
 
     model = get_model(MODEL)
     out = {}
@@ -177,8 +177,8 @@ def run_emulation(systems, *, requests: int, delay: str, device: str, seed: int,
 
 def simulate_systems(systems, *, requests: int, delay: str, device: str, seed: int, config=None) -> dict:
     """``{label: SimResult}`` for every system under the Fig. 5b settings."""
-    from ..models import get_model
-    from ..sim import simulate
+    from mpicdc.core.models import get_model
+    from mpicdc.sim import simulate
 
     model = get_model(MODEL)
     return {s.label: simulate(model, s.plan(model), requests=requests, device=device, master_device=MASTER_DEVICE,
@@ -232,7 +232,7 @@ SENSITIVITY = (
 
 def sensitivity(delay_c: float, *, requests: int, device: str, seed: int) -> list:
     """Simulator only: CDC+1 vs uncoded under other straggler tails of the same mean (where stated)."""
-    from ..faults import parse_delay
+    from mpicdc.core.faults import parse_delay
 
     mean = parse_delay(f"wifi:{delay_c}").mean()
     rows = []

@@ -36,11 +36,11 @@ import time
 
 import numpy as np
 
-from . import common
-from ..codes import encode_rows, make_code, split_rows
-from ..models import get_model
-from ..plan import make_plan
-from ..sim import simulate
+from mpicdc.core.codes import encode_rows, make_code, split_rows
+from mpicdc.core.models import get_model
+from mpicdc.core.plan import make_plan
+from mpicdc.experiments import common
+from mpicdc.sim import simulate
 
 NAME = "mds_vs_groups"
 DELAYS = ("wifi:0.05", "shexp:0.01,0.05")

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import common
-from .fig5b import add_common_options, ensure_weights, weights_root
+from mpicdc.experiments import common
+from mpicdc.experiments.fig5b import add_common_options, ensure_weights, weights_root
 
 MODEL = "alexnet"
 DEVICE = "rpi3"
@@ -125,8 +125,8 @@ def _checked(result: dict, label: str, expect_failed: tuple = ()) -> list:
 def one_trial(trial: int, *, requests: int, kill_at: int, device: str, seed: int, root: Path,
               hostfile: str | None, reshard_s: float) -> tuple:
     """Both systems once; returns (request rows, part row, problems)."""
-    from ..models import get_model
-    from ..plan import make_plan
+    from mpicdc.core.models import get_model
+    from mpicdc.core.plan import make_plan
 
     model = get_model(MODEL)
     crash = f"crash:{RANK}@{kill_at}:{LAYER}"
@@ -194,9 +194,9 @@ def one_trial(trial: int, *, requests: int, kill_at: int, device: str, seed: int
 
 def time_reshard(model_name: str, seed: int) -> float:
     """Seconds to cut fresh shards for the smaller world (3 data workers), into a throw-away folder."""
-    from .. import store
-    from ..models import get_model
-    from ..plan import make_plan
+    from mpicdc import store
+    from mpicdc.core.models import get_model
+    from mpicdc.core.plan import make_plan
 
     model = get_model(model_name)
     plan = make_plan(model, WORKERS - 1, None, "none")

@@ -34,11 +34,25 @@ from pathlib import Path
 
 import numpy as np
 
-from . import common
-from .fig5b import (DEVICE, MASTER_DEVICE, MODEL, SYSTEMS, add_common_options, check_job, default_delay_c,
-                    latency_stats, layer_rows, read_requests, request_rows, run_emulation, sim_config, weights_root)
-from ..devices import DeviceModel
-from ..faults import DelayModel, parse_delay
+from mpicdc.core.faults import DelayModel, parse_delay
+from mpicdc.experiments import common
+from mpicdc.experiments.fig5b import (
+    DEVICE,
+    MASTER_DEVICE,
+    MODEL,
+    SYSTEMS,
+    add_common_options,
+    check_job,
+    default_delay_c,
+    latency_stats,
+    layer_rows,
+    read_requests,
+    request_rows,
+    run_emulation,
+    sim_config,
+    weights_root,
+)
+from mpicdc.sim.devices import DeviceModel
 
 #: Mean extra time of one reply over its modeled device time in fault-free emulated AlexNet runs
 #: (arrival since the job was sent minus gemm + input + reply transfer times): median 2.7 ms, mean
@@ -96,8 +110,8 @@ class _BlockTimeDevice(DeviceModel):
 
 def runtime_semantics_device(device: str) -> DeviceModel:
     """``device`` re-expressed so the simulator's workers behave like the emulating runtime's (see above)."""
-    from ..devices import get_device
-    from ..models import get_model
+    from mpicdc.core.models import get_model
+    from mpicdc.sim.devices import get_device
 
     dev = get_device(device)
     model = get_model(MODEL)
@@ -119,9 +133,9 @@ def simulate_both(delay: str, *, requests: int, device: str, seed: int) -> tuple
     ``sim+ovh+rt`` is the diagnostic variant with the runtime's worker semantics
     (:func:`runtime_semantics_device`).
     """
-    from ..models import get_model
-    from ..sim import simulate
-    from .fig5b import simulate_systems
+    from mpicdc.core.models import get_model
+    from mpicdc.experiments.fig5b import simulate_systems
+    from mpicdc.sim import simulate
 
     out = {}
     plain = simulate_systems(SYSTEMS, requests=requests, delay=delay, device=device, seed=seed)
@@ -219,8 +233,8 @@ def plot(path, rows: list, title: str) -> None:
 
 def measure_overhead(args, delay_root: Path) -> int:
     """Fault-free emulated runs: print the per-reply and per-request overheads (the constants above)."""
-    from ..devices import get_device
-    from ..models import get_model
+    from mpicdc.core.models import get_model
+    from mpicdc.sim.devices import get_device
 
     model = get_model(MODEL)
     dev = get_device(args.device)
@@ -228,7 +242,7 @@ def measure_overhead(args, delay_root: Path) -> int:
     in_bytes = {l.name: 4 * math.prod(shapes[l.inputs[0]]) for l in model.layers if l.is_linear}
     jobs = run_emulation(SYSTEMS, requests=args.requests or 20, delay="none", device=args.device, seed=args.seed,
                          root=delay_root, hostfile=args.hostfile)
-    from ..sim import simulate
+    from mpicdc.sim import simulate
     rows = []
     for s in SYSTEMS:
         res = jobs[s.label]

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import wire
-from .kernels import check_input, linear_forward, nonlinear
-from .mpienv import failed_ranks
+from mpicdc.core.kernels import check_input, linear_forward, nonlinear
+from mpicdc.runtime import wire
+from mpicdc.runtime.mpienv import failed_ranks
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Discrete-event simulator of the coded inference protocol, vectorised over requests.
 
-It runs the same :class:`~mpicdc.plan.Plan`, codes and delay models as the MPI
+It runs the same :class:`~mpicdc.core.plan.Plan`, codes and delay models as the MPI
 runtime, but with time computed instead of spent, so it scales to thousands of
 devices and requests.  For every request, layer by layer in graph order:
 
@@ -60,9 +60,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .devices import DEFAULT_DEVICE, DeviceModel, device_names, get_device
-from .faults import DELAY_HELP, INJECT_HELP, Injections, parse_delay, parse_injections
-from .models import Model, get_model
+from mpicdc.core.faults import (
+    DELAY_HELP,
+    INJECT_HELP,
+    Injections,
+    parse_delay,
+    parse_injections,
+)
+from mpicdc.core.models import Model, get_model
+from mpicdc.sim.devices import DEFAULT_DEVICE, DeviceModel, device_names, get_device
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +265,7 @@ def _cheap_tolerance(code, limit: int = 20000) -> int | None:
 
 
 def decode_structure(code, *, verify: int = 200, seed: int = 0) -> Decodability:
-    """Find the closed-form decodability rule of ``code`` (a :mod:`mpicdc.codes` code object).
+    """Find the closed-form decodability rule of ``code`` (a :mod:`mpicdc.core.codes` code object).
 
     Uncoded (``r = 0``) needs every data block; sum and MDS codes (or any code that
     tolerates any ``r`` losses) need any ``n`` of ``n + r`` blocks; a code whose parity
@@ -524,15 +530,15 @@ def simulate(model, plan, *, requests: int, device="rpi3", delay=None, failures=
 
     Parameters
     ----------
-    model : :class:`~mpicdc.models.Model` or zoo name; must be the plan's model.
-    plan : :class:`~mpicdc.plan.Plan` (``make_plan``); its codes give decodability.
+    model : :class:`~mpicdc.core.models.Model` or zoo name; must be the plan's model.
+    plan : :class:`~mpicdc.core.plan.Plan` (``make_plan``); its codes give decodability.
     requests : number of requests.
-    device : worker :class:`~mpicdc.devices.DeviceModel` or registry name; its link
+    device : worker :class:`~mpicdc.sim.devices.DeviceModel` or registry name; its link
         is the network between master and workers.
-    delay : default straggler :class:`~mpicdc.faults.DelayModel` or spec (None: no delay).
+    delay : default straggler :class:`~mpicdc.core.faults.DelayModel` or spec (None: no delay).
     failures : worker ranks dead from the start (the master knows and skips them).
     fail_prob : probability that a worker is unavailable for a whole request, i.i.d.
-    injections : :class:`~mpicdc.faults.Injections` or list of ``--inject`` specs
+    injections : :class:`~mpicdc.core.faults.Injections` or list of ``--inject`` specs
         (per-rank delays; crash/hang/exit at a request and layer).
     slowdown : ``{rank: factor}`` or one factor per rank multiplying compute time.
     master_device : the master's device (default: ``device``).
@@ -698,7 +704,7 @@ what it does:
   the straggler model, and the master decodes from the first decodable set of replies.
   Prints latency statistics over successful requests and the success rate.
 
-codes: none | replication | sum | groups:G | mds   (as in mpicdc.plan)
+codes: none | replication | sum | groups:G | mds   (as in mpicdc.core.plan)
 devices: {', '.join(device_names())}
 
 {DELAY_HELP}
@@ -744,7 +750,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Command-line entry point; returns the exit status."""
     args = _parser().parse_args(argv)
-    from .plan import make_plan
+    from mpicdc.core.plan import make_plan
     try:
         model = get_model(args.model)
         plan = make_plan(model, args.workers, args.parity, args.code)

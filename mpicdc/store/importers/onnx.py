@@ -18,7 +18,14 @@ from typing import Optional
 
 import numpy as np
 
-from .common import (DTYPE, GraphState, ModelImportError, UnsupportedOpError, Value, identity_perm)
+from mpicdc.store.importers.common import (
+    DTYPE,
+    GraphState,
+    ModelImportError,
+    UnsupportedOpError,
+    Value,
+    identity_perm,
+)
 
 log = logging.getLogger(__name__)
 

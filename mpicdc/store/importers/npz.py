@@ -19,8 +19,14 @@ import zipfile
 
 import numpy as np
 
-from ..models import Model
-from .common import ModelImportError, WeightMismatchError, as_float32, check_weights, resolve_model
+from mpicdc.core.models import Model
+from mpicdc.store.importers.common import (
+    ModelImportError,
+    WeightMismatchError,
+    as_float32,
+    check_weights,
+    resolve_model,
+)
 
 MODEL_KEY = "__model__"
 

@@ -41,7 +41,7 @@ delay model specs (seconds; every sample is >= 0):
                            or a CSV file with a column named delay_s ('#' lines are comments)
   mix:W1*SPEC1+W2*SPEC2..  mixture: SPECi with probability Wi/sum(W)
   wifi:C                   the paper's Raspberry Pi 3 WiFi arrival times, calibrated for a
-                           compute time of C seconds (see mpicdc.devices.paper_wifi_delay)
+                           compute time of C seconds (see paper_wifi_delay below)
 examples: const:0.005  shexp:0.01,0.02  pareto:0.005,1.5  mix:0.9*none+0.1*const:0.5  wifi:0.05"""
 
 INJECTION_KINDS = ("delay", "crash", "hang", "exit")
@@ -347,7 +347,6 @@ def parse_delay(spec) -> DelayModel:
             return EmpiricalDelay.from_file(arg)
         if kind == "wifi":
             (compute,) = _floats(spec, arg, 1, "C")
-            from .devices import paper_wifi_delay  # lazy: devices imports this module
             return paper_wifi_delay(compute)
         if kind == "mix":
             weights, models = [], []
@@ -566,3 +565,44 @@ def parse_injections(specs: Sequence[str] | None) -> Injections:
     if isinstance(specs, str):
         specs = [specs]
     return Injections(parse_injection(s) for s in (specs or ()))
+
+
+# ---------------------------------------------------------------- the paper's WiFi straggler model
+
+#: Compute time of the paper's 2048 fully connected layer on one Pi 3 (s).
+PAPER_FC_COMPUTE_S = 0.050
+#: Fraction of replies arrived by k times the compute time, read from the paper's Fig. 1.
+PAPER_ARRIVALS = {2: 0.34, 3: 0.42}
+
+
+def wifi_calibration(compute_time: float = PAPER_FC_COMPUTE_S,
+                     arrivals: dict | None = None) -> tuple:
+    """``(p_on_time, mean_exp)`` of the WiFi straggler model (derivation in :mod:`mpicdc.sim.devices`).
+
+    Parameters
+    ----------
+    compute_time : the compute time c of the layer, seconds.
+    arrivals : ``{2: F2, 3: F3}``, fractions of replies arrived by 2c and 3c
+        (default: the paper's 0.34 and 0.42).
+    """
+    arrivals = PAPER_ARRIVALS if arrivals is None else arrivals
+    if not compute_time > 0:
+        raise ValueError(f"compute_time must be > 0, got {compute_time}")
+    s1, s2 = 1.0 - arrivals[2], 1.0 - arrivals[3]
+    if not 0 < s2 < s1 <= 1 or s1 * s1 / s2 > 1:
+        raise ValueError(f"arrival fractions {arrivals} cannot be fitted: need F2 < F3 and "
+                         "(1-F2)^2 <= 1-F3")
+    mean = compute_time / math.log(s1 / s2)
+    return 1.0 - s1 * s1 / s2, mean
+
+
+def paper_wifi_delay(compute_time: float = PAPER_FC_COMPUTE_S) -> MixtureDelay:
+    """Straggler delay reproducing the paper's Fig. 1 WiFi arrival fractions for compute time c.
+
+    With probability ``w = 0.249`` the reply is not delayed; otherwise the delay is
+    exponential with mean ``7.74 c``.  ``P(c + D <= 2c) = 0.34`` and
+    ``P(c + D <= 3c) = 0.42`` hold exactly.  Its spec is ``wifi:C``.
+    """
+    w, mean = wifi_calibration(compute_time)
+    return MixtureDelay((w, 1.0 - w), (ConstDelay(0.0), ShiftedExpDelay(0.0, mean)),
+                        label=f"wifi:{compute_time!r}")

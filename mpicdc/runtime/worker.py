@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import wire
-from .kernels import Workspace, lower_gemm
+from mpicdc.core.kernels import Workspace, lower_gemm
+from mpicdc.runtime import wire
 
 log = logging.getLogger(__name__)
 

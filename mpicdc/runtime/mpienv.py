@@ -26,7 +26,7 @@ DETECTOR_DEFAULTS = {
     "OMPI_MCA_mpi_ft_detector_timeout": "2",
 }
 
-# The flags that make a launch fault tolerant; ``mpicdc.launch`` adds them for you.
+# The flags that make a launch fault tolerant; ``mpicdc.runtime.launch`` adds them for you.
 FT_FLAGS = ["--with-ft", "ulfm"]
 
 

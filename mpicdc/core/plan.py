@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from .models import Model
+from mpicdc.core.models import Model
 
 CODE_KINDS = ("none", "replication", "sum", "groups", "mds")
 
@@ -67,7 +67,7 @@ class LayerPlan:
 
     @cached_property
     def code_obj(self):
-        from .codes import make_code
+        from mpicdc.core.codes import make_code
         return make_code(self.code, self.n, self.r)
 
     def block_of(self, rank: int) -> int | None:
@@ -120,7 +120,7 @@ class Plan:
 
 
 def _row_ranges(m: int, n: int, speeds=None) -> tuple:
-    from .codes import split_rows
+    from mpicdc.core.codes import split_rows
     return tuple((s.start, s.stop) for s in split_rows(m, n, speeds))
 
 
@@ -174,7 +174,7 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
 
 def _rank_ranges(ranks) -> str:
     """``[1, 2, 3, 5]`` -> ``"1-3,5"`` (``"-"`` for none)."""
-    from .codes import format_ranges
+    from mpicdc.core.codes import format_ranges
     return format_ranges(sorted(ranks)) or "-"
 
 

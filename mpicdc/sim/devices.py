@@ -91,17 +91,16 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .faults import ConstDelay, MixtureDelay, ShiftedExpDelay
+from mpicdc.core.faults import (  # noqa: F401 (re-exported)
+    PAPER_ARRIVALS,
+    PAPER_FC_COMPUTE_S,
+    paper_wifi_delay,
+    wifi_calibration,
+)
 
 __all__ = ["DeviceModel", "DEVICES", "DEFAULT_DEVICE", "get_device", "device_names",
            "paper_wifi_delay", "wifi_calibration", "measure_local",
            "PAPER_FC_COMPUTE_S", "PAPER_ARRIVALS"]
-
-#: Compute time of the paper's 2048 fully connected layer on one Pi 3 (s).
-PAPER_FC_COMPUTE_S = 0.050
-#: Fraction of replies arrived by k times the compute time, read from the paper's Fig. 1.
-PAPER_ARRIVALS = {2: 0.34, 3: 0.42}
-
 
 @dataclass(frozen=True)
 class DeviceModel:
@@ -200,39 +199,6 @@ def get_device(device: "str | DeviceModel" = DEFAULT_DEVICE) -> DeviceModel:
         return DEVICES[device]
     except KeyError:
         raise ValueError(f"unknown device {device!r}; known devices: {', '.join(device_names())}") from None
-
-
-def wifi_calibration(compute_time: float = PAPER_FC_COMPUTE_S,
-                     arrivals: dict | None = None) -> tuple:
-    """``(p_on_time, mean_exp)`` of the WiFi straggler model (derivation in the module docstring).
-
-    Parameters
-    ----------
-    compute_time : the compute time c of the layer, seconds.
-    arrivals : ``{2: F2, 3: F3}``, fractions of replies arrived by 2c and 3c
-        (default: the paper's 0.34 and 0.42).
-    """
-    arrivals = PAPER_ARRIVALS if arrivals is None else arrivals
-    if not compute_time > 0:
-        raise ValueError(f"compute_time must be > 0, got {compute_time}")
-    s1, s2 = 1.0 - arrivals[2], 1.0 - arrivals[3]
-    if not 0 < s2 < s1 <= 1 or s1 * s1 / s2 > 1:
-        raise ValueError(f"arrival fractions {arrivals} cannot be fitted: need F2 < F3 and "
-                         "(1-F2)^2 <= 1-F3")
-    mean = compute_time / math.log(s1 / s2)
-    return 1.0 - s1 * s1 / s2, mean
-
-
-def paper_wifi_delay(compute_time: float = PAPER_FC_COMPUTE_S) -> MixtureDelay:
-    """Straggler delay reproducing the paper's Fig. 1 WiFi arrival fractions for compute time c.
-
-    With probability ``w = 0.249`` the reply is not delayed; otherwise the delay is
-    exponential with mean ``7.74 c``.  ``P(c + D <= 2c) = 0.34`` and
-    ``P(c + D <= 3c) = 0.42`` hold exactly.  Its spec is ``wifi:C``.
-    """
-    w, mean = wifi_calibration(compute_time)
-    return MixtureDelay((w, 1.0 - w), (ConstDelay(0.0), ShiftedExpDelay(0.0, mean)),
-                        label=f"wifi:{compute_time!r}")
 
 
 def measure_local(seconds: float = 0.2, size: int = 512) -> DeviceModel:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels import init_weights
-from .master import Coordinator
-from .models import get_model
-from .mpienv import import_mpi, start_progress_thread, ulfm_enabled
-from .plan import make_plan, parity_count
-from .worker import WorkerState, start_watchdog, worker_loop
+from mpicdc.core.kernels import init_weights
+from mpicdc.core.models import get_model
+from mpicdc.core.plan import make_plan, parity_count
+from mpicdc.runtime.master import Coordinator
+from mpicdc.runtime.mpienv import import_mpi, start_progress_thread, ulfm_enabled
+from mpicdc.runtime.worker import WorkerState, start_watchdog, worker_loop
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ class RunConfig:
     code, parity : the code used when preparing a missing default directory.
     prepare_missing : prepare random-weight shards on rank 0 when the default directory is absent
         (only sensible where all ranks share a file system, as on one machine).
-    injections : fault-injection specs (see :mod:`mpicdc.faults`).
-    device : name of a device model to emulate on workers (see :mod:`mpicdc.devices`).
+    injections : fault-injection specs (see :mod:`mpicdc.core.faults`).
+    device : name of a device model to emulate on workers (see :mod:`mpicdc.sim.devices`).
     layer_timeout_s : a layer with no decodable set of replies after this long fails its request.
     seed : seed for random weights and injected delays.
     """
@@ -114,7 +114,7 @@ def _bcast_text(MPI, world, text: str) -> str:
 
 def resolve_weights(config: RunConfig, world_size: int) -> Path:
     """Rank 0: the shard directory for this job, prepared with random weights if missing and allowed."""
-    from . import store
+    from mpicdc import store
 
     if config.weights:
         return Path(config.weights)
@@ -137,7 +137,7 @@ def resolve_weights(config: RunConfig, world_size: int) -> Path:
 
 def reference_weights(manifest) -> dict:
     """Full ``{layer: (W, b)}`` for the serial reference: from the seed, or reassembled from data shards."""
-    from . import store
+    from mpicdc import store
 
     if manifest.source == "random" and manifest.seed is not None:
         return init_weights(manifest.model, manifest.seed)
@@ -163,7 +163,7 @@ def serve(config: RunConfig, *, comm=None):
     end and returns ``None`` (the caller then calls :func:`end_process`).
     Raises :class:`StartupError` on every rank when any rank cannot start.
     """
-    from . import store
+    from mpicdc import store
 
     MPI = import_mpi()
     world = MPI.COMM_WORLD if comm is None else comm
@@ -191,11 +191,11 @@ def serve(config: RunConfig, *, comm=None):
         store.check_world(manifest, size)
         blocks = store.load_rank(directory, rank, manifest)
         if config.injections:
-            from .faults import parse_injections
+            from mpicdc.core.faults import parse_injections
             injections = parse_injections(list(config.injections))
             injections.validate(size)
         if config.device:
-            from .devices import DEVICES
+            from mpicdc.sim.devices import DEVICES
             if config.device not in DEVICES:
                 raise ValueError(f"unknown device {config.device!r}; known: {', '.join(sorted(DEVICES))}")
             device = DEVICES[config.device]
@@ -252,7 +252,7 @@ def end_process(code: int, *, ulfm: bool, hung: bool = False) -> None:
         os._exit(code)
     from mpi4py import MPI
 
-    from .mpienv import stop_progress_threads
+    from mpicdc.runtime.mpienv import stop_progress_threads
     if hung:
         MPI.COMM_WORLD.Abort(code or 1)
     stop_progress_threads()

@@ -10,7 +10,7 @@ Local.  Three layouts:
   ``layer_names`` and the same per-layer groups, no architecture;
 * **Keras 3 weights** ``.weights.h5`` (``model.save_weights``): ``layers/<path>/vars/<i>``.
 
-Weights-only files are paired with an mpicdc architecture (see :func:`mpicdc.importers.common.bind_weights`).
+Weights-only files are paired with an mpicdc architecture (see :func:`mpicdc.store.importers.common.bind_weights`).
 Keras is channels-last by default: kernels ``(*kernel, cin, cout)`` become the GEMM layout
 ``(cout, cin * prod(kernel))``, the model input becomes channel-first, and a Flatten of a
 channels-last tensor is absorbed by permuting the next Dense layer's input columns.
@@ -25,9 +25,21 @@ from typing import Optional
 
 import numpy as np
 
-from .common import (DTYPE, GraphState, ModelImportError, SourceWeight, UnsupportedOpError, Value,
-                     WeightMismatchError, bind_weights, channels_last_perm, identity_perm, natural_key,
-                     rebind, resolve_model)
+from mpicdc.store.importers.common import (
+    DTYPE,
+    GraphState,
+    ModelImportError,
+    SourceWeight,
+    UnsupportedOpError,
+    Value,
+    WeightMismatchError,
+    bind_weights,
+    channels_last_perm,
+    identity_perm,
+    natural_key,
+    rebind,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..models import LINEAR_OPS, Layer, Model, get_model, infer_shape
+from mpicdc.core.models import LINEAR_OPS, Layer, Model, get_model, infer_shape
 
 log = logging.getLogger(__name__)
 

@@ -199,7 +199,7 @@ def coverage_curve(distribution, method: str, extra: int | None = None,
 
 def part_loads(distribution) -> list:
     """Per part: layers, devices, GFLOP and MB of float32 weights *per device* (from the zoo)."""
-    from .models import get_model
+    from mpicdc.core.models import get_model
     dist = _distribution(distribution)
     model = get_model(dist.model)
     flops, shapes = model.flops(), model.weight_shapes()
@@ -228,9 +228,9 @@ def _table(population: str) -> list:
 
 
 def main(argv=None) -> int:
-    """``python -m mpicdc.coverage [--json] [--population original|all] [--parts]``."""
+    """``python -m mpicdc.sim.coverage [--json] [--population original|all] [--parts]``."""
     p = argparse.ArgumentParser(
-        prog="python -m mpicdc.coverage", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m mpicdc.sim.coverage", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Coverage of one device failure against additional devices, 2MR vs CDC+2MR "
                     "(the paper's Fig. 3), for our reconstruction of its five distributions.",
         epilog="coverage = fraction of single-device failures survived, equal failure probability per\n"

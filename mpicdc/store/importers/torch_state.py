@@ -9,7 +9,7 @@ weight layers, in the state_dict's order (the order of ``module.state_dict()``, 
 in which the module's layers were defined); ``<prefix>.bias`` is the bias of the same layer
 (zeros when absent).  They go onto the architecture's linear layers by name when every linear
 layer name is a prefix in the file, otherwise in order per kind (see
-:func:`mpicdc.importers.common.bind_weights`).  torch's layouts are mpicdc's: a conv weight
+:func:`mpicdc.store.importers.common.bind_weights`).  torch's layouts are mpicdc's: a conv weight
 ``(out, in, *kernel)`` reshaped to ``(out, -1)``, a Linear weight ``(out, in)``, flatten in
 channel-first order.
 """
@@ -21,7 +21,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .common import ModelImportError, SourceWeight, UnsupportedOpError, bind_weights, resolve_model
+from mpicdc.store.importers.common import (
+    ModelImportError,
+    SourceWeight,
+    UnsupportedOpError,
+    bind_weights,
+    resolve_model,
+)
 
 #: wrapper keys of training checkpoints that hold the actual state_dict.
 _WRAPPERS = ("state_dict", "model_state_dict", "model")
@@ -106,7 +112,7 @@ def load_torch_state(path, model) -> tuple:
     """Import a PyTorch state_dict onto architecture ``model`` (zoo name or Model).  Local.
 
     Returns ``(Model, weights)``.  Errors name the file, the layer, the expected and found
-    shapes (:class:`~mpicdc.importers.common.WeightMismatchError`).
+    shapes (:class:`~mpicdc.store.importers.common.WeightMismatchError`).
     """
     source = os.fspath(path)
     target = resolve_model(model, source, "PyTorch state_dict")

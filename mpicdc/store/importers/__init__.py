@@ -2,7 +2,7 @@
 
 Local (no MPI); every function reads one file and returns ``(Model, weights)``
 where ``weights`` is ``{layer: (W, b)}`` in the GEMM layout of
-:meth:`mpicdc.models.Model.weight_shapes` (float32).  Importing this package
+:meth:`mpicdc.core.models.Model.weight_shapes` (float32).  Importing this package
 imports neither onnx, torch nor keras; each importer imports its optional
 dependency when called and says what to install when it is missing.
 
@@ -23,8 +23,14 @@ from __future__ import annotations
 
 import os
 
-from .common import (ModelImportError, UnsupportedOpError, WeightMismatchError, bind_weights,
-                     check_weights, rebind)
+from mpicdc.store.importers.common import (
+    ModelImportError,
+    UnsupportedOpError,
+    WeightMismatchError,
+    bind_weights,
+    check_weights,
+    rebind,
+)
 
 __all__ = ["load_source", "load_onnx", "load_keras_h5", "load_keras_weights", "load_torch_state",
            "load_npz", "save_npz", "check_weights", "bind_weights", "ModelImportError",
@@ -35,38 +41,38 @@ SUFFIXES = (".onnx", ".h5", ".hdf5", ".pt", ".pth", ".npz")
 
 
 def load_onnx(path, *, input_shape=None, name=None):
-    """Import an ONNX model; see :func:`mpicdc.importers.onnx.load_onnx`."""
-    from .onnx import load_onnx as _load
+    """Import an ONNX model; see :func:`mpicdc.store.importers.onnx.load_onnx`."""
+    from mpicdc.store.importers.onnx import load_onnx as _load
     return _load(path, input_shape=input_shape, name=name)
 
 
 def load_keras_h5(path, model=None, *, input_shape=None):
-    """Import a Keras HDF5 file; see :func:`mpicdc.importers.keras.load_keras_h5`."""
-    from .keras import load_keras_h5 as _load
+    """Import a Keras HDF5 file; see :func:`mpicdc.store.importers.keras.load_keras_h5`."""
+    from mpicdc.store.importers.keras import load_keras_h5 as _load
     return _load(path, model, input_shape=input_shape)
 
 
 def load_keras_weights(path, model):
-    """Import a Keras weights-only HDF5 file; see :func:`mpicdc.importers.keras.load_keras_weights`."""
-    from .keras import load_keras_weights as _load
+    """Import a Keras weights-only HDF5 file; see :func:`mpicdc.store.importers.keras.load_keras_weights`."""
+    from mpicdc.store.importers.keras import load_keras_weights as _load
     return _load(path, model)
 
 
 def load_torch_state(path, model):
-    """Import a PyTorch state_dict; see :func:`mpicdc.importers.torch_state.load_torch_state`."""
-    from .torch_state import load_torch_state as _load
+    """Import a PyTorch state_dict; see :func:`mpicdc.store.importers.torch_state.load_torch_state`."""
+    from mpicdc.store.importers.torch_state import load_torch_state as _load
     return _load(path, model)
 
 
 def load_npz(path, model=None):
-    """Import an npz of ``<layer>.weight`` / ``<layer>.bias`` arrays; see :mod:`mpicdc.importers.npz`."""
-    from .npz import load_npz as _load
+    """Import an npz of ``<layer>.weight`` / ``<layer>.bias`` arrays; see :mod:`mpicdc.store.importers.npz`."""
+    from mpicdc.store.importers.npz import load_npz as _load
     return _load(path, model)
 
 
 def save_npz(path, model, weights, *, embed_model=True):
     """Write weights in the npz convention read by :func:`load_npz`."""
-    from .npz import save_npz as _save
+    from mpicdc.store.importers.npz import save_npz as _save
     return _save(path, model, weights, embed_model=embed_model)
 
 
@@ -77,7 +83,7 @@ def load_source(path, model_name=None):
     ----------
     path : ``.onnx``, Keras ``.h5`` (full model, Keras 2 weights, or Keras 3 ``.weights.h5``),
         PyTorch ``.pt``/``.pth`` state_dict, or ``.npz``.
-    model_name : a zoo model name or a :class:`mpicdc.models.Model`.  Required for weights-only
+    model_name : a zoo model name or a :class:`mpicdc.core.models.Model`.  Required for weights-only
         files (Keras weights, state_dicts, npz without an embedded graph).  For files that carry
         their own graph (ONNX, Keras full model) it is optional; when given, the imported graph
         must have the same ops and weight shapes as this architecture, and the result uses its
@@ -102,7 +108,7 @@ def load_source(path, model_name=None):
         model, weights = load_onnx(source)
         return rebind(model, weights, model_name, source) if model_name is not None else (model, weights)
     if lower.endswith((".h5", ".hdf5")):
-        from .keras import load_keras_h5 as _load
+        from mpicdc.store.importers.keras import load_keras_h5 as _load
         return _load(source, model_name)
     if lower.endswith((".pt", ".pth")):
         return load_torch_state(source, model_name)

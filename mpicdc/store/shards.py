@@ -38,10 +38,10 @@ from urllib.parse import quote
 import h5py
 import numpy as np
 
-from .kernels import layer_weights
-from .models import Model, get_model
-from .plan import Plan, make_plan, rank_role
-from .progress import Progress
+from mpicdc.core.kernels import layer_weights
+from mpicdc.core.models import Model, get_model
+from mpicdc.core.plan import Plan, make_plan, rank_role
+from mpicdc.progress import Progress
 
 __all__ = ["ShardError", "Manifest", "FORMAT_VERSION", "MANIFEST_NAME", "default_dir", "shard_name",
            "open_manifest", "check_world", "load_rank", "prepare", "verify", "prepare_command"]
@@ -381,9 +381,9 @@ def _resolve_source(model: Model, source, seed, source_label, consume):
             raise FileNotFoundError(f"weight source {str(source)!r} is not a file (use --source random or a "
                                     "weight file: ONNX, Keras HDF5, PyTorch or npz)")
         try:
-            from .importers import load_source
+            from mpicdc.store.importers import load_source
         except ImportError as exc:
-            raise ValueError(f"cannot read {source}: mpicdc.importers is not available ({exc})") from None
+            raise ValueError(f"cannot read {source}: mpicdc.store.importers is not available ({exc})") from None
         imported, weights = load_source(str(path), model_name=model.name)
         if imported.weight_shapes() != shapes:
             raise ValueError(f"{source} holds a graph whose linear layers {imported.weight_shapes()} differ "
@@ -413,11 +413,11 @@ def prepare(model: Model, plan: Plan, out_dir, source="random", seed: int | None
 
     Parameters
     ----------
-    model, plan : the model graph and a plan for it (:func:`mpicdc.plan.make_plan`).
+    model, plan : the model graph and a plan for it (:func:`mpicdc.core.plan.make_plan`).
     out_dir : the exact folder to write (see :func:`default_dir`).
-    source : ``"random"`` (:func:`mpicdc.kernels.layer_weights` with ``seed``: a prepared random
-        model reproduces :func:`mpicdc.kernels.init_weights` exactly), a weight file for
-        :func:`mpicdc.importers.load_source`, or a mapping ``{layer: (W, b)}``.
+    source : ``"random"`` (:func:`mpicdc.core.kernels.layer_weights` with ``seed``: a prepared random
+        model reproduces :func:`mpicdc.core.kernels.init_weights` exactly), a weight file for
+        :func:`mpicdc.store.importers.load_source`, or a mapping ``{layer: (W, b)}``.
     seed : seed of random weights (ignored for other sources).
     progress : draw a progress bar on stderr (``None``: only when stderr is a terminal).
     source_label : description of a mapping source for the manifest.
@@ -507,7 +507,7 @@ def _write_layer(files: dict, blocks: list, lp, W: np.ndarray, b: np.ndarray, ba
 
 
 def _write_manifest(path, model, plan, source, seed, checksums, sizes, preparation, command, created):
-    from . import __version__
+    from mpicdc import __version__
     with h5py.File(path, "w", libver=LIBVER) as f:
         _set_attrs(f, {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION, "model": model.name,
                        "plan_tag": plan.tag, "world_size": plan.world_size, "workers": plan.workers,

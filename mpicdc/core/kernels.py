@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .models import Layer, Model
+from mpicdc.core.models import Layer, Model
 
 DTYPE = np.float32
 

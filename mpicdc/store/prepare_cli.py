@@ -1,0 +1,268 @@
+"""``python -m mpicdc.prepare``: cut a model's weights into one HDF5 shard file per MPI rank.
+
+See ``python -m mpicdc.prepare --help`` and ``docs/weights.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+PROG = "python -m mpicdc.prepare"
+
+DESCRIPTION = """\
+Cut a model's weights into one HDF5 file per MPI rank, with parity blocks computed offline.
+
+Rank 0 is the master, ranks 1..N the data workers, N+1..N+R the parity workers, so the shards
+run on a world of 1+N+R ranks (mpiexec -np 1+N+R). Every conv and fc layer is split by output
+rows over the data workers; parity workers hold encoded blocks (e.g. the sum of all data blocks)
+so the master can rebuild the reply of a worker that is slow or dead. Output: manifest.h5 and
+rank-NNN.h5 (one per rank) in OUT/<model>-<plan tag>/ (default weights/), or exactly in --dir.
+Each device needs manifest.h5 and its own rank file only."""
+
+EPILOG = """\
+codes (--code):
+  none             no parity: every data worker is needed (R = 0)
+  sum              one parity worker holding W_1 + ... + W_N: any 1 loss (R = 1, the paper)
+  groups:G         G parity workers, one sum per group of data workers: 1 loss per group (R = G)
+  replication      R parity workers copying the first R data blocks (ranks 1..R; 2MR when R = N);
+                   needs --parity R
+  mds              any R losses, well-conditioned real MDS code; needs --parity R
+  also: replication:i,j (copy those blocks), groups:0-2/3-5 (explicit groups), mds-NAME
+  (another MDS construction); see mpicdc.core.codes
+
+examples:
+  # VGG16 over 10 data workers plus one sum-parity worker: 12 ranks
+  %(prog)s vgg16 --workers 10 --code sum
+  # survive any 2 lost workers out of 12
+  %(prog)s vgg16 --workers 10 --parity 2 --code mds
+  # look at the plan first (nothing is written)
+  %(prog)s alexnet --workers 4 --code groups:2 --dry-run
+  # keep fc8 on the master, run fc6 on ranks 1-3 only, rank 4 twice as fast as the others
+  %(prog)s alexnet --workers 4 --code sum --keep-on-master fc8 \\
+      --layer-workers fc6=1-3 --speeds 1,1,1,2
+  # trained weights from a file instead of seeded random ones
+  %(prog)s lenet --workers 3 --code sum --source lenet.onnx --dir /srv/lenet-shards
+  # what is in a prepared folder, and is every file intact?
+  %(prog)s --show weights/vgg16-w10-p1-sum
+  %(prog)s --verify weights/vgg16-w10-p1-sum
+  # on the device of rank 3, which holds manifest.h5 and rank-003.h5 only
+  %(prog)s --verify weights/vgg16-w10-p1-sum --rank 3
+
+exit status: 0 success, 1 data error (damaged or missing files, unreadable source),
+2 usage error (bad option, unknown model, impossible plan)."""
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported without a traceback, exit status 2."""
+
+
+def _comma_list(text: str) -> list:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _rank_list(text: str, what: str) -> list:
+    """``"1,2,5-7"`` -> ``[1, 2, 5, 6, 7]``."""
+    ranks = []
+    for part in _comma_list(text):
+        lo, sep, hi = part.partition("-")
+        try:
+            ranks += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
+        except ValueError:
+            raise UsageError(f"{what}: {part!r} is not a rank or a range like 2-5") from None
+    if not ranks:
+        raise UsageError(f"{what}: no ranks given")
+    return ranks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="zoo model (tiny, lenet, actionrec, alexnet, vgg16, c3d) or, with --source FILE, "
+                        "the name the importer should use")
+    g = p.add_argument_group("plan")
+    g.add_argument("-n", "--workers", type=int, metavar="N", help="data workers (ranks 1..N)")
+    g.add_argument("-r", "--parity", type=int, metavar="R",
+                   help="parity workers (ranks N+1..N+R); implied by --code none/sum/groups:G")
+    g.add_argument("--code", default="none", metavar="SPEC",
+                   help="none, sum, groups:G, replication or mds (default: none); see 'codes' below")
+    g.add_argument("--keep-on-master", action="append", default=[], metavar="LAYER[,LAYER]",
+                   help="linear layers the master computes itself (repeatable)")
+    g.add_argument("--layer-workers", action="append", default=[], metavar="LAYER=RANKS",
+                   help="run LAYER on these data ranks only, e.g. fc6=1,2,3 or fc6=1-3 (repeatable); "
+                        "parity workers serve every layer")
+    g.add_argument("--speeds", metavar="S1,S2,...",
+                   help="relative speed of each data worker: row blocks proportional to it")
+    g.add_argument("--min-rows", type=int, default=1, metavar="K",
+                   help="layers with fewer than K output rows per worker stay on the master (default 1)")
+    s = p.add_argument_group("weights and output")
+    s.add_argument("--source", default="random", metavar="random|FILE",
+                   help="'random' (seeded He init, default) or a weight file (ONNX, Keras HDF5, PyTorch, npz)")
+    s.add_argument("--seed", type=int, default=0, metavar="S", help="seed of random weights (default 0)")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--out", default="weights", metavar="ROOT",
+                     help="write into ROOT/<model>-<plan tag>/ (default: weights)")
+    out.add_argument("--dir", metavar="DIR", help="write into exactly this folder instead")
+    s.add_argument("--dry-run", action="store_true", help="print the plan table and the folder; write nothing")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    m = p.add_argument_group("inspect a prepared folder (instead of MODEL)")
+    m.add_argument("--show", metavar="DIR", help="print the plan as a table with per-rank totals and files")
+    m.add_argument("--verify", metavar="DIR", help="check every file; print OK or the problems (exit 1)")
+    m.add_argument("--rank", action="append", type=int, metavar="K",
+                   help="with --verify: check only rank K's shard (and the manifest), e.g. on the device "
+                        "that holds just that file (repeatable)")
+    return p
+
+
+def _make_plan(args, model):
+    from mpicdc.core.plan import make_plan, parity_count
+
+    if args.workers is None:
+        raise UsageError("--workers N is required (the number of data workers, ranks 1..N)")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if args.parity is not None and args.parity < 0:
+        raise UsageError(f"--parity must be 0 or more, got {args.parity}")
+    if args.min_rows < 1:
+        raise UsageError(f"--min-rows must be at least 1, got {args.min_rows}")
+    try:
+        parity_count(args.code, args.parity)
+    except ValueError as exc:
+        raise UsageError(f"bad --code {args.code!r}: {exc}; valid codes: none, sum, groups:G, replication, mds "
+                         "(see --help)") from None
+    keep = [name for item in args.keep_on_master for name in _comma_list(item)]
+    layer_workers = {}
+    for item in args.layer_workers:
+        name, sep, ranks = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--layer-workers {item!r}: expected LAYER=RANKS, e.g. fc6=1,2,3")
+        layer_workers[name.strip()] = _rank_list(ranks, f"--layer-workers {item}")
+    speeds = None
+    if args.speeds:
+        try:
+            speeds = [float(x) for x in _comma_list(args.speeds)]
+        except ValueError:
+            raise UsageError(f"--speeds {args.speeds!r}: expected numbers separated by commas, e.g. 1,1,2") from None
+        if any(not x > 0 for x in speeds):
+            raise UsageError(f"--speeds {args.speeds!r}: every speed must be positive")
+    try:
+        return make_plan(model, args.workers, args.parity, args.code, keep_on_master=keep,
+                         layer_workers=layer_workers or None, speeds=speeds, min_rows_per_worker=args.min_rows)
+    except ImportError as exc:
+        raise UsageError(f"cannot build codes: {exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"impossible plan ({model.name}, --workers {args.workers}, --code {args.code}): {exc}") from None
+
+
+def _load_model(args):
+    """``(model, weights or None)``: a zoo model, or the graph and weights of ``--source FILE``."""
+    from mpicdc.core.models import UnknownModelError, get_model
+
+    if args.source == "random":
+        if not args.model:
+            raise UsageError("MODEL is required (or --show DIR / --verify DIR); see --help")
+        try:
+            return get_model(args.model), None
+        except UnknownModelError as exc:
+            raise UsageError(str(exc)) from None
+    if not Path(args.source).is_file():
+        raise UsageError(f"--source {args.source!r}: no such file (use 'random' or a weight file)")
+    try:
+        from mpicdc.store.importers import load_source
+    except ImportError as exc:
+        raise UsageError(f"--source FILE needs mpicdc.store.importers, which cannot be imported here ({exc}); "
+                         "use --source random") from None
+    return load_source(args.source, model_name=args.model)
+
+
+def _show(directory) -> str:
+    from mpicdc.core.plan import format_plan_table
+    from mpicdc.store import open_manifest
+
+    m = open_manifest(directory)
+    seed = "" if m.seed is None else f", seed {m.seed}"
+    lines = [f"{m.directory}: {m.model.name}, prepared {m.created or '?'} (format {m.format_version}), "
+             f"source {m.source}{seed}"]
+    if m.command:
+        lines.append(f"command: {m.command}")
+    files = {rank: f"{m.files[rank]:<12}  {m.sizes.get(rank, 0):>11,}  {m.checksums[rank][:16]}"
+             for rank in range(m.world_size)}
+    lines += ["", format_plan_table(m.plan, m.model, files, f"{'file':<12}  {'bytes':>11}  sha256 (first 16)"), "",
+              f"total {m.total_bytes() / 1e6:.2f} MB in {m.world_size} shard files; run with mpiexec -np {m.world_size}"]
+    return "\n".join(lines)
+
+
+def _run(args, argv) -> int:
+    from mpicdc.store import default_dir, open_manifest, prepare, verify
+
+    if args.rank and not args.verify:
+        raise UsageError("--rank K goes with --verify DIR")
+    if args.show or args.verify:
+        if args.model:
+            raise UsageError("--show and --verify take a folder and no MODEL")
+        if args.show:
+            print(_show(args.show))
+            return 0
+        problems = verify(args.verify, args.rank)
+        if problems:
+            for problem in problems:
+                print(f"problem: {problem}")
+            print(f"FAILED: {len(problems)} problem(s) in {args.verify}")
+            return 1
+        m = open_manifest(args.verify)
+        what = _summary(m) if not args.rank else "manifest.h5 + " + ", ".join(m.files[r] for r in args.rank)
+        print(f"OK: {args.verify}: {what} verified")
+        return 0
+    model, weights = _load_model(args)
+    plan = _make_plan(args, model)
+    out = Path(args.dir) if args.dir else default_dir(model.name, plan, args.out)
+    if args.dry_run:
+        from mpicdc.core.plan import format_plan_table
+        print(format_plan_table(plan, model))
+        print(f"\nwould write {out}/ (manifest.h5, rank-000.h5 .. rank-{plan.world_size - 1:03d}.h5); nothing written")
+        return 0
+    start = time.perf_counter()
+    command = " ".join([PROG] + [shlex.quote(a) for a in argv])
+    if weights is None:
+        manifest = prepare(model, plan, out, "random", args.seed, progress=None if not args.quiet else False,
+                           command=command)
+    else:
+        manifest = prepare(model, plan, out, weights, None, progress=None if not args.quiet else False,
+                           source_label=args.source, consume=True, command=command)
+    if not args.quiet:
+        print(f"wrote {out}/: {_summary(manifest)} in {time.perf_counter() - start:.1f} s")
+        print(f"run it on {plan.world_size} ranks (mpiexec -np {plan.world_size}); each device needs manifest.h5 "
+              f"and the rank-NNN.h5 of its rank (docs/weights.md)")
+    return 0
+
+
+def _summary(m) -> str:
+    return (f"manifest.h5 + {m.world_size} shard files ({m.total_bytes() / 1e6:.1f} MB, "
+            f"{m.model.name}, plan {m.plan.tag}, source {m.source})")
+
+
+def main(argv=None) -> int:
+    """Entry point of ``python -m mpicdc.prepare``; returns the exit status (0, 1 data error, 2 usage)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)   # exits 2 on syntax errors
+    from mpicdc.store import ShardError
+    try:
+        return _run(args, argv)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ShardError, OSError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was replaced", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
