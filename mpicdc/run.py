@@ -9,10 +9,13 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger("mpicdc.run")
 
 EPILOG = """\
 examples:
@@ -69,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to print (default 5)")
     p.add_argument("--layer-timeout", type=float, default=30.0, metavar="S",
                    help="seconds a layer may wait for a decodable set of replies (default 30)")
+    p.add_argument("--startup-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds any start-up step (MPI start, a rank loading its shard and reporting) may "
+                        "take before the job ends naming the ranks it waited for (default 60)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights, input and delays")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     p.add_argument("--help-inject", action="store_true", help="explain the --inject and delay grammar and exit")
@@ -76,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_input(model, path: str | None, seed: int) -> np.ndarray:
-    """The request input: a .npy array, an image resized to the model's input, or the default input."""
+    """The request input: a .npy array, an image resized to the model's input, or the default input.
+
+    Raises ``ValueError`` saying what is wrong with the file (missing, a folder, not a .npy or
+    image, wrong shape, non-finite values) before any large allocation.
+    """
     from mpicdc.core.kernels import check_input, default_input
 
     if path is None:
@@ -84,29 +94,84 @@ def load_input(model, path: str | None, seed: int) -> np.ndarray:
     file = Path(path)
     if not file.exists():
         raise ValueError(f"--input {path}: no such file")
+    if file.is_dir():
+        raise ValueError(f"--input {path}: is a folder; pass a .npy array or an image file")
     if file.suffix == ".npy":
-        return check_input(model, np.load(file, allow_pickle=False))
+        return check_input(model, _read_npy(file, model))
+    return check_input(model, _read_image(file, model))
+
+
+def _read_npy(file: Path, model) -> np.ndarray:
+    """A .npy array, its header checked against the model's input before the data is read."""
+    want = tuple(model.input_shape)
+    try:
+        with open(file, "rb") as f:
+            fmt = np.lib.format
+            version = fmt.read_magic(f)
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"--input {file}: not a readable .npy file ({exc})") from None
+    if tuple(shape) not in (want, (1,) + want):
+        raise ValueError(f"--input {file}: array of shape {tuple(shape)}, but model {model.name!r} takes "
+                         f"{want} (or {(1,) + want})")
+    if dtype.hasobject:
+        raise ValueError(f"--input {file}: holds Python objects, not numbers")
+    try:
+        return np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"--input {file}: cannot read the array ({exc})") from None
+
+
+def _read_image(file: Path, model) -> np.ndarray:
+    """An image file as the model's CHW input: RGB (or grey), scaled to [0, 1], resized bilinearly."""
     try:
         import matplotlib.image as mpimg
     except ImportError:
-        raise ValueError(f"--input {path}: reading images needs matplotlib (pip install 'mpicdc[plot]'); "
+        raise ValueError(f"--input {file}: reading images needs matplotlib (pip install 'mpicdc[plot]'); "
                          "or pass a .npy array") from None
-    img = np.asarray(mpimg.imread(file), dtype=np.float32)
+    want = model.input_shape
+    if len(want) != 3:
+        raise ValueError(f"--input {file}: model {model.name!r} takes a {want} clip, not an image; pass a .npy")
+    try:
+        img = np.asarray(mpimg.imread(file), dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
+        raise ValueError(f"--input {file}: not a readable image ({type(exc).__name__}: {exc}); "
+                         "pass a PNG/JPEG image or a .npy array") from None
+    if img.ndim not in (2, 3) or min(img.shape[:2]) < 1:
+        raise ValueError(f"--input {file}: an image of shape {img.shape} cannot be a model input")
     if img.max() > 1.0:
         img = img / 255.0
     img = img[..., :3] if img.ndim == 3 else img[..., None]
-    want = model.input_shape
-    if len(want) != 3:
-        raise ValueError(f"--input {path}: model {model.name!r} takes a {want} clip, not an image; pass a .npy")
     from scipy.ndimage import zoom
     chw = np.moveaxis(img, -1, 0)
     if chw.shape[0] != want[0]:
         chw = np.repeat(chw.mean(axis=0, keepdims=True), want[0], axis=0)
     factors = (1, want[1] / chw.shape[1], want[2] / chw.shape[2])
-    return check_input(model, zoom(chw, factors, order=1)[:, :want[1], :want[2]])
+    return zoom(chw, factors, order=1)[:, :want[1], :want[2]]
+
+
+def check_output_path(path: str) -> None:
+    """Fail before the first request if ``--output`` cannot be written (the results would be lost)."""
+    if not path.endswith((".json", ".h5", ".hdf5")):
+        raise ValueError(f"--output {path}: name a .json or .h5 file")
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--output {path}: is a folder; name a .json or .h5 file")
+    existed = out.exists()
+    try:
+        with open(out, "ab"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--output {path}: cannot write there ({exc.strerror or exc})") from None
+    if not existed:
+        out.unlink()
 
 
 def _rel_err(a, b) -> float:
+    """Max relative error of ``a`` against ``b``; infinite when ``a`` has a non-finite value."""
+    if not np.all(np.isfinite(a)):
+        return math.inf
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
 
 
@@ -182,6 +247,8 @@ def master_main(args, session) -> int:
 
     model = session.model
     x = load_input(model, args.input, args.seed)
+    if args.output:
+        check_output_path(args.output)
     print(f"mpicdc: {model.name} on {session.plan.world_size} ranks: {session.plan.workers} workers + "
           f"{session.plan.parity} parity ({session.plan.code}), {len(session.plan.layers)} distributed "
           f"layers; fault tolerance {'on (ULFM)' if session.ulfm else 'OFF'}", flush=True)
@@ -193,6 +260,9 @@ def master_main(args, session) -> int:
     results, checks, exit_code = [], {}, 0
     for _ in range(args.repeat):
         r = session.infer(x)
+        if r.ok and not np.all(np.isfinite(r.output)):  # never a silent wrong answer
+            r.error = f"request {r.request} produced {int(np.sum(~np.isfinite(r.output)))} non-finite output value(s)"
+            r.output = None
         results.append(r)
         if r.ok and reference is not None:
             checks[r.request] = _rel_err(r.output, reference)
@@ -235,8 +305,17 @@ def master_main(args, session) -> int:
                   f"{e['decoded']:>9d}")
     session.close()
     if args.output:
-        write_output(args.output, args, session, results, checks, summary)
-        print(f"results written to {args.output}")
+        try:
+            write_output(args.output, args, session, results, checks, summary)
+            print(f"results written to {args.output}")
+        except OSError as exc:  # keep the results: write them where we can
+            import tempfile
+            fd, rescue = tempfile.mkstemp(prefix="mpicdc-results-", suffix=".json")
+            os.close(fd)
+            write_output(rescue, args, session, results, checks, summary)
+            print(f"mpicdc: could not write {args.output} ({exc}); results written to {rescue} instead",
+                  file=sys.stderr, flush=True)
+            exit_code = exit_code or 1
     return exit_code
 
 
@@ -253,46 +332,101 @@ def main(argv=None) -> int:
         from mpicdc.core.faults import INJECT_HELP
         print(INJECT_HELP)
         return 0
-    args = parser.parse_args(argv)
+    from mpicdc.runtime.mpienv import launcher_rank
+
+    rank = launcher_rank() or 0
+    try:
+        args = parser.parse_args(argv)
+        _check_args(args)
+    except (UsageError, SystemExit) as exc:  # said once, by rank 0; every rank exits with the same code
+        code = exc.code if isinstance(exc, SystemExit) else 2
+        if isinstance(exc, UsageError) and rank == 0:
+            parser.print_usage(sys.stderr)
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
+        _write_exit_file(rank, code)
+        return code
+    _setup_logging(rank)
+    return _run_job(args, rank)
+
+
+class UsageError(ValueError):
+    """Bad command-line input: printed once with the usage, exit status 2."""
+
+
+def _check_args(args) -> None:
     from mpicdc.core.models import UnknownModelError, get_model
 
     try:
-        if not args.weights:  # with --weights the model graph comes from the manifest
-            get_model(args.model)
-        if args.repeat < 1 or args.top_k < 1 or not math.isfinite(args.layer_timeout) or args.layer_timeout <= 0:
-            raise ValueError("--repeat and --top-k must be >= 1 and --layer-timeout > 0")
+        model = None if args.weights else get_model(args.model)  # with --weights: the manifest's model
+        if args.repeat < 1 or args.top_k < 1:
+            raise ValueError("--repeat and --top-k must be >= 1")
+        for option, value in (("--layer-timeout", args.layer_timeout), ("--startup-timeout", args.startup_timeout)):
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{option} must be a positive number of seconds, got {value}")
         if args.inject:
             from mpicdc.core.faults import parse_injections
-            parse_injections(args.inject)
+            injections = parse_injections(args.inject)
+            if model is not None:
+                injections.check_layers([layer.name for layer in model.layers])
     except (UnknownModelError, ValueError) as exc:
-        parser.error(str(exc))
-    from mpicdc.runtime.mpienv import import_mpi
-    from mpicdc.runtime.session import RunConfig, StartupError, end_process, serve
+        raise UsageError(str(exc)) from None
 
-    MPI = import_mpi()
-    rank = MPI.COMM_WORLD.Get_rank()
-    _setup_logging(rank)
+
+def _write_exit_file(rank: int, code: int) -> None:
+    """Rank 0 tells the launcher its exit code (``mpirun`` itself returns 0 under ``mpicdc.launch``)."""
+    exit_file = os.environ.get("MPICDC_EXIT_FILE")
+    if exit_file and rank == 0:
+        try:
+            Path(exit_file).write_text(f"{code}\n")
+        except OSError:
+            pass
+
+
+def _run_job(args, rank: int) -> int:
+    """Start the job, play this rank's role, and end the process with the job's exit code."""
+    from mpicdc.runtime.mpienv import init_mpi, ulfm_enabled
+    from mpicdc.runtime.session import RunConfig, StartupError, end_process, serve
+    from mpicdc.runtime.worker import MasterLost
+
     config = RunConfig(args.model, weights=args.weights, code=args.code, parity=args.parity,
                        prepare_missing=not args.no_prepare, injections=tuple(args.inject),
-                       device=args.device, layer_timeout_s=args.layer_timeout, seed=args.seed)
-    from mpicdc.runtime.mpienv import ulfm_enabled
-    ulfm = ulfm_enabled(MPI)
+                       device=args.device, layer_timeout_s=args.layer_timeout,
+                       startup_timeout_s=args.startup_timeout, seed=args.seed)
+    MPI = init_mpi(config.startup_timeout_s)
+    world = MPI.COMM_WORLD
+    ulfm, hung = ulfm_enabled(MPI), False
     try:
-        session = serve(config)
+        session = serve(config, comm=world)
     except StartupError as exc:
         if rank == 0:
             print(f"mpicdc: cannot start: {exc}", file=sys.stderr, flush=True)
-        end_process(2, ulfm=ulfm)
+        end_process(2, world=world, ulfm=ulfm)
         return 2
-    if session is None:  # a worker whose loop ended; serve() already ended the process
-        return 0
-    try:
-        code = master_main(args, session)
-    except ValueError as exc:  # bad input found on the master: stop the workers, then report
-        session.close()
-        print(f"mpicdc: {exc}", file=sys.stderr, flush=True)
-        code = 2
-    end_process(code, ulfm=ulfm, hung=bool(session.unacknowledged))
+    except MasterLost as exc:
+        log.error("%s; exiting", exc)
+        end_process(1, world=world, ulfm=ulfm)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a worker's unexpected error: one line, then exit
+        log.error("rank %d stopped: %s: %s", rank, type(exc).__name__, exc)
+        end_process(1, world=world, ulfm=ulfm)
+        return 1
+    if session is None:  # a worker the master stopped
+        code = 0
+    else:
+        with session:
+            try:
+                code = master_main(args, session)
+            except ValueError as exc:  # bad input found on the master
+                print(f"mpicdc: {exc}", file=sys.stderr, flush=True)
+                code = 2
+            except KeyboardInterrupt:
+                print("mpicdc: interrupted; stopping the workers", file=sys.stderr, flush=True)
+                code = 130
+            except Exception as exc:  # noqa: BLE001 - anything else: stop the workers, say it once
+                print(f"mpicdc: the master failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                code = 1
+        hung = bool(session.unacknowledged)
+    end_process(code, world=world, ulfm=ulfm, hung=hung)
     return code
 
 

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,3 +96,81 @@ def run_job(np_ranks: int, args: list, tmp_path: Path, timeout: float = 120, out
     if output and out_file.exists():
         job.results = json.loads(out_file.read_text())
     return job
+
+
+def rank_pids(marker: str) -> dict:
+    """``{rank: pid}`` of the MPI ranks whose command line contains ``marker``."""
+    pids = {}
+    for pid in leftover_processes(marker):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"OMPI_COMM_WORLD_RANK="):
+                pids[int(item.split(b"=")[1])] = pid
+    return pids
+
+
+class LiveJob:
+    """``python -m mpicdc.launch -np N ARGS`` running in the background, its output read as it comes.
+
+    For faults done to a job from outside (signals to a rank or the launcher at a chosen moment).
+    A guard timer SIGKILLs the whole process group after ``timeout`` seconds, so nothing can hang;
+    :meth:`finish` then fails the test, as it does when anything of the job outlives it.
+    """
+
+    def __init__(self, np_ranks: int, args: list, tmp_path: Path, timeout: float = 180, launcher_args=()):
+        self.out = tmp_path / f"result-{time.monotonic_ns()}.json"
+        cmd = [sys.executable, "-m", "mpicdc.launch", *launcher_args, "-np", str(np_ranks), *args,
+               "--output", str(self.out)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+        self.start = time.monotonic()
+        self.proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.guard = threading.Timer(timeout, self._kill)
+        self.guard.start()
+        self.killed = False
+        self.lines: list = []
+
+    def _kill(self):
+        self.killed = True
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait_for(self, prefix: str) -> str:
+        """Read output lines until one starts with ``prefix``; returns it (fails if the job ends first)."""
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return line
+        pytest.fail(f"the job ended before printing {prefix!r}\n{''.join(self.lines)}")
+
+    def pids(self) -> dict:
+        return rank_pids(str(self.out))
+
+    def signal_rank(self, rank: int, sig: int) -> int:
+        pids = self.pids()
+        assert rank in pids, f"rank {rank} not found among {pids}\n{''.join(self.lines)}"
+        os.kill(pids[rank], sig)
+        return pids[rank]
+
+    def finish(self) -> JobResult:
+        """Wait for the end (bounded by the guard); the job must leave no process behind."""
+        rest = self.proc.stdout.read()
+        self.proc.wait()
+        self.guard.cancel()
+        text = "".join(self.lines) + rest
+        if self.killed:
+            pytest.fail(f"the job did not end within its time limit\n{text}")
+        deadline = time.monotonic() + 10
+        while leftover_processes(str(self.out)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = leftover_processes(str(self.out))
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes left behind: {left}\n{text}"
+        results = json.loads(self.out.read_text()) if self.out.exists() else None
+        return JobResult(self.proc.returncode, text, "", time.monotonic() - self.start, results)

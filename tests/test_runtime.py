@@ -8,17 +8,10 @@ job's JSON output and hold them to ``RTOL``.
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import signal
-import subprocess
-import sys
-import threading
-import time
-from pathlib import Path
 
 import pytest
-from mpi_helpers import ROOT, leftover_processes, requires_mpi, run_job
+from mpi_helpers import LiveJob, requires_mpi, run_job
 
 from mpicdc.core.models import get_model
 from mpicdc.store import prepare_zoo
@@ -145,56 +138,16 @@ def test_loss_beyond_tolerance_then_job_goes_on(shards, tmp_path):
     _assert_all_ok(job, 3, RTOL["mds"])
 
 
-def _rank_pids(marker: str) -> dict:
-    pids = {}
-    for pid in leftover_processes(marker):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in env:
-            if item.startswith(b"OMPI_COMM_WORLD_RANK="):
-                pids[int(item.split(b"=")[1])] = pid
-    return pids
-
-
 def test_worker_killed_from_outside(shards, tmp_path):
     """``kill -9`` of a worker from outside the job while requests are running."""
-    out = tmp_path / "out.json"
-    cmd = [sys.executable, "-m", "mpicdc.launch", "-np", "6", "tiny", "--weights", str(shards["tiny", "sum"]),
-           "--repeat", "400", "--check", "--output", str(out)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    # hard bound on the whole job, including the wait for its 21st line
-    guard = threading.Timer(180, os.killpg, (proc.pid, signal.SIGKILL))
-    guard.start()
-    try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("request 20:"):
-                break
-        pids = _rank_pids(str(out))
-        assert 3 in pids, f"could not find rank 3 among {pids}\n{''.join(lines)}"
-        os.kill(pids[3], signal.SIGKILL)
-        rest, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("job did not end after a worker was killed from outside")
-    finally:
-        guard.cancel()
-    text = "".join(lines) + rest
-    assert proc.returncode != -signal.SIGKILL, f"job killed after 180 s\n{text}"
-    assert proc.returncode == 0, text
-    results = json.loads(out.read_text())
-    assert results["dead_ranks"] == [3], text
-    assert all(r["ok"] and r["check_rel_err"] <= RTOL["sum"] for r in results["requests"]), text
-    assert len(results["requests"]) == 400
-    deadline = time.monotonic() + 10
-    while leftover_processes(str(out)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not leftover_processes(str(out))
+    job = LiveJob(6, ["tiny", "--weights", str(shards["tiny", "sum"]), "--repeat", "400", "--check"], tmp_path)
+    job.wait_for("request 20:")
+    job.signal_rank(3, signal.SIGKILL)
+    done = job.finish()
+    assert done.returncode == 0, done.explain()
+    assert done.results["dead_ranks"] == [3], done.explain()
+    assert all(r["ok"] and r["check_rel_err"] <= RTOL["sum"] for r in done.results["requests"]), done.explain()
+    assert len(done.results["requests"]) == 400
 
 
 def test_wrong_world_size_is_a_clear_error(shards, tmp_path):

@@ -22,9 +22,18 @@ def test_reply_buffer_starts_as_not_arrived():
 
 def test_reply_tags_distinct_over_the_request_window():
     n_layers = 16
-    tags = {wire.reply_tag(req, li, n_layers) for req in range(4096) for li in range(n_layers)}
-    assert len(tags) == 4096 * n_layers
-    assert min(tags) > wire.TAG_CTRL
+    tags = wire.ReplyTags(n_layers, (1 << 31) - 1)
+    assert tags.window == 4096
+    seen = {tags.tag(req, li) for req in range(4096) for li in range(n_layers)}
+    assert len(seen) == 4096 * n_layers
+    assert min(seen) > max(wire.TAG_JOB, wire.TAG_CTRL, wire.TAG_START)
+
+
+def test_reply_tags_shrink_the_window_to_the_tag_upper_bound():
+    tags = wire.ReplyTags(95, 32767)  # inception_v3's 95 distributed layers, the MPI standard's minimum TAG_UB
+    seen = [tags.tag(req, li) for req in range(tags.window) for li in range(95)]
+    assert len(set(seen)) == len(seen) and max(seen) <= 32767
+    assert tags.window == (32767 - 15) // 95
 
 
 def test_bad_shapes_are_rejected():

@@ -554,7 +554,14 @@ class Injections:
                 raise ValueError(f"injection {inj.spec!r}: rank(s) {bad} outside the workers "
                                  f"1..{world_size - 1} of a world of {world_size} ranks (rank 0, "
                                  "the master, cannot be injected)")
-            if layers is not None and inj.layer is not None and inj.layer not in layers:
+        if layers is not None:
+            self.check_layers(layers)
+        return self
+
+    def check_layers(self, layers: Sequence[str]) -> "Injections":
+        """Check that every injection's layer is one of ``layers`` (a misspelt layer would never fire)."""
+        for inj in self._items:
+            if inj.layer is not None and inj.layer not in layers:
                 raise ValueError(f"injection {inj.spec!r}: unknown layer {inj.layer!r}; "
                                  f"layers: {', '.join(layers)}")
         return self

@@ -555,7 +555,12 @@ def check_input(model: Model, x) -> np.ndarray:
                          f"(or {(1,) + expected}), got {x.shape}")
     if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
         raise ValueError(f"model {model.name!r} expects a real-valued input, got dtype {x.dtype}")
-    return np.ascontiguousarray(x, dtype=DTYPE)
+    x = np.ascontiguousarray(x, dtype=DTYPE)
+    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise ValueError(f"the input has {bad} non-finite value(s) (NaN or infinity) of {x.size}; "
+                         "every value must be a finite number")
+    return x
 
 
 def default_input(model: Model, seed: int = 0) -> np.ndarray:

@@ -22,9 +22,11 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from mpicdc._threads import THREAD_VARS
@@ -76,18 +78,77 @@ def thread_env(np_ranks: int, hostfile: str | None = None) -> dict:
     return env
 
 
-def run(cmd: list, np_ranks: int, hostfile: str | None = None) -> int:
-    """Run an ``mpirun`` line from :func:`mpirun_command`; return the master's exit code."""
+def run(cmd: list, np_ranks: int, hostfile: str | None = None, *, grace_s: float = 10.0) -> int:
+    """Run an ``mpirun`` line from :func:`mpirun_command`; return the master's exit code.
+
+    Bounded whatever the ranks do: once the master has reported its exit code, the
+    job gets ``grace_s`` to end before its whole process group is killed (a frozen
+    worker would otherwise keep ``mpirun`` waiting forever).  SIGTERM, SIGINT and
+    SIGHUP are passed on to the job, which is killed if it has not ended ``grace_s``
+    later; the launcher then returns 128 + the signal number.
+    """
     with tempfile.TemporaryDirectory(prefix="mpicdc-") as tmp:
         exit_file = Path(tmp) / "exit-code"
         env = thread_env(np_ranks, hostfile)
         env[EXIT_FILE_VAR] = str(exit_file)
-        code = subprocess.call(cmd, env=env)
-        if exit_file.exists():
-            text = exit_file.read_text().strip()
-            if text.lstrip("-").isdigit():
-                return int(text)
-        return code if code != 0 else 1  # the master never reported: it died
+        job = subprocess.Popen(cmd, env=env, start_new_session=True)
+        stop = _Forwarder(job)
+        try:
+            _supervise(job, exit_file, stop, grace_s)
+        finally:
+            stop.restore()
+        if stop.signal:
+            return 128 + stop.signal
+        text = exit_file.read_text().strip() if exit_file.exists() else ""
+        if text.lstrip("-").isdigit():
+            return int(text)
+        return job.returncode if job.returncode not in (0, None) else 1  # the master never reported: it died
+
+
+class _Forwarder:
+    """Pass SIGTERM/SIGINT/SIGHUP on to the job's process group instead of dying with a traceback."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self, job: subprocess.Popen):
+        self.job, self.signal, self.at = job, 0, 0.0
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if not self.signal:
+            self.signal, self.at = signum, time.monotonic()
+            print(f"mpicdc.launch: {signal.Signals(signum).name}: ending the job", file=sys.stderr, flush=True)
+        _signal_group(self.job, signal.SIGTERM)
+
+    def restore(self) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def _signal_group(job: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(job.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _supervise(job: subprocess.Popen, exit_file: Path, stop: _Forwarder, grace_s: float) -> None:
+    """Wait for the job; kill its process group when it outlives the master's report or a signal by ``grace_s``."""
+    reported = None
+    while job.poll() is None:
+        now = time.monotonic()
+        if reported is None and exit_file.exists():
+            reported = now
+        late = (reported is not None and now - reported > grace_s) or (stop.signal and now - stop.at > grace_s)
+        if late:
+            if not stop.signal:
+                print(f"mpicdc.launch: the master finished {grace_s:g} s ago but some ranks have not exited "
+                      "(frozen?); ending them", file=sys.stderr, flush=True)
+            _signal_group(job, signal.SIGKILL)
+            job.wait()
+            break
+        time.sleep(0.1)
+    _signal_group(job, signal.SIGKILL)  # nothing of the job outlives it
 
 
 def main(argv=None) -> int:

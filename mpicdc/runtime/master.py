@@ -12,6 +12,7 @@ longer sent work.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from mpicdc.core.kernels import check_input, linear_forward, nonlinear
 from mpicdc.runtime import wire
-from mpicdc.runtime.mpienv import failed_ranks
+from mpicdc.runtime.channel import Channel, PeerLost
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class _Pending:
     request: int
     layer_index: int
     sent_at: float
+    expected_bytes: int
 
 
 @dataclass
@@ -97,7 +99,7 @@ class Arrival:
     rank: int
     seconds: float
     late: bool
-    status: str  # "reply", "skipped", "failed"
+    status: str  # "reply", "skipped", "bad" (wrong size or non-finite values), "failed" (rank lost)
 
 
 class Coordinator:
@@ -105,23 +107,22 @@ class Coordinator:
 
     Parameters
     ----------
-    MPI : the ``mpi4py.MPI`` module.
-    comm : private data-path communicator (a ``Dup`` of the world).
-    ctrl : private control communicator (shutdown handshake).
+    data : channel on the private data-path communicator (a ``Dup`` of the world).
+    ctrl : channel on the private control communicator (shutdown handshake).
     model, plan : the model graph and its distribution plan.
     master_weights : ``{layer: (W, b)}`` for linear layers the plan keeps on the master.
     layer_timeout_s : how long a layer may wait for a decodable set before its request fails.
     max_outstanding : unanswered jobs after which a live but silent rank is no longer sent work.
     """
 
-    def __init__(self, MPI, comm, ctrl, model, plan, master_weights, *, layer_timeout_s=30.0,
+    def __init__(self, data: Channel, ctrl: Channel, model, plan, master_weights, *, layer_timeout_s=30.0,
                  max_outstanding=16, poll_s=1e-4):
-        self.MPI, self.comm, self.ctrl = MPI, comm, ctrl
+        self.data, self.ctrl = data, ctrl
         self.model, self.plan, self.master_weights = model, plan, master_weights
         self.layer_timeout_s, self.max_outstanding, self.poll_s = layer_timeout_s, max_outstanding, poll_s
         self.shapes = model.shapes()
         self.linear_index = {layer.name: i for i, layer in enumerate(model.linear_layers)}
-        self.n_linear = len(self.linear_index)
+        self.tags = wire.ReplyTags(len(self.linear_index), data.tag_ub)
         self.dead: set = set()
         self.silent: set = set()
         self.late_pool: list = []
@@ -161,11 +162,10 @@ class Coordinator:
         return [(block, rank) for block, rank in enumerate(lp.ranks) if rank not in gone]
 
     def _distributed(self, layer, lp, x, request, record):
-        MPI, comm = self.MPI, self.comm
         li = self.linear_index[layer.name]
         out_shape = self.shapes[layer.name]
         cols = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1
-        tag = wire.reply_tag(request, li, self.n_linear)
+        tag = self.tags.tag(request, li)
         code = lp.code_obj
         job = wire.message(wire.Header(wire.JOB, request, li, -1, x.shape), x)
         pending = {}
@@ -173,12 +173,12 @@ class Coordinator:
         for block, rank in self._targets(lp):
             buf = wire.reply_buffer(lp.block_rows, cols)
             try:
-                handle = comm.Irecv([buf, MPI.BYTE], source=rank, tag=tag)
-                self.sends.append(comm.Isend([job, MPI.BYTE], dest=rank, tag=wire.TAG_JOB))
-            except MPI.Exception:
+                handle = self.data.irecv(buf, rank, tag)
+                self.sends.append(self.data.isend(job, rank, wire.TAG_JOB))
+            except PeerLost:
                 self._mark_dead(rank)
                 continue
-            pending[block] = _Pending(handle, buf, rank, block, request, li, sent_at)
+            pending[block] = _Pending(handle, buf, rank, block, request, li, sent_at, buf.nbytes)
         received = {}
         while not code.decodable(received):
             self._poll(pending, received, layer.name, record)
@@ -230,42 +230,64 @@ class Coordinator:
         entries = [(p, layer_name, True) for p in pending.values()] + [(p, name, False) for p, name in self.late_pool]
         if not entries:
             return
-        handles = [e[0].handle for e in entries]
-        before = [h == self.MPI.REQUEST_NULL for h in handles]
-        try:
-            done = self.MPI.Request.Testsome(handles) or []
-        except self.MPI.Exception:  # some completed in error: find them by their null handles
-            done = [i for i, h in enumerate(handles) if h == self.MPI.REQUEST_NULL and not before[i]]
+        done = self.data.testsome([e[0].handle for e in entries])
+        if any(nbytes is None for _, nbytes in done):
             self._refresh_dead()
         now = time.perf_counter()
         finished = set()
-        for i in done:
+        for i, nbytes in done:
             p, name, current = entries[i]
             finished.add(id(p))
-            head = wire.Header.unpack(p.buf)
-            ok = head.kind in (wire.REPLY, wire.SKIPPED) and head.request == p.request and head.layer == p.layer_index
-            status = "failed" if not ok else ("reply" if head.kind == wire.REPLY else "skipped")
+            status = self._judge(p, nbytes, name, current)
             self.arrivals.append(Arrival(p.request, name, p.rank, now - p.sent_at, not current, status))
-            if not ok:
+            if status == "failed":
                 self._mark_dead(p.rank)
-                if current:
-                    record.failed.append(p.rank)
+            elif p.rank in self.silent:
+                self._readmit(p.rank)
             if current:
                 del pending[p.block]
                 if status == "reply":
                     received[p.block] = p.buf
+                elif status in ("failed", "bad"):
+                    record.failed.append(p.rank)
         if finished:
             self.late_pool = [(p, n) for p, n in self.late_pool if id(p) not in finished]
-        self.sends = [s for s in self.sends if not self._send_done(s)]
+        self.sends = [s for s in self.sends if not self.data.test(s)]
 
-    def _send_done(self, handle) -> bool:
-        try:
-            return handle.Test()
-        except self.MPI.Exception:
-            return True
+    def _judge(self, p: _Pending, nbytes: int, layer_name: str, current: bool) -> str:
+        """Status of one completed receive: a usable reply, a skip, a bad reply or a lost rank.
+
+        A reply of the wrong size or with non-finite values is refused (logged, decoded
+        around) without declaring the rank dead: the next layer may be fine.
+        """
+        head = wire.Header.unpack(p.buf)
+        if head.kind == 0:  # nothing arrived: the receive completed in error
+            if p.rank in self.dead:
+                return "failed"
+            log.warning("rank %d: its reply for layer %r could not be received; decoding around it",
+                        p.rank, layer_name)
+            return "bad"
+        if nbytes is None:  # the library did not say this receive's size: the header's shape does
+            nbytes = wire.HEADER_BYTES + 4 * math.prod(head.shape)
+        if head.request != p.request or head.layer != p.layer_index:
+            return "failed"
+        if head.kind == wire.SKIPPED:
+            return "skipped"
+        if head.kind == wire.REFUSED:  # the worker found the job malformed and said why in its log
+            return "bad"
+        if head.kind != wire.REPLY:
+            return "failed"
+        if nbytes != p.expected_bytes:
+            log.warning("rank %d sent %d bytes for layer %r, expected %d; decoding around it",
+                        p.rank, nbytes, layer_name, p.expected_bytes)
+            return "bad"
+        if current and not np.isfinite(p.buf[wire.HEADER_BYTES:].view(np.float32)).all():
+            log.warning("rank %d sent non-finite values for layer %r; decoding around it", p.rank, layer_name)
+            return "bad"
+        return "reply"
 
     def _refresh_dead(self) -> None:
-        for rank in failed_ranks(self.MPI, self.comm):
+        for rank in self.data.failed():
             self._mark_dead(rank)
 
     def _mark_dead(self, rank: int) -> None:
@@ -274,14 +296,20 @@ class Coordinator:
             log.warning("rank %d failed; decoding around it from now on", rank)
             self.dead.add(rank)
 
+    def _readmit(self, rank: int) -> None:
+        """A silent rank answered again: send it work again (the tolerance it took is restored)."""
+        self.silent.discard(rank)
+        log.warning("rank %d answers again; sending it work again (tolerance restored)", rank)
+
     def _reap_silent(self) -> None:
-        """Stop sending work to live ranks that left too many jobs unanswered (hung workers)."""
+        """Stop sending work to live ranks that left too many jobs unanswered (hung or stalled workers)."""
         counts: dict = {}
         for p, _ in self.late_pool:
             counts[p.rank] = counts.get(p.rank, 0) + 1
         for rank, count in counts.items():
             if count >= self.max_outstanding and rank not in self.silent | self.dead:
-                log.warning("rank %d has not answered %d jobs; no longer sending it work", rank, count)
+                log.warning("rank %d has not answered %d jobs; no longer sending it work until it answers "
+                            "(tolerance reduced)", rank, count)
                 self.silent.add(rank)
 
     def can_serve(self) -> bool:
@@ -307,25 +335,21 @@ class Coordinator:
 
         Returns the ranks that did not acknowledge in time (hung or dead).
         """
-        MPI, ctrl = self.MPI, self.ctrl
         stop = wire.message(wire.Header(wire.STOP))
-        waiting = {}
-        for rank in range(1, ctrl.Get_size()):
+        waiting, sends = {}, []
+        for rank in range(1, self.ctrl.size):
             if rank in self.dead:
                 continue
             ack = np.zeros(wire.HEADER_BYTES, dtype=np.uint8)
             try:
-                self.sends.append(ctrl.Isend([stop, MPI.BYTE], dest=rank, tag=wire.TAG_CTRL))
-                waiting[rank] = ctrl.Irecv([ack, MPI.BYTE], source=rank, tag=wire.TAG_CTRL)
-            except MPI.Exception:
+                sends.append(self.ctrl.isend(stop, rank, wire.TAG_CTRL))
+                waiting[rank] = self.ctrl.irecv(ack, rank, wire.TAG_CTRL)
+            except PeerLost:
                 continue
         end = time.perf_counter() + timeout_s
         while waiting and time.perf_counter() < end:
-            for rank, handle in list(waiting.items()):
-                try:
-                    if handle.Test():
-                        del waiting[rank]
-                except MPI.Exception:
-                    del waiting[rank]
+            ranks = list(waiting)
+            for i, _ in self.ctrl.testsome([waiting[r] for r in ranks]):
+                del waiting[ranks[i]]
             time.sleep(1e-3)
         return sorted(waiting)

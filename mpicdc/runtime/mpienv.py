@@ -16,6 +16,7 @@ before ``MPI_Init`` runs.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -42,6 +43,16 @@ def import_mpi():
     return MPI
 
 
+def init_mpi(timeout_s: float = 60.0):
+    """:func:`import_mpi` under a :class:`Deadline`: a rank killed inside ``MPI_Init`` ends the job, not hangs it."""
+    deadline = Deadline(timeout_s, f"MPI did not start within {timeout_s:g} s: a rank died or cannot be reached "
+                                   "during MPI_Init")
+    try:
+        return import_mpi()
+    finally:
+        deadline.cancel()
+
+
 def ulfm_enabled(MPI) -> bool:
     """True when this job was launched with ULFM fault tolerance on (Open MPI ``--with-ft ulfm``)."""
     flag = os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower()
@@ -66,15 +77,14 @@ def failed_ranks(MPI, comm) -> set:
         group.Free()
 
 
-def start_progress_thread(MPI, comm, interval_s: float = 0.05) -> threading.Event:
+def start_progress_thread(MPI, private, interval_s: float = 0.05):
     """Drive MPI progress (and so the failure detector's heartbeats) from a daemon thread.
 
-    The thread tests a receive from this rank to itself that is never matched,
-    on a private duplicate of ``comm`` (``Dup`` is collective: call this on
-    every rank).  Returns an event that stops the thread when set.
+    The thread tests, on the ``private`` communicator it is given (nothing else
+    may use it), a receive from this rank to itself that is never matched.
+    Returns ``(stop_event, thread)``: set the event and join the thread before
+    ``MPI_Finalize``.
     """
-    private = comm.Dup()
-    private.Set_errhandler(MPI.ERRORS_RETURN)
     stop = threading.Event()
     buf = bytearray(1)
 
@@ -89,16 +99,37 @@ def start_progress_thread(MPI, comm, interval_s: float = 0.05) -> threading.Even
 
     thread = threading.Thread(target=spin, name="mpicdc-progress", daemon=True)
     thread.start()
-    _PROGRESS.append((stop, thread))
-    return stop
+    return stop, thread
 
 
-_PROGRESS: list = []
+def launcher_rank() -> int | None:
+    """This process's rank as the launcher tells it in the environment (known before ``MPI_Init``)."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return None
 
 
-def stop_progress_threads(timeout_s: float = 1.0) -> None:
-    """Stop and join the progress threads (needed before ``MPI_Finalize``)."""
-    while _PROGRESS:
-        stop, thread = _PROGRESS.pop()
-        stop.set()
-        thread.join(timeout_s)
+class Deadline:
+    """A watchdog timer for a phase that may block inside MPI (``MPI_Init``, a ``Dup``).
+
+    If the phase is not over (:meth:`cancel`) within ``seconds``, the process
+    prints ``message`` (on rank 0 only, so the job says it once) and ends with
+    ``exit_code``: a rank killed during start-up must not leave the others
+    blocked in the library forever.
+    """
+
+    def __init__(self, seconds: float, message: str, exit_code: int = 2):
+        self._timer = threading.Timer(seconds, self._expire, args=(message, exit_code))
+        self._timer.daemon = True
+        self._timer.start()
+
+    @staticmethod
+    def _expire(message: str, exit_code: int) -> None:
+        if launcher_rank() in (0, None):
+            print(f"mpicdc: {message}", file=sys.stderr, flush=True)
+        os._exit(exit_code)
+
+    def cancel(self) -> None:
+        self._timer.cancel()

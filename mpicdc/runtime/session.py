@@ -1,18 +1,24 @@
 """Start-up, roles and shutdown of a distributed inference job.
 
-:func:`serve` is collective over the communicator at start-up only (while every
-rank is known to be alive): rank 0 finds or prepares the shard directory, every
-rank checks the world size and loads and verifies its own shard file, and all
-ranks agree on success before any compute.  Then the roles split by return
-value: rank 0 gets a :class:`Session` to run requests; workers run their loop
-and get ``None``.  :func:`end_process` ends every rank in bounded time.
+:func:`serve` starts the job on every rank.  Start-up is a point-to-point
+handshake on the control channel, each wait with a deadline, so a rank that
+dies or freezes while the job starts ends it with one message naming it:
+rank 0 finds or prepares the shard directory and tells the workers; every rank
+checks the world size and loads and verifies its own shard file and reports to
+rank 0; rank 0 answers with a verdict.  Then the roles split by return value:
+rank 0 gets a :class:`Session` (a context manager) to run requests; workers
+run their loop and get ``None``.  Process exit is :func:`end_process`'s, called
+by :func:`mpicdc.run.main`.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +27,15 @@ import numpy as np
 from mpicdc.core.kernels import init_weights
 from mpicdc.core.models import get_model
 from mpicdc.core.plan import make_plan, parity_count
+from mpicdc.runtime import wire
+from mpicdc.runtime.channel import Channel, PeerLost
+from mpicdc.runtime.comms import JobComms
 from mpicdc.runtime.master import Coordinator
-from mpicdc.runtime.mpienv import import_mpi, start_progress_thread, ulfm_enabled
 from mpicdc.runtime.worker import WorkerState, start_watchdog, worker_loop
 
 log = logging.getLogger(__name__)
 
-_MSG_BYTES = 2048
+_TEXT_BYTES = 4096
 
 
 class StartupError(RuntimeError):
@@ -46,6 +54,8 @@ class RunConfig:
     injections : fault-injection specs (see :mod:`mpicdc.core.faults`).
     device : name of a device model to emulate on workers (see :mod:`mpicdc.sim.devices`).
     layer_timeout_s : a layer with no decodable set of replies after this long fails its request.
+    startup_timeout_s : how long any start-up step (MPI start, loading a shard, a rank's report)
+        may take before the job ends naming the ranks it waited for.
     seed : seed for random weights and injected delays.
     """
 
@@ -57,17 +67,26 @@ class RunConfig:
     injections: tuple = ()
     device: str | None = None
     layer_timeout_s: float = 30.0
+    startup_timeout_s: float = 60.0
     seed: int = 0
     weights_root: str = "weights"
 
 
 class Session:
-    """Rank 0's handle on a running job: :meth:`infer` requests, then :meth:`close`."""
+    """Rank 0's handle on a running job: :meth:`infer` requests; closing stops the workers.
 
-    def __init__(self, MPI, world, coordinator: Coordinator, manifest, ulfm: bool):
-        self.MPI, self.world, self.coordinator, self.manifest, self.ulfm = MPI, world, coordinator, manifest, ulfm
+    A context manager: leaving it (or :meth:`close`) drains late replies briefly,
+    stops the workers (bounded) and frees the job's communicators.
+    """
+
+    def __init__(self, comms: JobComms, coordinator: Coordinator, manifest):
+        self.comms, self.coordinator, self.manifest = comms, coordinator, manifest
         self.model, self.plan = manifest.model, manifest.plan
         self.unacknowledged: list = []
+
+    @property
+    def ulfm(self) -> bool:
+        return self.comms.ulfm
 
     def infer(self, x):
         return self.coordinator.infer(x)
@@ -81,35 +100,104 @@ class Session:
         return set(self.coordinator.silent)
 
     def close(self, drain_s: float = 0.5) -> list:
-        """Drain late replies briefly and stop the workers; returns ranks that did not acknowledge."""
-        self.coordinator.drain(drain_s)
-        self.unacknowledged = self.coordinator.stop_workers()
+        """Drain late replies, stop the workers and free the communicators; returns ranks that did not stop."""
+        if self.comms.closed:
+            return self.unacknowledged
+        try:
+            self.coordinator.drain(drain_s)
+            self.unacknowledged = self.coordinator.stop_workers()
+            self._end_stuck(self.unacknowledged)
+        finally:
+            self.comms.close()
         return self.unacknowledged
 
+    def _end_stuck(self, ranks: list) -> None:
+        """SIGKILL workers on this machine that did not stop (frozen or hung), so the job can end."""
+        here = socket.gethostname()
+        for rank in ranks:
+            host, pid = self.comms.processes.get(rank, ("", 0))
+            if host == here and pid > 0 and rank not in self.coordinator.dead:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    log.warning("rank %d did not stop when asked (frozen or hung); killed it (pid %d)", rank, pid)
+                except OSError:
+                    pass
 
-def _agree(MPI, world, error: str | None) -> list:
-    """Collective: every rank shares its start-up error (or none); returns ``[(rank, message)]``."""
-    mine = np.zeros(_MSG_BYTES, dtype=np.uint8)
-    if error:
-        raw = error.encode()[:_MSG_BYTES - 1]
-        mine[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-    everyone = np.zeros((world.Get_size(), _MSG_BYTES), dtype=np.uint8)
-    world.Allgather([mine, MPI.BYTE], [everyone, MPI.BYTE])
-    out = []
-    for rank, row in enumerate(everyone):
-        text = bytes(row).rstrip(b"\0").decode(errors="replace")
-        if text:
-            out.append((rank, text))
-    return out
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _bcast_text(MPI, world, text: str) -> str:
-    buf = np.zeros(4096, dtype=np.uint8)
-    if world.Get_rank() == 0:
-        raw = text.encode()[:4095]
-        buf[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-    world.Bcast([buf, MPI.BYTE], root=0)
-    return bytes(buf).rstrip(b"\0").decode()
+# ---------------------------------------------------------------- start-up handshake (control channel)
+
+def _text_message(text: str) -> np.ndarray:
+    buf = np.zeros(_TEXT_BYTES, dtype=np.uint8)
+    raw = text.encode()[:_TEXT_BYTES - 1]
+    buf[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    return buf
+
+
+def _text_of(buf: np.ndarray) -> str:
+    return bytes(buf).rstrip(b"\0").decode(errors="replace")
+
+
+def _gather_texts(ctrl: Channel, ranks: list, timeout_s: float) -> tuple:
+    """Receive one text from each of ``ranks`` within ``timeout_s``: ``({rank: text}, [ranks lost or late])``."""
+    bufs, handles = {}, {}
+    for rank in ranks:
+        bufs[rank] = np.zeros(_TEXT_BYTES, dtype=np.uint8)
+        try:
+            handles[rank] = ctrl.irecv(bufs[rank], rank, wire.TAG_START)
+        except PeerLost:
+            pass
+    texts, end = {}, time.monotonic() + timeout_s
+    while len(texts) < len(handles) and time.monotonic() < end:
+        waiting = [r for r in handles if r not in texts]
+        for i, nbytes in ctrl.testsome([handles[r] for r in waiting]):
+            texts[waiting[i]] = _text_of(bufs[waiting[i]]) if nbytes >= 0 else None
+        time.sleep(1e-3)
+    got = {r: text for r, text in texts.items() if text is not None}
+    return got, sorted(set(ranks) - set(got))
+
+
+def _send_texts(ctrl: Channel, ranks: list, text: str) -> None:
+    message = _text_message(text)
+    sends = []
+    for rank in ranks:
+        try:
+            sends.append(ctrl.isend(message, rank, wire.TAG_START))
+        except PeerLost:
+            pass
+    end = time.monotonic() + 5.0
+    while sends and time.monotonic() < end:
+        sends = [s for s in sends if not ctrl.test(s)]
+        time.sleep(1e-3)
+
+
+def _from_master(ctrl: Channel, timeout_s: float, what: str) -> str:
+    """Worker: the next start-up text from rank 0 (``""`` = go on, ``"!..."`` = the job cannot start)."""
+    got, _ = _gather_texts(ctrl, [0], timeout_s)
+    if 0 not in got:
+        raise StartupError(f"rank {ctrl.rank} heard nothing from the master within {timeout_s:g} s ({what})")
+    return got[0]
+
+
+def _startup_failure(reports: dict, missing: list, timeout_s: float) -> str | None:
+    """One message for every start-up problem (the same problem on many ranks is said once)."""
+    problems = sorted((r, m) for r, m in reports.items() if m)
+    parts = []
+    if problems:
+        first = problems[0][1]
+        if all(m == first for _, m in problems):
+            parts.append(first)
+        else:
+            parts.extend(f"rank {r}: {m}" for r, m in problems)
+    if missing:
+        parts.append(f"rank(s) {', '.join(map(str, missing))} did not report within {timeout_s:g} s of start-up "
+                     "(dead, frozen or unreachable)")
+    return "; ".join(parts) or None
 
 
 def resolve_weights(config: RunConfig, world_size: int) -> Path:
@@ -156,79 +244,99 @@ def reference_weights(manifest) -> dict:
     return weights
 
 
-def serve(config: RunConfig, *, comm=None):
-    """Start the job on every rank.  Collective over ``comm`` (default ``MPI.COMM_WORLD``) at start-up.
-
-    Returns a :class:`Session` on rank 0; on workers runs the worker loop to the
-    end and returns ``None`` (the caller then calls :func:`end_process`).
-    Raises :class:`StartupError` on every rank when any rank cannot start.
-    """
+def _load_rank(config: RunConfig, directory: str, rank: int, size: int):
+    """This rank's part of the job: the manifest, its shard, the injections and device model (or ValueError)."""
     from mpicdc import store
 
-    MPI = import_mpi()
-    world = MPI.COMM_WORLD if comm is None else comm
-    rank, size = world.Get_rank(), world.Get_size()
-    ulfm = ulfm_enabled(MPI)
-    start_progress_thread(MPI, world)
-    error, directory = None, ""
+    manifest = store.open_manifest(directory)
+    if manifest.model.name != config.model:
+        raise ValueError(f"{directory} holds weights for model {manifest.model.name!r}, not {config.model!r}")
+    store.check_world(manifest, size)
+    blocks = store.load_rank(directory, rank, manifest)
+    injections = device = None
+    if config.injections:
+        from mpicdc.core.faults import parse_injections
+        injections = parse_injections(list(config.injections))
+        injections.validate(size, [layer.name for layer in manifest.model.layers])
+    if config.device:
+        from mpicdc.sim.devices import get_device
+        device = get_device(config.device)
+    return manifest, blocks, injections, device
+
+
+def _start(config: RunConfig, comms: JobComms):
+    """The start-up handshake; returns this rank's ``_load_rank`` tuple or raises :class:`StartupError`."""
+    ctrl, rank, size = comms.ctrl, comms.rank, comms.size
+    workers = list(range(1, size))
+    timeout = config.startup_timeout_s
     if rank == 0:
-        if not ulfm and size > 1:
+        if not comms.ulfm and size > 1:
             log.warning("fault tolerance is OFF: a crashed rank will end the job (launch with "
                         "`mpirun --with-ft ulfm ...` or `python -m mpicdc.launch`); straggler mitigation still works")
         try:
             directory = str(resolve_weights(config, size))
         except (ValueError, OSError, RuntimeError) as exc:
-            error = str(exc)
-    errors = _agree(MPI, world, error)
-    if errors:
-        raise StartupError("; ".join(f"rank {r}: {m}" for r, m in errors))
-    directory = _bcast_text(MPI, world, directory)
-    manifest = blocks = injections = device = None
+            _send_texts(ctrl, workers, "!" + str(exc))
+            raise StartupError(str(exc)) from None
+        _send_texts(ctrl, workers, directory)
+    else:
+        # rank 0 may first prepare the shards (minutes for a large model): wait that long for it
+        directory = _from_master(ctrl, timeout + (3600.0 if config.prepare_missing else 0.0), "the weights folder")
+        if directory.startswith("!"):
+            raise StartupError(directory[1:])
+    loaded, error = None, ""
     try:
-        manifest = store.open_manifest(directory)
-        if manifest.model.name != config.model:
-            raise ValueError(f"{directory} holds weights for model {manifest.model.name!r}, not {config.model!r}")
-        store.check_world(manifest, size)
-        blocks = store.load_rank(directory, rank, manifest)
-        if config.injections:
-            from mpicdc.core.faults import parse_injections
-            injections = parse_injections(list(config.injections))
-            injections.validate(size)
-        if config.device:
-            from mpicdc.sim.devices import DEVICES
-            if config.device not in DEVICES:
-                raise ValueError(f"unknown device {config.device!r}; known: {', '.join(sorted(DEVICES))}")
-            device = DEVICES[config.device]
+        loaded = _load_rank(config, directory, rank, size)
     except (ValueError, OSError, RuntimeError) as exc:
-        error = str(exc)
-    errors = _agree(MPI, world, error)
-    if errors:
-        first = errors[0][1]
-        same = all(m == first for _, m in errors)
-        raise StartupError(first if same else "; ".join(f"rank {r}: {m}" for r, m in errors))
-    comm_data, comm_ctrl = world.Dup(), world.Dup()
-    for c in (comm_data, comm_ctrl):
-        c.Set_errhandler(MPI.ERRORS_RETURN)
-    world.Barrier()
-    if rank == 0:
-        coordinator = Coordinator(MPI, comm_data, comm_ctrl, manifest.model, manifest.plan, blocks,
+        error = str(exc) or type(exc).__name__
+    if rank != 0:
+        _send_texts(ctrl, [0], f"{os.getpid()} {socket.gethostname()}\n{error}")
+        verdict = _from_master(ctrl, 2 * timeout, "the start-up verdict")
+        if verdict:
+            raise StartupError(verdict[1:])
+        return loaded
+    texts, missing = _gather_texts(ctrl, workers, timeout)
+    reports = {0: error}
+    for r, text in texts.items():
+        where, _, reports[r] = text.partition("\n")
+        pid, _, host = where.partition(" ")
+        if pid.isdigit():
+            comms.processes[r] = (host, int(pid))
+    failure = _startup_failure(reports, missing, timeout)
+    _send_texts(ctrl, [r for r in workers if r not in missing], "!" + failure if failure else "")
+    if failure:
+        raise StartupError(failure)
+    return loaded
+
+
+def serve(config: RunConfig, *, comm=None) -> Session | None:
+    """Start the job on every rank of ``comm`` (default ``MPI.COMM_WORLD``).  Collective at start-up.
+
+    Returns a :class:`Session` on rank 0.  On workers runs the worker loop until
+    the master stops it and returns ``None``.  Raises :class:`StartupError` on
+    every rank that learns the job cannot start, and
+    :class:`~mpicdc.runtime.worker.MasterLost` on a worker that loses the master.
+    """
+    comms = JobComms.open(comm, timeout_s=config.startup_timeout_s)
+    try:
+        manifest, blocks, injections, device = _start(config, comms)
+    except BaseException:
+        comms.close()
+        raise
+    if comms.rank == 0:
+        coordinator = Coordinator(comms.data, comms.ctrl, manifest.model, manifest.plan, blocks,
                                   layer_timeout_s=config.layer_timeout_s)
-        return Session(MPI, world, coordinator, manifest, ulfm)
+        return Session(comms, coordinator, manifest)
     stop_event = threading.Event()
-    start_watchdog(MPI, comm_ctrl, stop_event, hard_exit=ulfm)
-    state = WorkerState(rank, manifest.model, manifest.plan, blocks, injections, device, config.seed)
-    code = worker_loop(MPI, comm_data, state, stop_event)
-    end_process(code, ulfm=ulfm)
+    start_watchdog(comms.ctrl, stop_event, hard_exit=comms.ulfm)
+    state = WorkerState(comms.rank, manifest.model, manifest.plan, blocks, injections, device, config.seed)
+    with comms:
+        worker_loop(comms.data, state, stop_event)
     return None
 
 
-def _world_rank() -> int:
-    from mpi4py import MPI
-    return MPI.COMM_WORLD.Get_rank() if MPI.Is_initialized() else 0
-
-
-def end_process(code: int, *, ulfm: bool, hung: bool = False) -> None:
-    """End this rank in bounded time.
+def end_process(code: int, *, world, ulfm: bool, hung: bool = False) -> None:
+    """End this rank of ``world`` in bounded time.
 
     Under ULFM, ``MPI_Finalize`` waits for stuck ranks and ``MPI_Abort`` can hang,
     so ranks flush and leave with ``os._exit`` (Open MPI's ULFM runtime accepts
@@ -236,7 +344,7 @@ def end_process(code: int, *, ulfm: bool, hung: bool = False) -> None:
     which case the master aborts the job (which works without ULFM).
     """
     exit_file = os.environ.get("MPICDC_EXIT_FILE")
-    if exit_file and _world_rank() == 0:
+    if exit_file and world.Get_rank() == 0:
         try:
             with open(exit_file, "w") as f:
                 f.write(f"{code}\n")
@@ -252,9 +360,7 @@ def end_process(code: int, *, ulfm: bool, hung: bool = False) -> None:
         os._exit(code)
     from mpi4py import MPI
 
-    from mpicdc.runtime.mpienv import stop_progress_threads
     if hung:
-        MPI.COMM_WORLD.Abort(code or 1)
-    stop_progress_threads()
+        world.Abort(code or 1)
     MPI.Finalize()
     sys.exit(code)

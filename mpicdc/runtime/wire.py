@@ -1,7 +1,7 @@
 """Message layout on the data path: fixed binary headers plus raw float32 payloads.
 
-Nothing is pickled.  Every message is one contiguous ``uint8`` buffer: a
-64-byte header of eight little-endian int64/float64 slots followed by the
+Nothing is pickled.  Every message is one contiguous ``uint8`` buffer: an
+80-byte header of ten little-endian int64/float64 slots followed by the
 payload bytes.  Jobs (master -> worker) carry ``(request, layer)`` and the
 activation shape; replies (worker -> master) carry ``(request, layer, block)``,
 a status, the worker's real compute time and (when emulating a slower device)
@@ -18,21 +18,34 @@ HEADER_BYTES = 80
 MAX_DIMS = 4
 
 # message kinds
-JOB, STOP, REPLY, SKIPPED = 1, 2, 3, 4
+JOB, STOP, REPLY, SKIPPED, REFUSED = 1, 2, 3, 4, 5
 
 # tags: jobs and control have fixed tags; replies get one tag per (request, layer) window
 TAG_JOB = 1
 TAG_CTRL = 2
+TAG_START = 3
 _REPLY_BASE = 16
 _REQUEST_WINDOW = 4096
 
 
-def reply_tag(request: int, layer_index: int, n_layers: int) -> int:
-    """Tag of the reply to ``(request, layer)``: distinct for 4096 consecutive requests.
+class ReplyTags:
+    """Tags of replies: one per ``(request, layer)`` in a window of consecutive requests.
 
-    Distinct tags mean a late reply only ever matches the receive posted for it.
+    Distinct tags mean a late reply only ever matches the receive posted for it.  The
+    window is 4096 requests, or fewer when the library's largest tag (``MPI_TAG_UB``,
+    at least 32767 by the standard) cannot hold that many: a model with ``n_layers``
+    distributed layers needs ``16 + window * n_layers`` tags.
     """
-    return _REPLY_BASE + (request % _REQUEST_WINDOW) * n_layers + layer_index
+
+    def __init__(self, n_layers: int, tag_ub: int):
+        self.n_layers = max(1, n_layers)
+        self.window = min(_REQUEST_WINDOW, (tag_ub - _REPLY_BASE + 1) // self.n_layers)
+        if self.window < 2:
+            raise ValueError(f"this MPI library's largest tag ({tag_ub}) leaves no room for reply tags of "
+                             f"{n_layers} distributed layers: keep some layers on the master")
+
+    def tag(self, request: int, layer_index: int) -> int:
+        return _REPLY_BASE + (request % self.window) * self.n_layers + layer_index
 
 
 @dataclass(frozen=True)

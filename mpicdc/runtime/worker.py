@@ -10,6 +10,7 @@ bounded time.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -21,6 +22,7 @@ import numpy as np
 
 from mpicdc.core.kernels import Workspace, lower_gemm
 from mpicdc.runtime import wire
+from mpicdc.runtime.channel import Channel, PeerLost
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +50,30 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def start_watchdog(MPI, ctrl, stop_event: threading.Event, hard_exit: bool, grace_s: float = 0.5):
-    """Listen on the control communicator for the master's STOP (or its death).
+def start_watchdog(ctrl: Channel, stop_event: threading.Event, hard_exit: bool, grace_s: float = 0.5,
+                   on_master_lost=None):
+    """Listen on the control channel for the master's STOP (or its death).
 
     On STOP the watchdog acknowledges and sets ``stop_event``; with ``hard_exit``
     (ULFM runs) it then ends the process after ``grace_s`` even if the main loop
-    is stuck.  If the master dies, the process ends with code 1.
+    is stuck.  If the master dies, ``on_master_lost()`` runs (default: end the
+    process with code 1, since nothing is left to serve).
     """
     def watch():
         buf = np.zeros(wire.HEADER_BYTES, dtype=np.uint8)
-        req = ctrl.Irecv([buf, MPI.BYTE], source=0, tag=wire.TAG_CTRL)
-        while True:
-            try:
-                done = req.Test()
-            except MPI.Exception:
-                log.error("rank %d lost the master; exiting", ctrl.Get_rank())
-                _exit_now(1)
-            if done:
-                break
-            time.sleep(0.05)
-        ack = wire.message(wire.Header(wire.STOP))
         try:
-            ctrl.Send([ack, MPI.BYTE], dest=0, tag=wire.TAG_CTRL)
-        except MPI.Exception:
+            handle = ctrl.irecv(buf, 0, wire.TAG_CTRL)
+            while not ctrl.testsome([handle]):
+                time.sleep(0.05)
+        except PeerLost:
+            pass
+        if wire.Header.unpack(buf).kind != wire.STOP:
+            log.error("rank %d lost the master; exiting", ctrl.rank)
+            (on_master_lost or (lambda: _exit_now(1)))()
+            return
+        try:
+            ctrl.send(wire.message(wire.Header(wire.STOP)), 0, wire.TAG_CTRL)
+        except PeerLost:
             pass
         stop_event.set()
         if hard_exit:
@@ -95,41 +98,68 @@ def _fire(injection, rank: int, stop_event: threading.Event) -> None:
             time.sleep(0.05)
 
 
-def worker_loop(MPI, comm, state: WorkerState, stop_event: threading.Event) -> int:
-    """Serve jobs from rank 0 until the watchdog sees STOP.  Local to this rank (no collectives)."""
-    layers = [layer for layer in state.model.linear_layers]
+class MasterLost(RuntimeError):
+    """This worker can no longer reach the master."""
+
+
+def _job_problem(state: WorkerState, head: wire.Header, nbytes: int, layers: list, mine: dict) -> str | None:
+    """Why a job cannot be computed here (wrong layer, shape or size), or ``None``."""
+    if not 0 <= head.layer < len(layers) or layers[head.layer].name not in mine:
+        return f"layer index {head.layer} is not one of this rank's layers"
+    layer = layers[head.layer]
+    want = state.model.shapes()[layer.inputs[0]]
+    if tuple(head.shape) != tuple(want):
+        return f"input of shape {head.shape} for layer {layer.name!r}, which takes {want}"
+    if nbytes != wire.HEADER_BYTES + 4 * math.prod(want):
+        return f"{nbytes} bytes for layer {layer.name!r}, which takes {wire.HEADER_BYTES + 4 * math.prod(want)}"
+    return None
+
+
+def worker_loop(data: Channel, state: WorkerState, stop_event: threading.Event) -> None:
+    """Serve jobs from rank 0 until the watchdog sees STOP.  Local to this rank (no collectives).
+
+    Raises :class:`MasterLost` when the master cannot be reached.
+    """
+    layers = state.model.linear_layers
     mine = {lp.layer: (lp, block) for lp, block in state.plan.rank_blocks(state.rank)}
-    n_linear = len(layers)
+    tags = wire.ReplyTags(len(layers), data.tag_ub)
     rng = np.random.default_rng([state.seed, state.rank])
     delay = state.injections.delay_for(state.rank) if state.injections is not None else None
     last_request = None
     workspace = Workspace()  # lowering scratch, reused across layers and requests
-    status = MPI.Status()
     while not stop_event.is_set():
         try:
-            if not comm.Iprobe(source=0, tag=wire.TAG_JOB, status=status):
+            nbytes = data.probe(0, wire.TAG_JOB)
+            if nbytes is None:
                 time.sleep(state.poll_s)
                 continue
-            buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
-            comm.Recv([buf, MPI.BYTE], source=0, tag=wire.TAG_JOB)
-        except MPI.Exception:
-            log.error("rank %d lost the master; exiting", state.rank)
-            return 1
+            buf = np.empty(nbytes, dtype=np.uint8)
+            data.recv(buf, 0, wire.TAG_JOB)
+        except PeerLost:
+            raise MasterLost(f"rank {state.rank} lost the master") from None
+        if nbytes < wire.HEADER_BYTES:
+            log.error("rank %d: ignoring a %d-byte job (shorter than a header)", state.rank, nbytes)
+            continue
         head = wire.Header.unpack(buf)
         if head.kind == wire.STOP:
-            return 0
+            return
+        tag = tags.tag(head.request, head.layer)
+        problem = _job_problem(state, head, nbytes, layers, mine)
+        if problem:
+            log.error("rank %d refuses a job: %s", state.rank, problem)
+            _reply(data, wire.message(wire.Header(wire.REFUSED, head.request, head.layer)), tag)
+            continue
         layer = layers[head.layer]
         lp, block = mine[layer.name]
-        tag = wire.reply_tag(head.request, head.layer, n_linear)
         first = head.request != last_request
         last_request = head.request
         if state.injections is not None:
             injection = state.injections.action_for(state.rank, head.request, layer.name, first)
             if injection is not None:
                 _fire(injection, state.rank, stop_event)
-                return 0
-        if comm.Iprobe(source=0, tag=wire.TAG_JOB):  # fallen behind: the master already moved on
-            _send(MPI, comm, wire.message(wire.Header(wire.SKIPPED, head.request, head.layer, block)), tag)
+                return
+        if data.probe(0, wire.TAG_JOB) is not None:  # fallen behind: the master already moved on
+            _reply(data, wire.message(wire.Header(wire.SKIPPED, head.request, head.layer, block)), tag)
             continue
         start = time.perf_counter()
         W, b = state.blocks[layer.name]
@@ -143,11 +173,8 @@ def worker_loop(MPI, comm, state: WorkerState, stop_event: threading.Event) -> i
                 time.sleep(modeled - compute)
         if delay is not None:
             time.sleep(float(delay.sample(rng)))
-        reply = wire.message(wire.Header(wire.REPLY, head.request, head.layer, block, out.shape, compute,
-                                         modeled), np.ascontiguousarray(out))
-        if not _send(MPI, comm, reply, tag):
-            return 1
-    return 0
+        _reply(data, wire.message(wire.Header(wire.REPLY, head.request, head.layer, block, out.shape, compute,
+                                              modeled), np.ascontiguousarray(out)), tag)
 
 
 def emulated_seconds(device, weight_shape, out: np.ndarray, input_bytes: int) -> float:
@@ -162,10 +189,8 @@ def emulated_seconds(device, weight_shape, out: np.ndarray, input_bytes: int) ->
                  + device.transfer_time(out.nbytes))
 
 
-def _send(MPI, comm, buf, tag) -> bool:
+def _reply(data: Channel, buf: np.ndarray, tag: int) -> None:
     try:
-        comm.Send([buf, MPI.BYTE], dest=0, tag=tag)
-        return True
-    except MPI.Exception:
-        log.error("rank %d could not reach the master; exiting", comm.Get_rank())
-        return False
+        data.send(buf, 0, tag)
+    except PeerLost:
+        raise MasterLost(f"rank {data.rank} could not reach the master") from None
