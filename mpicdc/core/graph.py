@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 
 from mpicdc.core.models import Layer, Model
 
-__all__ = ["LayerExecutor", "walk", "fused_relu"]
+__all__ = ["LayerExecutor", "fused_relu", "walk"]
 
 
 class LayerExecutor(ABC):

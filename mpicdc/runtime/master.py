@@ -108,7 +108,7 @@ class _MasterExecutor(LocalExecutor):
     ReLU is applied in place on the decoded output (identical values).
     """
 
-    def __init__(self, coordinator: "Coordinator", request: int, records: list):
+    def __init__(self, coordinator: Coordinator, request: int, records: list):
         super().__init__(coordinator.master_weights)
         self.coordinator, self.request, self.records = coordinator, request, records
 
