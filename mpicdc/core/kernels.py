@@ -42,13 +42,13 @@ follows a linear layer into its product, and reuses scratch memory through a
 from __future__ import annotations
 
 import math
-import time
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from mpicdc.core.graph import LayerExecutor, walk
 from mpicdc.core.models import Layer, Model
 
 DTYPE = np.float32
@@ -593,46 +593,35 @@ def forward(model: Model, weights: dict, x, return_all: bool = False, *,
     reader of a linear layer's output is applied in place on the product
     (junk columns included), and activations are dropped after their last
     reader, which saves a pass and a copy per layer and keeps the peak memory
-    down; the values are identical.
+    down; the values are identical.  The walk is :func:`mpicdc.core.graph.walk`
+    with a :class:`LocalExecutor`.
     """
-    workspace = Workspace() if workspace is None else workspace
-    clock = time.perf_counter
-    acts = {"input": check_input(model, x)}
-    readers: dict = {}
-    for layer in model.layers:
-        for name in layer.inputs:
-            readers.setdefault(name, []).append(layer)
-    fused = set()
-    for layer in model.layers:
-        if layer.name in fused:
-            continue
-        start = clock()
-        ins = [acts[i] for i in layer.inputs]
-        name = layer.name
-        if layer.is_linear:
-            W, b = weights[layer.name]
-            after = readers.get(layer.name, [])
-            fuse = (not return_all and len(after) == 1 and after[0].op == "relu"
-                    and layer.name != model.output)
-            Y, lo = lower_gemm(layer, W, b, ins[0], relu=fuse, workspace=workspace)
-            if fuse:
-                fused.add(after[0].name)
-                name = after[0].name
-                if timings is not None:
-                    timings[name] = 0.0
-            acts[name] = lo.finish(Y)
-        else:
-            acts[name] = nonlinear(layer, ins)
-        _release(acts, readers, layer, model, return_all)
-        if timings is not None:
-            timings[layer.name] = clock() - start
-    return acts if return_all else acts[model.output]
+    return walk(model, check_input(model, x), LocalExecutor(weights, workspace),
+                keep_all=return_all, timings=timings)
 
 
-def _release(acts, readers, layer, model, return_all):
-    """Drop activations whose last reader was ``layer`` (only when not returning them all)."""
-    if return_all:
-        return
-    for name in set(layer.inputs):
-        if name != model.output and readers[name][-1] is layer:
-            acts.pop(name, None)
+class LocalExecutor(LayerExecutor):
+    """Runs every layer on this process with numpy: the serial forward and the master's own layers.
+
+    Parameters
+    ----------
+    weights : ``{layer: (W, b)}`` of the linear layers it runs.
+    workspace : scratch memory for the lowerings (``None``: a fresh one).
+
+    A ReLU fused into a linear layer is applied in place on its product (junk
+    columns included), which saves a pass and a copy; the values are identical.
+    """
+
+    fuses_relu = True
+
+    def __init__(self, weights: dict, workspace: Workspace | None = None):
+        self.weights = weights
+        self.workspace = Workspace() if workspace is None else workspace
+
+    def linear(self, layer: Layer, x, *, relu: bool = False) -> np.ndarray:
+        W, b = self.weights[layer.name]
+        Y, lo = lower_gemm(layer, W, b, x, relu=relu, workspace=self.workspace)
+        return lo.finish(Y)
+
+    def nonlinear(self, layer: Layer, inputs: list) -> np.ndarray:
+        return nonlinear(layer, inputs)

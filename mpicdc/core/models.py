@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Callable
 
 LINEAR_OPS = ("conv", "dense")
@@ -75,6 +76,15 @@ class Model:
             if missing:
                 raise ValueError(f"layer {layer.name!r} reads {missing} before they are defined")
             seen.add(layer.name)
+        # derived data (shapes, readers), computed on first use: the graph is immutable
+        object.__setattr__(self, "_derived", {})
+
+    def _memo(self, key: str, compute: Callable):
+        """The value ``compute()`` for ``key``, computed once per model and stored on it."""
+        derived = self._derived
+        if key not in derived:
+            derived[key] = compute()
+        return derived[key]
 
     @property
     def output(self) -> str:
@@ -91,15 +101,28 @@ class Model:
         return [layer for layer in self.layers if layer.is_linear]
 
     def shapes(self) -> dict:
-        """Output shape (no batch axis) of every layer, plus ``"input"``."""
+        """Output shape (no batch axis) of every layer, plus ``"input"``.
+
+        Computed once per model; each call returns a new dict (of tuples), so
+        callers may modify it without affecting the model.
+        """
+        return dict(self._memo("shapes", self._infer_shapes))
+
+    def _infer_shapes(self) -> dict:
         shapes = {"input": tuple(self.input_shape)}
         for layer in self.layers:
             shapes[layer.name] = infer_shape(layer, [shapes[i] for i in layer.inputs])
         return shapes
 
     def weight_shapes(self) -> dict:
-        """``{layer: (rows, cols)}`` of every linear layer's GEMM weight matrix."""
-        shapes = self.shapes()
+        """``{layer: (rows, cols)}`` of every linear layer's GEMM weight matrix.
+
+        Computed once per model; each call returns a new dict, as :meth:`shapes`.
+        """
+        return dict(self._memo("weight_shapes", self._weight_shapes))
+
+    def _weight_shapes(self) -> dict:
+        shapes = self._memo("shapes", self._infer_shapes)
         out = {}
         for layer in self.linear_layers:
             in_shape = shapes[layer.inputs[0]]
@@ -108,6 +131,21 @@ class Model:
             else:
                 out[layer.name] = (layer.attrs["out"], in_shape[0] * math.prod(layer.attrs["kernel"]))
         return out
+
+    def readers(self) -> dict:
+        """``{name: (layer, ...)}``: the layers reading each activation (``"input"`` included), in order.
+
+        Activations nobody reads (the output) are absent.  Computed once per
+        model; the mapping is read-only, the tuples immutable.
+        """
+        return self._memo("readers", self._readers)
+
+    def _readers(self):
+        readers: dict = {}
+        for layer in self.layers:
+            for name in dict.fromkeys(layer.inputs):
+                readers.setdefault(name, []).append(layer)
+        return MappingProxyType({name: tuple(layers) for name, layers in readers.items()})
 
     def flops(self) -> dict:
         """Multiply-add FLOPs (2 per MAC) of every linear layer at batch 1."""

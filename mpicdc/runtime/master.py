@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpicdc.core.kernels import check_input, linear_forward, nonlinear
+from mpicdc.core.graph import walk
+from mpicdc.core.kernels import LocalExecutor, check_input
 from mpicdc.runtime import wire
 from mpicdc.runtime.channel import Channel, PeerLost
 
@@ -102,6 +103,29 @@ class Arrival:
     status: str  # "reply", "skipped", "bad" (wrong size or non-finite values), "failed" (rank lost)
 
 
+class _MasterExecutor(LocalExecutor):
+    """One request's layers on the master: planned linear layers go to the workers, the rest run here.
+
+    Linear layers without a layer plan use the master's own weights; a fused
+    ReLU is applied in place on the decoded output (identical values).
+    """
+
+    def __init__(self, coordinator: Coordinator, request: int, records: list):
+        super().__init__(coordinator.master_weights)
+        self.coordinator, self.request, self.records = coordinator, request, records
+
+    def linear(self, layer, x, *, relu: bool = False):
+        lp = self.coordinator.plan.for_layer(layer.name)
+        if lp is None:
+            return super().linear(layer, x, relu=relu)
+        record = LayerRecord(layer.name)
+        out = self.coordinator._distributed(layer, lp, x, self.request, record)
+        self.records.append(record)
+        if relu:
+            np.maximum(out, 0, out=out)
+        return out
+
+
 class Coordinator:
     """Rank 0's side of the runtime: serves inference requests over ``comm``.
 
@@ -137,25 +161,14 @@ class Coordinator:
         request = self.next_request
         self.next_request += 1
         self._refresh_dead()
-        records, acts = [], {"input": x}
+        records = []
         start = time.perf_counter()
         try:
-            for layer in self.model.layers:
-                ins = [acts[i] for i in layer.inputs]
-                lp = self.plan.for_layer(layer.name) if layer.is_linear else None
-                if lp is not None:
-                    record = LayerRecord(layer.name)
-                    acts[layer.name] = self._distributed(layer, lp, ins[0], request, record)
-                    records.append(record)
-                elif layer.is_linear:
-                    W, b = self.master_weights[layer.name]
-                    acts[layer.name] = linear_forward(layer, W, b, ins[0])
-                else:
-                    acts[layer.name] = nonlinear(layer, ins)
+            output = walk(self.model, x, _MasterExecutor(self, request, records))
         except RequestFailed as exc:
             log.error("%s", exc)
             return RequestResult(request, None, time.perf_counter() - start, records, str(exc))
-        return RequestResult(request, acts[self.model.output], time.perf_counter() - start, records)
+        return RequestResult(request, output, time.perf_counter() - start, records)
 
     def _targets(self, lp):
         gone = self.dead | self.silent

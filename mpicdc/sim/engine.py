@@ -67,6 +67,7 @@ from mpicdc.core.faults import (
     parse_delay,
     parse_injections,
 )
+from mpicdc.core.graph import LayerExecutor, walk
 from mpicdc.core.models import Model, get_model
 from mpicdc.sim.devices import DEFAULT_DEVICE, DeviceModel, device_names, get_device
 
@@ -352,26 +353,46 @@ class _DistStep:
     delay_groups: list = None         # [(DelayModel, block indices)] (set by simulate)
 
 
+class _StepExecutor(LayerExecutor):
+    """A graph walk whose values are shapes: each layer appends its step to ``steps``.
+
+    Linear layers with a layer plan go to ``distributed(layer, lp, in_shape,
+    out_shape)``; the others, and nonlinear layers, become master steps costed
+    on ``master``.  No ReLU fusion: the master's ReLU steps are costed too.
+    """
+
+    def __init__(self, model: Model, plan, master: DeviceModel, config: SimConfig, distributed):
+        self.shapes, self.wshapes = model.shapes(), model.weight_shapes()
+        self.plan, self.master, self.config, self.distributed = plan, master, config, distributed
+        self.steps: list = []
+
+    def linear(self, layer, x, *, relu=False):
+        out_shape = self.shapes[layer.name]
+        lp = self.plan.for_layer(layer.name)
+        if lp is not None:
+            self.steps.append(self.distributed(layer, lp, x, out_shape))
+            return out_shape
+        rows, cols = self.wshapes[layer.name]
+        self.steps.append(_MasterStep(layer.name, float(self.master.gemm_time(rows, cols,
+                                                                             math.prod(out_shape[1:])))))
+        return out_shape
+
+    def nonlinear(self, layer, inputs):
+        out_shape = self.shapes[layer.name]
+        seconds = 0.0
+        if self.config.nonlinear:
+            seconds = float(self.master.compute_time(*nonlinear_work(layer.op, inputs, out_shape,
+                                                                     layer.attrs)))
+        self.steps.append(_MasterStep(layer.name, seconds))
+        return out_shape
+
+
 def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config: SimConfig) -> list:
-    shapes = model.shapes()
     wshapes = model.weight_shapes()
     bw = device.bandwidth_MBps * 1e6
-    steps, rules = [], {}
-    for layer in model.layers:
-        in_shapes = [shapes[i] for i in layer.inputs]
-        out_shape = shapes[layer.name]
-        lp = plan.for_layer(layer.name) if layer.is_linear else None
-        if lp is None:
-            if layer.is_linear:
-                rows, cols = wshapes[layer.name]
-                seconds = float(master.gemm_time(rows, cols, math.prod(out_shape[1:])))
-            elif config.nonlinear:
-                seconds = float(master.compute_time(*nonlinear_work(layer.op, in_shapes, out_shape,
-                                                                    layer.attrs)))
-            else:
-                seconds = 0.0
-            steps.append(_MasterStep(layer.name, seconds))
-            continue
+    rules = {}
+
+    def distributed(layer, lp, in_shape, out_shape) -> _DistStep:
         rows_total, cols = wshapes[layer.name]
         if lp.rows[-1][1] != rows_total:
             raise ValueError(f"plan for {layer.name!r} covers rows up to {lp.rows[-1][1]}, "
@@ -382,15 +403,18 @@ def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config:
         block_rows = np.array([b - a for a, b in lp.rows] + [lp.block_rows] * lp.r, dtype=float)
         elems = lp.block_rows * spatial
         dec_flops, dec_bytes = 2.0 * lp.n * elems, 4.0 * (lp.n + 1) * elems
-        steps.append(_DistStep(
+        return _DistStep(
             name=layer.name, n=lp.n, ranks=np.asarray(lp.ranks, dtype=np.intp),
             latency=device.latency_s,
-            send=4.0 * math.prod(in_shapes[0]) / bw,
+            send=4.0 * math.prod(in_shape) / bw,
             reply=4.0 * block_rows * spatial / bw,
             compute=np.asarray(device.gemm_time(block_rows, cols, spatial), dtype=float),
             decode_cost=config.decode_scale * float(master.compute_time(dec_flops, dec_bytes)),
-            rule=_rule_for(lp.code_obj, config.verify, rules)))
-    return steps
+            rule=_rule_for(lp.code_obj, config.verify, rules))
+
+    executor = _StepExecutor(model, plan, master, config, distributed)
+    walk(model, tuple(model.input_shape), executor)
+    return executor.steps
 
 
 def _rule_for(code, verify: int, cache: dict) -> Decodability:
