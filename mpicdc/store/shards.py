@@ -38,6 +38,7 @@ from urllib.parse import quote
 import h5py
 import numpy as np
 
+from mpicdc.core.codes import parse_code_spec
 from mpicdc.core.kernels import layer_weights
 from mpicdc.core.models import Model, get_model
 from mpicdc.core.plan import Plan, make_plan, rank_role
@@ -151,8 +152,7 @@ def prepare_command(model_name: str, plan: Plan, source: str = "random", seed: i
     parity = plan.parity if parity is None else parity
     code = plan.code
     parts = ["python -m mpicdc.prepare", model_name, f"--workers {workers}"]
-    kind = code.partition(":")[0]
-    if kind in ("mds", "replication") or kind.startswith("mds-"):
+    if parse_code_spec(code).parity is None:     # r is not implied by the spec
         parts.append(f"--parity {parity}")
     parts.append(f"--code {code}")
     if model is not None:
@@ -235,30 +235,6 @@ def _layout(model: Model, plan: Plan, rank: int) -> list:
             out.append(_Block(layer.name, layer.op, "parity", i, (0, lp.block_rows), lp.block_rows, lp.block_rows,
                               cols, lp.code, lp.n, lp.r, tuple(lp.ranks)))
     return out
-
-
-def _check_plan(model: Model, plan: Plan) -> None:
-    """Raise ``ValueError`` when ``plan`` does not fit ``model`` (names, row ranges, ranks, code sizes)."""
-    if plan.model != model.name:
-        raise ValueError(f"the plan is for model {plan.model!r}, not {model.name!r}")
-    shapes = model.weight_shapes()
-    for lp in plan.layers:
-        if lp.layer not in shapes:
-            raise ValueError(f"plan layer {lp.layer!r} is not a linear layer of {model.name}; "
-                             f"linear layers: {', '.join(shapes)}")
-        m = shapes[lp.layer][0]
-        edges = [0] + [stop for _, stop in lp.rows]
-        if [start for start, _ in lp.rows] != edges[:-1] or edges[-1] != m or any(
-                stop <= start for start, stop in lp.rows):
-            raise ValueError(f"layer {lp.layer!r}: row blocks {list(lp.rows)} do not split its {m} rows in order")
-        bad = [x for x in lp.ranks if not 1 <= x < plan.world_size]
-        if bad or len(set(lp.ranks)) != len(lp.ranks):
-            raise ValueError(f"layer {lp.layer!r}: block ranks {list(lp.ranks)} must be distinct worker ranks "
-                             f"1..{plan.world_size - 1}")
-        code = lp.code_obj
-        if (code.n, code.r) != (lp.n, lp.r) or np.shape(code.parity) != (lp.r, lp.n):
-            raise ValueError(f"layer {lp.layer!r}: code {lp.code!r} has n={code.n}, r={code.r}, "
-                             f"P {np.shape(code.parity)}; the plan has {lp.n} data and {lp.r} parity blocks")
 
 
 # ---------------------------------------------------------------- writing
@@ -427,7 +403,7 @@ def prepare(model: Model, plan: Plan, out_dir, source="random", seed: int | None
 
     Returns the :class:`Manifest` of the written directory.  Local; no MPI.
     """
-    _check_plan(model, plan)
+    plan.validate(model)
     get_weights, source_desc, seed = _resolve_source(model, source, seed, source_label, consume)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
