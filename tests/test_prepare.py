@@ -130,8 +130,8 @@ def test_error_exit_codes_in_a_subprocess(tmp_path):
 def test_source_file_through_the_importers(tmp_path):
     import numpy as np
 
-    from mpicdc.core.kernels import init_weights
     from mpicdc.core.models import get_model
+    from mpicdc.core.random_weights import init_weights
     from mpicdc.store.importers import save_npz
 
     model = get_model("lenet")
