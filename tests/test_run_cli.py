@@ -11,8 +11,8 @@ import pytest
 from mpi_helpers import ROOT, requires_mpi, run_bounded, run_job
 
 from mpicdc.core.kernels import forward
-from mpicdc.core.random_weights import init_weights
 from mpicdc.core.models import get_model
+from mpicdc.core.random_weights import init_weights
 from mpicdc.runtime.launch import find_mpirun
 from mpicdc.store import prepare_zoo
 

@@ -13,9 +13,9 @@ import pytest
 from mpicdc import store
 from mpicdc.core.codes import encode_rows
 from mpicdc.core.kernels import default_input, forward, lower
-from mpicdc.core.random_weights import init_weights, layer_weights
 from mpicdc.core.models import GraphBuilder, get_model
 from mpicdc.core.plan import format_plan_table, make_plan, rank_bytes
+from mpicdc.core.random_weights import init_weights, layer_weights
 from mpicdc.progress import Progress
 from mpicdc.store import ShardError, shards
 

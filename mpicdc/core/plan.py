@@ -13,7 +13,13 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from mpicdc.core.codes import Code, make_code, parse_code_spec, row_blocks_problem, split_rows
+from mpicdc.core.codes import (
+    Code,
+    make_code,
+    parse_code_spec,
+    row_blocks_problem,
+    split_rows,
+)
 from mpicdc.core.models import Model
 from mpicdc.core.ranges import format_ranges
 
