@@ -243,7 +243,7 @@ def _print_request(r, check, top_k) -> None:
 def master_main(args, session) -> int:
     """Rank 0: run the requests, print and write the results; returns the exit code."""
     from mpicdc.core.kernels import forward
-    from mpicdc.runtime.session import reference_weights
+    from mpicdc.store import reference_weights
 
     model = session.model
     x = load_input(model, args.input, args.seed)

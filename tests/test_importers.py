@@ -18,8 +18,9 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-from mpicdc.core.kernels import forward, init_weights  # noqa: E402
+from mpicdc.core.kernels import forward  # noqa: E402
 from mpicdc.core.models import get_model  # noqa: E402
+from mpicdc.core.random_weights import init_weights  # noqa: E402
 from mpicdc.store.importers import (  # noqa: E402
     ModelImportError,
     UnsupportedOpError,

@@ -26,6 +26,7 @@ from mpicdc.core.models import (
     get_model,
     model_names,
 )
+from mpicdc.core.random_weights import init_weights, layer_weights
 
 RNG = np.random.default_rng(12345)
 
@@ -442,7 +443,7 @@ def test_unknown_op_in_nonlinear_raises():
 
 def test_bad_input_shape_names_expected_shape():
     model = get_model("lenet")
-    weights = K.init_weights(model)
+    weights = init_weights(model)
     with pytest.raises(ValueError, match=r"\(1, 28, 28\)"):
         K.forward(model, weights, np.zeros((28, 28), np.float32))
     with pytest.raises(ValueError, match=r"expects input of shape \(1, 28, 28\).*got \(2, 1, 28, 28\)"):
@@ -493,13 +494,13 @@ def test_model_json_rejects_unknown_layer_keys():
 
 def test_weights_are_deterministic_and_per_layer():
     model = get_model("lenet")
-    a, b = K.init_weights(model, seed=7), K.init_weights(model, seed=7)
+    a, b = init_weights(model, seed=7), init_weights(model, seed=7)
     for name in a:
         np.testing.assert_array_equal(a[name][0], b[name][0])
         assert a[name][0].shape == model.weight_shapes()[name] and a[name][0].dtype == np.float32
-    W1, _ = K.layer_weights(model, "conv2", seed=7)
+    W1, _ = layer_weights(model, "conv2", seed=7)
     np.testing.assert_array_equal(W1, a["conv2"][0])
-    assert not np.array_equal(K.init_weights(model, seed=8)["conv2"][0], W1)
+    assert not np.array_equal(init_weights(model, seed=8)["conv2"][0], W1)
 
 
 def test_forward_small_graph_by_hand():
@@ -559,7 +560,7 @@ def test_kernels_benchmark_rejects_bad_arguments():
 def test_forward_timings_cover_every_layer():
     model = get_model("tiny")
     timings = {}
-    K.forward(model, K.init_weights(model), K.default_input(model), timings=timings)
+    K.forward(model, init_weights(model), K.default_input(model), timings=timings)
     assert set(timings) == {layer.name for layer in model.layers}
     assert all(t >= 0 for t in timings.values())
     assert timings["conv1_relu"] == 0.0      # fused into conv1 (its only reader)

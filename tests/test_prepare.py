@@ -93,7 +93,7 @@ def test_dry_run_writes_nothing(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["resnet9000", "--workers", "2"], "unknown model 'resnet9000'; known models: actionrec, alexnet, c3d"),
-    (["tiny", "--workers", "2", "--code", "fountain"], "unknown code 'fountain'"),
+    (["tiny", "--workers", "2", "--code", "fountain"], "unknown code spec 'fountain'; expected none | sum"),
     (["tiny", "--workers", "0"], "--workers must be at least 1"),
     (["tiny"], "--workers N is required"),
     (["tiny", "--workers", "2", "--code", "mds"], "needs --parity R"),
@@ -130,8 +130,8 @@ def test_error_exit_codes_in_a_subprocess(tmp_path):
 def test_source_file_through_the_importers(tmp_path):
     import numpy as np
 
-    from mpicdc.core.kernels import init_weights
     from mpicdc.core.models import get_model
+    from mpicdc.core.random_weights import init_weights
     from mpicdc.store.importers import save_npz
 
     model = get_model("lenet")

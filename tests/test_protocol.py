@@ -18,8 +18,8 @@ from mpicdc import store
 from mpicdc.core.kernels import default_input, forward
 from mpicdc.runtime import wire
 from mpicdc.runtime.master import Coordinator
-from mpicdc.runtime.session import reference_weights
 from mpicdc.runtime.worker import WorkerState, start_watchdog, worker_loop
+from mpicdc.store import reference_weights
 
 RTOL = 1e-4  # sum parity decodes by one subtraction: float32 error ~1e-7, far below this
 

@@ -14,8 +14,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed: pip install torch==2.13.0")
 
 from mpicdc.bench.kernels import torch_forward, torch_weights  # noqa: E402
-from mpicdc.core.kernels import Workspace, default_input, forward, init_weights  # noqa: E402
+from mpicdc.core.kernels import Workspace, default_input, forward  # noqa: E402
 from mpicdc.core.models import get_model, model_names  # noqa: E402
+from mpicdc.core.random_weights import init_weights  # noqa: E402
 
 RTOL = 1e-4
 SLOW = {"vgg16", "c3d", "alexnet", "inception_v3"}   # about a second or more each

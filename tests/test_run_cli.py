@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from mpi_helpers import ROOT, requires_mpi, run_bounded, run_job
 
-from mpicdc.core.kernels import forward, init_weights
+from mpicdc.core.kernels import forward
 from mpicdc.core.models import get_model
+from mpicdc.core.random_weights import init_weights
 from mpicdc.runtime.launch import find_mpirun
 from mpicdc.store import prepare_zoo
 

@@ -12,15 +12,10 @@ import pytest
 
 from mpicdc import store
 from mpicdc.core.codes import encode_rows
-from mpicdc.core.kernels import (
-    default_input,
-    forward,
-    init_weights,
-    layer_weights,
-    lower,
-)
+from mpicdc.core.kernels import default_input, forward, lower
 from mpicdc.core.models import GraphBuilder, get_model
 from mpicdc.core.plan import format_plan_table, make_plan, rank_bytes
+from mpicdc.core.random_weights import init_weights, layer_weights
 from mpicdc.progress import Progress
 from mpicdc.store import ShardError, shards
 
@@ -458,3 +453,44 @@ def test_progress_bar_only_on_a_terminal():
         bar.update(1e6, status="fc7")
     out = term.getvalue()
     assert out.endswith("\n") and "100%" in out and "2.0 MB/2.0 MB" in out and out.count("\n") == 1
+
+
+# ---------------------------------------------------------------- ensure_prepared
+
+def test_ensure_prepared_prepares_once_then_reuses(tmp_path):
+    model = get_model("tiny")
+    plan = make_plan(model, 2, None, "sum")
+    folder = store.ensure_prepared(model, plan, tmp_path, seed=3)
+    assert folder == store.default_dir("tiny", plan, tmp_path)
+    first = store.open_manifest(folder)
+    assert (first.source, first.seed) == ("random", 3) and not store.verify(folder)
+    again = store.ensure_prepared(model, plan, tmp_path, seed=3)
+    assert again == folder and store.open_manifest(folder).preparation == first.preparation
+    weights = store.reference_weights(first)
+    np.testing.assert_array_equal(weights["fc1"][0], init_weights(model, 3)["fc1"][0])
+
+
+def test_ensure_prepared_refuses_another_seed_or_plan(tmp_path):
+    model = get_model("tiny")
+    plan = make_plan(model, 2, None, "sum")
+    folder = store.ensure_prepared(model, plan, tmp_path, seed=0)
+    with pytest.raises(ShardError, match=r"seed \(0, not 1\).*--seed 1 --dir") as info:
+        store.ensure_prepared(model, plan, tmp_path, seed=1)
+    assert str(folder) in str(info.value)
+    # same folder name (same tag), other plan: fc2 kept on the master
+    other = make_plan(model, 2, None, "sum", keep_on_master=["fc2"])
+    assert store.default_dir("tiny", other, tmp_path) == folder
+    with pytest.raises(ShardError, match=r"another plan.*--keep-on-master fc2 --dir"):
+        store.ensure_prepared(model, other, tmp_path, seed=0)
+    # the run command takes what is there
+    assert store.ensure_prepared(model, other, tmp_path, seed=1, check=False) == folder
+    assert store.open_manifest(folder).seed == 0
+
+
+def test_reference_weights_reassemble_imported_shards(tmp_path):
+    model = get_model("tiny")
+    weights = init_weights(model, 9)
+    m = store.prepare(model, make_plan(model, 3, 2, "mds"), tmp_path / "w", dict(weights), source_label="x.npz")
+    for name, (W, b) in store.reference_weights(m).items():
+        np.testing.assert_array_equal(W, weights[name][0])
+        np.testing.assert_array_equal(b, weights[name][1])

@@ -123,8 +123,9 @@ def _times(fn, reps: int) -> np.ndarray:
 
 def timing_table(model_name="vgg16", n=4, reps=7, log=print) -> list:
     """Per linear layer: GEMM shape, layer time, and decode time of sum parity / MDS r=2."""
-    from mpicdc.core.kernels import default_input, forward, gemm, init_weights, lower
+    from mpicdc.core.kernels import default_input, forward, gemm, lower
     from mpicdc.core.models import get_model
+    from mpicdc.core.random_weights import init_weights
 
     model = get_model(model_name)
     weights = init_weights(model)

@@ -174,8 +174,9 @@ def bench_model(name: str, repeat: int, torch_mod, fresh: bool = True) -> dict:
     """
     import numpy as np
 
-    from mpicdc.core.kernels import Workspace, default_input, forward, init_weights
+    from mpicdc.core.kernels import Workspace, default_input, forward
     from mpicdc.core.models import get_model
+    from mpicdc.core.random_weights import init_weights
 
     model = get_model(name)
     weights = init_weights(model, seed=0)

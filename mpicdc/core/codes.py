@@ -31,6 +31,9 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mpicdc.core.decodability import Decodability, decode_structure
+from mpicdc.core.ranges import format_ranges, parse_ranges
+
 KINDS = ("none", "replication", "sum", "groups", "mds")
 MDS_CONSTRUCTIONS = ("optimized", "rotation", "vandermonde", "cauchy", "gaussian")
 
@@ -335,6 +338,13 @@ class Code:
                 parity[j][lo:lo + step] = mixed[j]
         return parity
 
+    # ------------------------------------------------------------------ simulation
+
+    def decodability(self, verify: int = 200) -> Decodability:
+        """The closed-form rule of when a set of replies decodes (:func:`decode_structure`),
+        found once per code: equal codes share it, so a plan's layers pay for it once."""
+        return _decodability(self, verify)
+
     # ------------------------------------------------------------------ numerics
 
     @cached_property
@@ -360,6 +370,11 @@ class Code:
         decode error grows roughly in proportion: see ``docs/codes.md``.
         """
         return self._worst_condition
+
+
+@lru_cache(maxsize=256)
+def _decodability(code: Code, verify: int) -> Decodability:
+    return decode_structure(code, verify=verify)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -562,19 +577,6 @@ def group_parity(n: int, groups: int | Sequence[Sequence[int]]) -> Code:
     return Code("groups", n, P, spec)
 
 
-def format_ranges(values) -> str:
-    """Increasing integers as runs: ``[1, 2, 3, 5]`` -> ``"1-3,5"``."""
-    group = list(values)
-    runs, start = [], None
-    for k, i in enumerate(group):
-        if start is None:
-            start = i
-        if k + 1 == len(group) or group[k + 1] != i + 1:
-            runs.append(str(start) if start == i else f"{start}-{i}")
-            start = None
-    return ",".join(runs)
-
-
 def mds(n: int, r: int, construction: str | None = None) -> Code:
     """A code that decodes from *any* ``n`` of its ``n + r`` blocks.
 
@@ -774,6 +776,58 @@ _GRAMMAR = ("none | sum | replication[:i,j,...] | groups:G | groups:0-2/3-5 | md
             "mds-" + " | mds-".join(MDS_CONSTRUCTIONS))
 
 
+@dataclass(frozen=True)
+class CodeSpec:
+    """A parsed code spec string (grammar in :data:`_GRAMMAR`), before ``n`` is known.
+
+    ``kind`` is one of :data:`KINDS`; ``arg`` is the replicated block list (tuple) or None for
+    ``replication``, the group count (int) or the groups (tuple of lists) for ``groups``, the
+    construction name or None for ``mds``, None otherwise; ``parity`` is the number of parity
+    blocks the spec implies, None when it comes from ``r`` (``mds``, bare ``replication``).
+    """
+
+    text: str
+    kind: str
+    arg: object
+    parity: int | None
+
+
+def parse_code_spec(spec: str) -> CodeSpec:
+    """Parse a code spec; the one place that knows the grammar (``make_code``, ``parity_count``).
+
+    Raises
+    ------
+    ValueError : the spec does not follow the grammar; the message lists it.
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"code spec must be a string ({_GRAMMAR}), got {spec!r}")
+    text = spec.strip()
+    kind, colon, arg = text.partition(":")
+    if kind in ("none", "sum") and not colon:
+        return CodeSpec(text, kind, None, 0 if kind == "none" else 1)
+    if kind == "replication":
+        if not colon:
+            return CodeSpec(text, kind, None, None)
+        blocks = tuple(_parse_blocks(arg, text))
+        return CodeSpec(text, kind, blocks, len(blocks))
+    if kind == "groups" and arg:
+        if arg.isascii() and arg.isdigit():
+            return CodeSpec(text, kind, int(arg), int(arg))
+        groups = tuple(_parse_blocks(g, text) for g in arg.split("/"))
+        return CodeSpec(text, kind, groups, len(groups))
+    if kind == "groups":
+        raise ValueError(f"code {text!r} needs a group count or the groups, e.g. groups:2 or "
+                         f"groups:0-2/3-5; expected {_GRAMMAR}")
+    if kind == "mds" and not colon:
+        return CodeSpec(text, "mds", None, None)
+    if kind.startswith("mds-") and not colon:
+        name = kind[4:]
+        if name not in MDS_CONSTRUCTIONS:
+            raise ValueError(f"unknown MDS construction {name!r} in code spec {text!r}; expected {_GRAMMAR}")
+        return CodeSpec(text, "mds", name, None)
+    raise ValueError(f"unknown code spec {spec!r}; expected {_GRAMMAR}")
+
+
 def make_code(spec: str, n: int, r: int | None = None) -> Code:
     """Build a code from its spec string.
 
@@ -793,52 +847,34 @@ def make_code(spec: str, n: int, r: int | None = None) -> Code:
     ValueError : unknown spec, ``n < 1``, ``r < 0``, ``r`` inconsistent with the spec,
         groups that do not partition ``0..n-1``, replicated blocks out of range.
     """
-    if not isinstance(spec, str):
-        raise ValueError(f"code spec must be a string ({_GRAMMAR}), got {spec!r}")
+    parsed = parse_code_spec(spec)
     n = _check_int("n", n, 1)
     if r is not None:
         r = _check_int("r", r, 0)
-    kind, _, arg = spec.strip().partition(":")
-
-    def implied(count: int) -> None:
-        if r is not None and r != count:
-            raise ValueError(f"code {spec!r} has {count} parity block(s), but r={r} was given")
-
-    if kind in ("none", "sum") and not arg:
-        implied(0 if kind == "none" else 1)
-        return uncoded(n) if kind == "none" else sum_parity(n)
-    if kind == "replication":
-        if not arg:
-            if r is None or r < 1:
-                raise ValueError(f"code 'replication' needs r >= 1 copies, got r={r}")
-            return replication(n, r)
-        blocks = _parse_ints(arg, spec)
-        implied(len(blocks))
-        return replication(n, blocks)
-    if kind == "groups" and arg:
-        if arg.isdigit():
-            implied(int(arg))
-            return group_parity(n, int(arg))
-        groups = [_parse_ints(g, spec) for g in arg.split("/")]
-        implied(len(groups))
-        return group_parity(n, groups)
-    if (kind == "mds" or kind.startswith("mds-")) and not arg:
+    kind, arg = parsed.kind, parsed.arg
+    if parsed.parity is None:
         if r is None or r < 1:
             raise ValueError(f"code {spec!r} needs r >= 1 parity blocks, got r={r}")
-        return mds(n, r, kind[4:] or None)
-    raise ValueError(f"unknown code spec {spec!r}; expected {_GRAMMAR}")
+    elif r is not None and r != parsed.parity:
+        raise ValueError(f"code {spec!r} has {parsed.parity} parity block(s), but r={r} was given")
+    if kind == "none":
+        return uncoded(n)
+    if kind == "sum":
+        return sum_parity(n)
+    if kind == "replication":
+        return replication(n, r if arg is None else list(arg))
+    if kind == "groups":
+        return group_parity(n, arg if isinstance(arg, int) else list(arg))
+    return mds(n, r, arg)
 
 
-def _parse_ints(text: str, spec: str) -> list:
-    """``"0,3-5"`` -> ``[0, 3, 4, 5]``."""
-    out = []
-    for item in text.split(","):
-        lo, dash, hi = item.strip().partition("-")
-        if not lo.isdigit() or (dash and not hi.isdigit()):
-            raise ValueError(f"bad block list {text!r} in code spec {spec!r}: "
-                             f"expected comma-separated indices or ranges like 0,3-5")
-        out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
-    return out
+def _parse_blocks(text: str, spec: str) -> list:
+    """``"0,3-5"`` -> ``[0, 3, 4, 5]``, with the code spec named in the error."""
+    try:
+        return parse_ranges(text, "block index")
+    except ValueError as exc:
+        raise ValueError(f"bad block list {text!r} in code spec {spec!r}: {exc}; "
+                         f"expected comma-separated indices or ranges like 0,3-5") from None
 
 
 # ---------------------------------------------------------------------- row blocks
@@ -871,6 +907,19 @@ def split_rows(m: int, n: int, weights: Sequence[float] | None = None) -> list:
     return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
 
+def row_blocks_problem(rows: Sequence[tuple], m: int) -> str | None:
+    """Why ``(start, stop)`` pairs do not tile rows ``0..m-1`` with non-empty blocks in order
+    (None when they do); shared by :func:`encode_rows` and the plan's own check."""
+    edge = 0
+    for start, stop in rows:
+        if start != edge or stop is None or stop <= start:
+            return f"row blocks {list(rows)} must be contiguous non-empty ranges tiling 0..{m - 1} in order"
+        edge = stop
+    if edge != m:
+        return f"row blocks end at row {edge}, but there are {m} rows"
+    return None
+
+
 def block_rows(blocks: Sequence[slice]) -> int:
     """Rows of every block after zero-padding: the longest block's length."""
     if not blocks:
@@ -900,15 +949,11 @@ def encode_rows(W: np.ndarray, b: np.ndarray | None, code: Code, blocks: Sequenc
         raise ValueError(f"bias must have shape ({m},) to match W {W.shape}, got {b.shape}")
     if len(blocks) != code.n:
         raise ValueError(f"code {code.spec!r} has n={code.n} data blocks, got {len(blocks)} row blocks")
-    edge = 0
-    for s in blocks:
-        if not isinstance(s, slice) or s.step not in (None, 1) or s.start != edge \
-                or s.stop is None or s.stop <= s.start:
-            raise ValueError(f"row blocks must be contiguous non-empty slices tiling 0..{m - 1} "
-                             f"in order, got {list(blocks)}")
-        edge = s.stop
-    if edge != m:
-        raise ValueError(f"row blocks end at row {edge}, but W has {m} rows")
+    if not all(isinstance(s, slice) and s.step in (None, 1) for s in blocks):
+        raise ValueError(f"row blocks must be unit-step slices, got {list(blocks)}")
+    problem = row_blocks_problem([(s.start, s.stop) for s in blocks], m)
+    if problem:
+        raise ValueError(f"{problem} (W has shape {W.shape})")
     rows = block_rows(blocks)
     weights, biases = [], []
     for s in blocks:

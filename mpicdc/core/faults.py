@@ -27,6 +27,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from mpicdc.core.ranges import parse_ranges
+
 __all__ = ["DelayModel", "ConstDelay", "ShiftedExpDelay", "ParetoDelay", "EmpiricalDelay",
            "MixtureDelay", "parse_delay", "Injection", "Injections", "parse_injection",
            "parse_injections", "DELAY_HELP", "INJECT_HELP", "INJECTION_KINDS"]
@@ -414,21 +416,13 @@ def _parse_ranks(spec: str, text: str) -> tuple:
     text = text.strip()
     if text.lower() == "all":
         return ()
-    ranks = []
-    for part in text.split(","):
-        part = part.strip()
-        lo, dash, hi = part.partition("-")
-        try:
-            a = int(lo)
-            b = int(hi) if dash else a
-        except ValueError:
-            raise _bad_injection(spec, f"rank list {text!r} is not like 1, 1-3, 1,4 or all") from None
-        if a > b:
-            raise _bad_injection(spec, f"rank range {part!r} runs backwards")
-        if a < 1:
-            raise _bad_injection(spec, f"rank {a} cannot be injected: rank 0 is the master, "
-                                       "workers are 1 and up")
-        ranks.extend(range(a, b + 1))
+    try:
+        ranks = parse_ranges(text, "rank")
+    except ValueError as exc:
+        raise _bad_injection(spec, f"rank list {text!r} is not like 1, 1-3, 1,4 or all: {exc}") from None
+    if min(ranks) < 1:
+        raise _bad_injection(spec, f"rank {min(ranks)} cannot be injected: rank 0 is the master, "
+                                   "workers are 1 and up")
     return tuple(sorted(set(ranks)))
 
 

@@ -42,7 +42,6 @@ follows a linear layer into its product, and reuses scratch memory through a
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -526,23 +525,7 @@ def nonlinear(layer: Layer, inputs: list) -> np.ndarray:
     raise ValueError(f"layer {layer.name!r}: no kernel for op {op!r}")
 
 
-# ---------------------------------------------------------------- weights and reference forward
-
-def layer_weights(model: Model, name: str, seed: int = 0) -> tuple:
-    """Deterministic He-initialised ``(W, b)`` of one linear layer, independent of the other layers."""
-    rows, cols = model.weight_shapes()[name]
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    W = rng.standard_normal((rows, cols), dtype=DTYPE)
-    W *= DTYPE(math.sqrt(2.0 / cols))  # in place: one full-size array at a time (fc6 is 411 MB)
-    b = rng.standard_normal(rows, dtype=DTYPE)
-    b *= DTYPE(0.01)
-    return W, b
-
-
-def init_weights(model: Model, seed: int = 0) -> dict:
-    """``{layer: (W, b)}`` for every linear layer; seeded so every model runs without a download."""
-    return {layer.name: layer_weights(model, layer.name, seed) for layer in model.linear_layers}
-
+# ---------------------------------------------------------------- inputs and reference forward
 
 def check_input(model: Model, x) -> np.ndarray:
     """Validate an input tensor (no batch axis, or a batch axis of 1) and return it as float32."""

@@ -13,23 +13,22 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from mpicdc.core.codes import (
+    Code,
+    make_code,
+    parse_code_spec,
+    row_blocks_problem,
+    split_rows,
+)
 from mpicdc.core.models import Model
+from mpicdc.core.ranges import format_ranges
 
-CODE_KINDS = ("none", "replication", "sum", "groups", "mds")
+_FIX = "build the plan for this model with make_plan (python -m mpicdc.prepare MODEL --workers N ...)"
 
 
 def parity_count(code: str, parity: int | None) -> int:
     """Number of parity blocks implied by a code spec, checked against ``--parity`` when given."""
-    kind, _, arg = code.partition(":")
-    if kind not in CODE_KINDS and not kind.startswith("mds-"):
-        raise ValueError(f"unknown code {code!r}; choose one of none, replication, sum, groups:G, mds")
-    implied = {"none": 0, "sum": 1}.get(kind)
-    if kind == "groups":
-        if not arg:
-            raise ValueError("code 'groups' needs a group count, e.g. groups:2")
-        implied = len(arg.split("/")) if "/" in arg else int(arg)
-    if kind == "replication" and arg:
-        implied = len(arg.split(","))
+    implied = parse_code_spec(code).parity
     if implied is None:  # mds, replication without explicit blocks: r comes from --parity
         if parity is None or parity < 1:
             raise ValueError(f"code {code!r} needs --parity R with R >= 1")
@@ -66,9 +65,33 @@ class LayerPlan:
         return max(stop - start for start, stop in self.rows)
 
     @cached_property
-    def code_obj(self):
-        from mpicdc.core.codes import make_code
+    def code_obj(self) -> Code:
+        """The layer's :class:`~mpicdc.core.codes.Code`, built once from the spec string ``code``."""
         return make_code(self.code, self.n, self.r)
+
+    def validate(self, model: Model, world_size: int | None = None) -> None:
+        """Raise ``ValueError`` unless this layer plan fits ``model``: a linear layer of it, row
+        blocks tiling its rows in order, one distinct worker rank per block (in ``1..world_size-1``
+        when given) and a code that can be built for ``n`` data and ``r`` parity blocks."""
+        shapes = model.weight_shapes()
+        if self.layer not in shapes:
+            raise ValueError(f"plan layer {self.layer!r} is not a linear layer of {model.name}; "
+                             f"linear layers: {', '.join(shapes)}; {_FIX}")
+        m = shapes[self.layer][0]
+        problem = row_blocks_problem(self.rows, m)
+        if problem:
+            raise ValueError(f"plan for layer {self.layer!r} ({m} rows): {problem}; {_FIX}")
+        top = "" if world_size is None else f" in 1..{world_size - 1}"
+        outside = [x for x in self.ranks if x < 1 or (world_size is not None and x >= world_size)]
+        if outside or len(set(self.ranks)) != len(self.ranks) or len(self.ranks) < self.n:
+            raise ValueError(f"plan for layer {self.layer!r} gives blocks to ranks {list(self.ranks)}: it needs "
+                             f"one distinct worker rank{top} for each of its {self.n} data blocks and parity "
+                             f"blocks; {_FIX}")
+        try:
+            self.code_obj  # noqa: B018 -- builds the code (cached)
+        except ValueError as exc:
+            raise ValueError(f"plan for layer {self.layer!r}: code {self.code!r} cannot be built for "
+                             f"n={self.n} data and r={self.r} parity blocks: {exc}") from None
 
     def block_of(self, rank: int) -> int | None:
         return self.ranks.index(rank) if rank in self.ranks else None
@@ -107,6 +130,19 @@ class Plan:
         """``[(LayerPlan, block index)]`` for every layer block that ``rank`` computes."""
         return [(lp, lp.block_of(rank)) for lp in self.layers if rank in lp.ranks]
 
+    def validate(self, model: Model) -> None:
+        """Raise ``ValueError`` unless the plan fits ``model``: its name, each layer planned once,
+        and every :meth:`LayerPlan.validate`.  Local; what prepare, the simulator and a loaded
+        manifest rely on."""
+        if self.model != model.name:
+            raise ValueError(f"the plan is for model {self.model!r}, not {model.name!r}; {_FIX}")
+        names = [lp.layer for lp in self.layers]
+        twice = sorted({x for x in names if names.count(x) > 1})
+        if twice:
+            raise ValueError(f"the plan distributes layers {twice} more than once; {_FIX}")
+        for lp in self.layers:
+            lp.validate(model, self.world_size)
+
     def to_json(self) -> str:
         return json.dumps({"model": self.model, "world_size": self.world_size, "workers": self.workers,
                            "parity": self.parity, "code": self.code,
@@ -120,7 +156,6 @@ class Plan:
 
 
 def _row_ranges(m: int, n: int, speeds=None) -> tuple:
-    from mpicdc.core.codes import split_rows
     return tuple((s.start, s.stop) for s in split_rows(m, n, speeds))
 
 
@@ -165,8 +200,7 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
         layer_speeds = None if speeds is None else [speeds[x - 1] for x in ranks]
         layers.append(LayerPlan(name, code, ranks + parity_ranks, _row_ranges(rows, len(ranks), layer_speeds)))
     plan = Plan(model.name, 1 + workers + r, workers, r, code, tuple(layers))
-    for lp in plan.layers:
-        lp.code_obj  # noqa: B018 -- validate the code for this layer's block count now, not at run time
+    plan.validate(model)  # codes built for each layer's block count now, not at run time
     return plan
 
 
@@ -174,7 +208,6 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
 
 def _rank_ranges(ranks) -> str:
     """``[1, 2, 3, 5]`` -> ``"1-3,5"`` (``"-"`` for none)."""
-    from mpicdc.core.codes import format_ranges
     return format_ranges(sorted(ranks)) or "-"
 
 

@@ -76,23 +76,13 @@ def weights_root(args) -> Path:
 
 
 def ensure_weights(model, plan, root, seed: int = 0) -> Path:
-    """Shards of ``model`` cut for ``plan`` under ``root``: reused when already prepared, else prepared.
-
-    Random He-initialised weights from ``seed`` (:func:`mpicdc.store.prepare`).  Local; no MPI.
+    """Shards of ``model`` cut for ``plan``, random He-initialised weights from ``seed``: reused when
+    already prepared, else prepared (:func:`mpicdc.store.ensure_prepared`, one folder per seed under
+    ``root/seed<seed>``, so runs with other seeds keep theirs).  Local; no MPI.
     """
     from mpicdc import store
 
-    folder = Path(root) / f"{model.name}-{plan.tag}-seed{seed}"
-    if (folder / "manifest.h5").exists():
-        try:
-            m = store.open_manifest(folder)
-            if (m.plan.to_json() == plan.to_json() and m.model.to_json() == model.to_json()
-                    and m.source == "random" and m.seed == seed):
-                return folder
-        except ValueError:
-            pass
-    store.prepare(model, plan, folder, source="random", seed=seed)
-    return folder
+    return store.ensure_prepared(model, plan, Path(root) / f"seed{seed}", seed)
 
 
 def mean_block_gemm_time(model, plan, device) -> float:

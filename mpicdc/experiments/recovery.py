@@ -202,7 +202,7 @@ def time_reshard(model_name: str, seed: int) -> float:
     plan = make_plan(model, WORKERS - 1, None, "none")
     with tempfile.TemporaryDirectory(prefix="mpicdc-reshard-") as tmp:
         t0 = time.perf_counter()
-        store.prepare(model, plan, Path(tmp) / "w", source="random", seed=seed)
+        store.ensure_prepared(model, plan, tmp, seed)
         return time.perf_counter() - t0
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mpicdc.core.kernels import init_weights
 from mpicdc.core.models import get_model
 from mpicdc.core.plan import make_plan, parity_count
 from mpicdc.runtime import wire
@@ -214,34 +213,10 @@ def resolve_weights(config: RunConfig, world_size: int) -> Path:
                            f"with {r} parity worker(s): launch at least {r + 2} ranks (mpirun -np {r + 2} ...)")
     plan = make_plan(model, workers, r, config.code)
     directory = store.default_dir(model.name, plan, root=config.weights_root)
-    if not (directory / "manifest.h5").exists():
-        if not config.prepare_missing:
-            raise StartupError(f"{directory}: no prepared weights; run: "
-                               f"{store.prepare_command(model.name, plan, model=model)}")
-        log.info("preparing random-weight shards for %s in %s (once)", model.name, directory)
-        store.prepare(model, plan, directory, source="random", seed=config.seed)
-    return directory
-
-
-def reference_weights(manifest) -> dict:
-    """Full ``{layer: (W, b)}`` for the serial reference: from the seed, or reassembled from data shards."""
-    from mpicdc import store
-
-    if manifest.source == "random" and manifest.seed is not None:
-        return init_weights(manifest.model, manifest.seed)
-    weights = dict(store.load_rank(manifest.directory, 0, manifest))
-    per_rank = {}
-    for lp in manifest.plan.layers:
-        parts_W, parts_b = [], []
-        for block, (start, stop) in enumerate(lp.rows):
-            rank = lp.ranks[block]
-            if rank not in per_rank:
-                per_rank[rank] = store.load_rank(manifest.directory, rank, manifest)
-            W, b = per_rank[rank][lp.layer]
-            parts_W.append(W[:stop - start])
-            parts_b.append(b[:stop - start])
-        weights[lp.layer] = (np.concatenate(parts_W), np.concatenate(parts_b))
-    return weights
+    if not config.prepare_missing and not (directory / store.MANIFEST_NAME).exists():
+        raise StartupError(f"{directory}: no prepared weights; run: "
+                           f"{store.prepare_command(model.name, plan, model=model)}")
+    return store.ensure_prepared(model, plan, config.weights_root, config.seed, check=False)
 
 
 def _load_rank(config: RunConfig, directory: str, rank: int, size: int):

@@ -54,12 +54,12 @@ import math
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import lru_cache
-from itertools import combinations
 from typing import Sequence
 
 import numpy as np
 
+from mpicdc.core.codes import Code
+from mpicdc.core.decodability import Decodability, decode_structure
 from mpicdc.core.faults import (
     DELAY_HELP,
     INJECT_HELP,
@@ -114,194 +114,6 @@ class SimConfig:
             raise ValueError(f"decode_scale must be >= 0, got {self.decode_scale}")
         if self.chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {self.chunk}")
-
-
-# ---------------------------------------------------------------------------------------------
-# decodability: when does the set of replies in hand suffice?
-
-
-@dataclass(frozen=True)
-class Decodability:
-    """When a layer can be decoded, as a function of its reply arrival times.
-
-    ``kind`` is ``"all"`` (uncoded: every data block), ``"kofn"`` (any ``k`` of the
-    ``m`` blocks: sum and MDS codes), ``"components"`` (blocks fall into
-    independent components, component ``c`` needing any ``k_c`` of its members:
-    groups and replication codes) or ``"generic"`` (ask ``code.decodable`` on
-    growing prefixes of the arrival order).
-    """
-
-    kind: str
-    n: int
-    m: int
-    k: int = 0
-    components: tuple = ()
-    code: object = field(default=None, compare=False, repr=False)
-
-    def decodable(self, received) -> bool:
-        """Closed-form answer for a set of received block indices."""
-        rec = set(received)
-        if self.kind == "all":
-            return all(i in rec for i in range(self.n))
-        if self.kind == "kofn":
-            return len(rec & set(range(self.m))) >= self.k
-        if self.kind == "components":
-            return all(len(rec & set(idx)) >= k for idx, k in self.components)
-        return bool(self.code.decodable(tuple(sorted(rec))))
-
-    def time(self, arrival: np.ndarray) -> np.ndarray:
-        """Earliest decodable time per row of ``arrival`` (``(requests, m)``, inf = never)."""
-        if self.kind == "all":
-            return arrival[:, :self.n].max(axis=1)
-        if self.kind == "kofn":
-            return _kth(arrival, self.k)
-        if self.kind == "components":
-            out = np.full(arrival.shape[0], -np.inf)
-            for (size, k), idx in self._component_groups().items():
-                sub = arrival[:, idx]                       # (R, C, size)
-                np.maximum(out, _kth(sub, k, axis=2).max(axis=1), out=out)
-            return out
-        return self._generic_time(arrival)
-
-    def _component_groups(self) -> dict:
-        groups: dict = {}
-        for idx, k in self.components:
-            groups.setdefault((len(idx), k), []).append(idx)
-        return {key: np.array(v, dtype=np.intp) for key, v in groups.items()}
-
-    def _generic_time(self, arrival: np.ndarray) -> np.ndarray:
-        order = np.argsort(arrival, axis=1, kind="stable")
-        ranked = np.take_along_axis(arrival, order, axis=1)
-        finite = np.isfinite(ranked).sum(axis=1)
-        out = np.full(arrival.shape[0], np.inf)
-        dec = self.code.decodable
-        for i in range(arrival.shape[0]):
-            f = int(finite[i])
-            row = order[i]
-            if f < self.n or not dec(tuple(sorted(row[:f].tolist()))):
-                continue
-            lo, hi = self.n, f  # smallest decodable prefix length lies in [lo, hi]
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if dec(tuple(sorted(row[:mid].tolist()))):
-                    hi = mid
-                else:
-                    lo = mid + 1
-            out[i] = ranked[i, lo - 1]
-        return out
-
-
-def _kth(a: np.ndarray, k: int, axis: int = 1) -> np.ndarray:
-    """k-th smallest (1-based) along ``axis``."""
-    size = a.shape[axis]
-    if k == size:
-        return a.max(axis=axis)
-    if k == 1:
-        return a.min(axis=axis)
-    return np.take(np.partition(a, k - 1, axis=axis), k - 1, axis=axis)
-
-
-def _parity_matrix(code) -> np.ndarray | None:
-    n, r = code.n, code.r
-    for attr in ("P", "parity", "parity_matrix"):
-        value = getattr(code, attr, None)
-        if value is not None and not callable(value):
-            P = np.asarray(value, dtype=float)
-            if P.shape == (r, n):
-                return P
-    for attr in ("G", "generator"):
-        value = getattr(code, attr, None)
-        if value is not None and not callable(value):
-            G = np.asarray(value, dtype=float)
-            if G.shape == (n + r, n):
-                return G[n:]
-    return None
-
-
-def _components_from(P: np.ndarray, code) -> tuple | None:
-    r, n = P.shape
-    parent = list(range(n + r))
-
-    def find(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for j in range(r):
-        for i in np.flatnonzero(P[j]):
-            parent[find(n + j)] = find(int(i))
-    members: dict = {}
-    for b in range(n + r):
-        members.setdefault(find(b), []).append(b)
-    comps = []
-    everything = set(range(n + r))
-    for idx in members.values():
-        data = [b for b in idx if b < n]
-        par = [b for b in idx if b >= n]
-        if not data:
-            continue  # an all-zero parity row helps nobody
-        if len(data) > 1 and len(par) > 1:
-            # several parities over several blocks: closed form only if any |par| losses decode
-            if math.comb(len(idx), len(par)) > 5000:
-                return None
-            if not all(code.decodable(tuple(sorted(everything - set(lost))))
-                       for lost in combinations(idx, len(par))):
-                return None
-        comps.append((tuple(idx), len(data)))
-    return tuple(comps)
-
-
-def _kind(code) -> str:
-    kind = getattr(code, "kind", None) or str(getattr(code, "spec", "")).partition(":")[0]
-    return "mds" if str(kind).startswith("mds") else str(kind)
-
-
-def _cheap_tolerance(code, limit: int = 20000) -> int | None:
-    """``code.tolerance`` when enumerating its erasure patterns is cheap, else None."""
-    m, r = code.n + code.r, code.r
-    if sum(math.comb(m, t) for t in range(1, r + 1)) > limit:
-        return None
-    return int(getattr(code, "tolerance", -1))
-
-
-def decode_structure(code, *, verify: int = 200, seed: int = 0) -> Decodability:
-    """Find the closed-form decodability rule of ``code`` (a :mod:`mpicdc.core.codes` code object).
-
-    Uncoded (``r = 0``) needs every data block; sum and MDS codes (or any code that
-    tolerates any ``r`` losses) need any ``n`` of ``n + r`` blocks; a code whose parity
-    matrix (``code.parity``, ``code.P`` or ``code.generator``) splits into components with
-    one parity or one data block each (groups, replication) needs each component to be
-    decodable on its own.  Any closed form is checked against ``code.decodable`` on
-    ``verify`` random erasure patterns and dropped (with a log message) if it ever
-    disagrees; the fallback asks ``code.decodable``.  ``code.tolerance`` is only consulted
-    when enumerating its patterns is cheap.
-    """
-    n, r = int(code.n), int(code.r)
-    m = n + r
-    rule = None
-    if r == 0:
-        rule = Decodability("all", n, m, k=n, code=code)
-    elif _kind(code) in ("sum", "mds") and _cheap_tolerance(code) in (None, r):
-        rule = Decodability("kofn", n, m, k=n, code=code)  # exact check when small, else verified
-    else:
-        P = _parity_matrix(code)
-        comps = _components_from(P, code) if P is not None else None
-        if comps:
-            rule = Decodability("components", n, m, components=comps, code=code)
-        elif _cheap_tolerance(code) == r:
-            rule = Decodability("kofn", n, m, k=n, code=code)
-    if rule is None:
-        return Decodability("generic", n, m, code=code)
-    rng = np.random.default_rng(seed)
-    for _ in range(verify):
-        lost = rng.choice(m, size=int(rng.integers(0, min(m, r + 2, 16) + 1)), replace=False)
-        received = tuple(sorted(set(range(m)) - set(lost.tolist())))
-        if rule.decodable(received) != bool(code.decodable(received)):
-            log.warning("code %s: closed-form rule %r disagrees with code.decodable on %s; "
-                        "using code.decodable", getattr(code, "spec", code), rule.kind, received)
-            return Decodability("generic", n, m, code=code)
-    return rule
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,11 +206,6 @@ def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config:
 
     def distributed(layer, lp, in_shape, out_shape) -> _DistStep:
         rows_total, cols = wshapes[layer.name]
-        if lp.rows[-1][1] != rows_total:
-            raise ValueError(f"plan for {layer.name!r} covers rows up to {lp.rows[-1][1]}, "
-                             f"but the layer has {rows_total}")
-        if len(set(lp.ranks)) != len(lp.ranks):
-            raise ValueError(f"plan for {layer.name!r} gives one rank several blocks: {lp.ranks}")
         spatial = math.prod(out_shape[1:])
         block_rows = np.array([b - a for a, b in lp.rows] + [lp.block_rows] * lp.r, dtype=float)
         elems = lp.block_rows * spatial
@@ -417,19 +224,9 @@ def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config:
     return executor.steps
 
 
-def _rule_for(code, verify: int, cache: dict) -> Decodability:
-    key = (getattr(code, "spec", id(code)), code.n, code.r)
-    if key not in cache:
-        try:
-            cache[key] = _cached_rule(code, verify)
-        except TypeError:  # unhashable code object
-            cache[key] = decode_structure(code, verify=verify)
-    return cache[key]
-
-
-@lru_cache(maxsize=256)
-def _cached_rule(code, verify: int) -> Decodability:
-    return decode_structure(code, verify=verify)
+def _rule_for(code: Code, verify: int, cache: dict) -> Decodability:
+    """The code's decodability rule (cached per code by :meth:`Code.decodability`)."""
+    return code.decodability(verify)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,8 +369,7 @@ def simulate(model, plan, *, requests: int, device="rpi3", delay=None, failures=
     """
     config = config or SimConfig()
     model = get_model(model) if isinstance(model, str) else model
-    if plan.model != model.name:
-        raise ValueError(f"plan is for model {plan.model!r}, not {model.name!r}")
+    plan.validate(model)
     if requests < 0:
         raise ValueError(f"requests must be >= 0, got {requests}")
     if not 0 <= fail_prob <= 1:

@@ -5,18 +5,22 @@ rank's shard, verify the files.
 """
 from mpicdc.store.shards import (
                                  FORMAT_VERSION,
+                                 MANIFEST_NAME,
                                  Manifest,
                                  ShardError,
                                  check_world,
                                  default_dir,
+                                 ensure_prepared,
                                  load_rank,
                                  open_manifest,
                                  prepare,
                                  prepare_command,
                                  prepare_zoo,
+                                 reference_weights,
                                  shard_name,
                                  verify,
 )
 
-__all__ = ["FORMAT_VERSION", "Manifest", "ShardError", "check_world", "default_dir", "load_rank",
-           "open_manifest", "prepare", "prepare_command", "prepare_zoo", "shard_name", "verify"]
+__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ShardError", "check_world", "default_dir", "ensure_prepared",
+           "load_rank", "open_manifest", "prepare", "prepare_command", "prepare_zoo", "reference_weights",
+           "shard_name", "verify"]

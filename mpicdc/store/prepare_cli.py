@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from mpicdc.core.ranges import parse_ranges
+
 PROG = "python -m mpicdc.prepare"
 
 DESCRIPTION = """\
@@ -64,17 +66,14 @@ def _comma_list(text: str) -> list:
 
 
 def _rank_list(text: str, what: str) -> list:
-    """``"1,2,5-7"`` -> ``[1, 2, 5, 6, 7]``."""
-    ranks = []
-    for part in _comma_list(text):
-        lo, sep, hi = part.partition("-")
-        try:
-            ranks += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
-        except ValueError:
-            raise UsageError(f"{what}: {part!r} is not a rank or a range like 2-5") from None
-    if not ranks:
+    """``"1,2,5-7"`` -> ``[1, 2, 5, 6, 7]``; empty items are skipped, like in the other lists."""
+    items = _comma_list(text)
+    if not items:
         raise UsageError(f"{what}: no ranks given")
-    return ranks
+    try:
+        return parse_ranges(",".join(items), "rank")
+    except ValueError as exc:
+        raise UsageError(f"{what}: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,8 +130,7 @@ def _make_plan(args, model):
     try:
         parity_count(args.code, args.parity)
     except ValueError as exc:
-        raise UsageError(f"bad --code {args.code!r}: {exc}; valid codes: none, sum, groups:G, replication, mds "
-                         "(see --help)") from None
+        raise UsageError(f"bad --code {args.code!r}: {exc}") from None
     keep = [name for item in args.keep_on_master for name in _comma_list(item)]
     layer_workers = {}
     for item in args.layer_workers:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -38,13 +39,17 @@ from urllib.parse import quote
 import h5py
 import numpy as np
 
-from mpicdc.core.kernels import layer_weights
+from mpicdc.core.codes import parse_code_spec
 from mpicdc.core.models import Model, get_model
 from mpicdc.core.plan import Plan, make_plan, rank_role
+from mpicdc.core.random_weights import init_weights, layer_weights
 from mpicdc.progress import Progress
 
 __all__ = ["ShardError", "Manifest", "FORMAT_VERSION", "MANIFEST_NAME", "default_dir", "shard_name",
-           "open_manifest", "check_world", "load_rank", "prepare", "verify", "prepare_command"]
+           "open_manifest", "check_world", "load_rank", "prepare", "ensure_prepared", "prepare_zoo",
+           "reference_weights", "verify", "prepare_command"]
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.h5"
@@ -122,12 +127,43 @@ def default_dir(model_name: str, plan: Plan, root="weights") -> Path:
 
 
 def prepare_zoo(root, model_name: str, workers: int, parity: int, code: str, seed: int = 0) -> Path:
-    """Prepare random-weight shards of a zoo model under ``root/<model>-<plan tag>``; returns the folder."""
+    """:func:`ensure_prepared` for a zoo model split over ``workers`` data and ``parity`` parity workers."""
     model = get_model(model_name)
-    plan = make_plan(model, workers, parity, code)
-    out = default_dir(model_name, plan, root=root)
-    prepare(model, plan, out, source="random", seed=seed)
-    return out
+    return ensure_prepared(model, make_plan(model, workers, parity, code), root, seed)
+
+
+def ensure_prepared(model: Model, plan: Plan, root="weights", seed: int = 0, *, check: bool = True) -> Path:
+    """The folder of ``(model, plan)`` under ``root`` (:func:`default_dir`), with random-weight
+    shards from ``seed`` prepared only when it holds none yet.  Local; no MPI.
+
+    A folder already prepared must hold this model, plan and seed, else :class:`ShardError` names
+    the folder, what differs and the command that prepares it again.  ``check=False`` takes it as
+    it is: the run command's default folder may hold weights imported with ``--source`` or cut
+    with ``--keep-on-master``, and its ``--seed`` also seeds injected delays (the job checks the
+    model and the world size at start-up).
+    """
+    folder = default_dir(model.name, plan, root)
+    if not (folder / MANIFEST_NAME).exists():
+        log.info("preparing random-weight shards for %s in %s (once)", model.name, folder)
+        prepare(model, plan, folder, source="random", seed=seed)
+        return folder
+    if not check:
+        return folder
+    found = open_manifest(folder)
+    differs = []
+    if found.model.to_json() != model.to_json():
+        differs.append("model graph")
+    if found.plan.to_json() != plan.to_json():
+        differs.append("plan (other layers, ranks, row blocks or code)")
+    if found.source != "random":
+        differs.append(f"source ({found.source}, not random weights)")
+    elif found.seed != seed:
+        differs.append(f"seed ({found.seed}, not {seed})")
+    if differs:
+        remake = prepare_command(model.name, plan, "random", seed, model=model)
+        raise ShardError(f"{folder}: prepared with another {', another '.join(differs)}; prepare it again "
+                         f"with: {remake} --dir {folder} (or delete the folder, or use another root)")
+    return folder
 
 
 def shard_name(rank: int) -> str:
@@ -151,8 +187,7 @@ def prepare_command(model_name: str, plan: Plan, source: str = "random", seed: i
     parity = plan.parity if parity is None else parity
     code = plan.code
     parts = ["python -m mpicdc.prepare", model_name, f"--workers {workers}"]
-    kind = code.partition(":")[0]
-    if kind in ("mds", "replication") or kind.startswith("mds-"):
+    if parse_code_spec(code).parity is None:     # r is not implied by the spec
         parts.append(f"--parity {parity}")
     parts.append(f"--code {code}")
     if model is not None:
@@ -235,30 +270,6 @@ def _layout(model: Model, plan: Plan, rank: int) -> list:
             out.append(_Block(layer.name, layer.op, "parity", i, (0, lp.block_rows), lp.block_rows, lp.block_rows,
                               cols, lp.code, lp.n, lp.r, tuple(lp.ranks)))
     return out
-
-
-def _check_plan(model: Model, plan: Plan) -> None:
-    """Raise ``ValueError`` when ``plan`` does not fit ``model`` (names, row ranges, ranks, code sizes)."""
-    if plan.model != model.name:
-        raise ValueError(f"the plan is for model {plan.model!r}, not {model.name!r}")
-    shapes = model.weight_shapes()
-    for lp in plan.layers:
-        if lp.layer not in shapes:
-            raise ValueError(f"plan layer {lp.layer!r} is not a linear layer of {model.name}; "
-                             f"linear layers: {', '.join(shapes)}")
-        m = shapes[lp.layer][0]
-        edges = [0] + [stop for _, stop in lp.rows]
-        if [start for start, _ in lp.rows] != edges[:-1] or edges[-1] != m or any(
-                stop <= start for start, stop in lp.rows):
-            raise ValueError(f"layer {lp.layer!r}: row blocks {list(lp.rows)} do not split its {m} rows in order")
-        bad = [x for x in lp.ranks if not 1 <= x < plan.world_size]
-        if bad or len(set(lp.ranks)) != len(lp.ranks):
-            raise ValueError(f"layer {lp.layer!r}: block ranks {list(lp.ranks)} must be distinct worker ranks "
-                             f"1..{plan.world_size - 1}")
-        code = lp.code_obj
-        if (code.n, code.r) != (lp.n, lp.r) or np.shape(code.parity) != (lp.r, lp.n):
-            raise ValueError(f"layer {lp.layer!r}: code {lp.code!r} has n={code.n}, r={code.r}, "
-                             f"P {np.shape(code.parity)}; the plan has {lp.n} data and {lp.r} parity blocks")
 
 
 # ---------------------------------------------------------------- writing
@@ -415,8 +426,8 @@ def prepare(model: Model, plan: Plan, out_dir, source="random", seed: int | None
     ----------
     model, plan : the model graph and a plan for it (:func:`mpicdc.core.plan.make_plan`).
     out_dir : the exact folder to write (see :func:`default_dir`).
-    source : ``"random"`` (:func:`mpicdc.core.kernels.layer_weights` with ``seed``: a prepared random
-        model reproduces :func:`mpicdc.core.kernels.init_weights` exactly), a weight file for
+    source : ``"random"`` (:func:`mpicdc.core.random_weights.layer_weights` with ``seed``: a prepared random
+        model reproduces :func:`mpicdc.core.random_weights.init_weights` exactly), a weight file for
         :func:`mpicdc.store.importers.load_source`, or a mapping ``{layer: (W, b)}``.
     seed : seed of random weights (ignored for other sources).
     progress : draw a progress bar on stderr (``None``: only when stderr is a terminal).
@@ -427,7 +438,7 @@ def prepare(model: Model, plan: Plan, out_dir, source="random", seed: int | None
 
     Returns the :class:`Manifest` of the written directory.  Local; no MPI.
     """
-    _check_plan(model, plan)
+    plan.validate(model)
     get_weights, source_desc, seed = _resolve_source(model, source, seed, source_label, consume)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -760,6 +771,26 @@ def load_rank(directory, rank: int, manifest: Manifest | None = None, verify: bo
         if problems:
             raise ShardError(problems[0])
     return blocks
+
+
+def reference_weights(manifest: Manifest) -> dict:
+    """Full ``{layer: (W, b)}`` for the serial reference: regenerated from the seed of random
+    weights, else reassembled from rank 0's file and the data blocks of the other shards.  Local."""
+    if manifest.source == "random" and manifest.seed is not None:
+        return init_weights(manifest.model, manifest.seed)
+    weights = dict(load_rank(manifest.directory, 0, manifest))
+    per_rank = {}
+    for lp in manifest.plan.layers:
+        parts_W, parts_b = [], []
+        for block, (start, stop) in enumerate(lp.rows):
+            rank = lp.ranks[block]
+            if rank not in per_rank:
+                per_rank[rank] = load_rank(manifest.directory, rank, manifest)
+            W, b = per_rank[rank][lp.layer]
+            parts_W.append(W[:stop - start])
+            parts_b.append(b[:stop - start])
+        weights[lp.layer] = (np.concatenate(parts_W), np.concatenate(parts_b))
+    return weights
 
 
 def verify(directory, ranks=None) -> list:
