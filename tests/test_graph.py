@@ -12,6 +12,7 @@ from mpicdc.core import kernels as K
 from mpicdc.core import models as M
 from mpicdc.core.graph import LayerExecutor, fused_relu, walk
 from mpicdc.core.models import GraphBuilder, get_model
+from mpicdc.core.random_weights import init_weights
 
 
 class Recorder(LayerExecutor):
@@ -120,7 +121,7 @@ def test_no_fusion_for_the_output_layer():
     model = b.build()
     assert model.output == "fc" and fused_relu(model, model.layer("fc")) is None
     # a linear output also read by nobody: its value is returned unfused
-    weights = K.init_weights(model)
+    weights = init_weights(model)
     x = np.array([-1.0, 2.0, -3.0, 4.0], np.float32)
     W, bias = weights["fc"]
     np.testing.assert_allclose(K.forward(model, weights, x), W @ np.maximum(x, 0) + bias, rtol=1e-6)
@@ -130,7 +131,7 @@ def test_no_fusion_for_the_output_layer():
 @pytest.mark.parametrize("extra_reader", [True, False])
 def test_forward_fused_equals_unfused_on_small_graphs(extra_reader, relu_last):
     model = _conv_relu_model(extra_reader, relu_last)
-    weights = K.init_weights(model, 3)
+    weights = init_weights(model, 3)
     x = K.default_input(model, 4) - 0.5
     ref = K.forward(model, weights, x, return_all=True)[model.output]   # keep_all: no fusion
     np.testing.assert_array_equal(K.forward(model, weights, x), ref)
@@ -158,7 +159,7 @@ def test_activations_are_released_after_their_last_reader(name):
 def test_timings_give_a_fused_relu_zero():
     model = _conv_relu_model(extra_reader=False, relu_last=False)
     timings = {}
-    K.forward(model, K.init_weights(model), K.default_input(model), timings=timings)
+    K.forward(model, init_weights(model), K.default_input(model), timings=timings)
     assert list(timings) == ["conv", "relu", "pool"]                # layer order
     assert timings["relu"] == 0.0 and timings["conv"] > 0 and timings["pool"] > 0
 
@@ -180,7 +181,7 @@ def _naive_forward(model, weights, x):
 @pytest.mark.parametrize("name", ["tiny", "alexnet"])
 def test_forward_equals_naive_unfused_reference(name):
     model = get_model(name)
-    weights = K.init_weights(model, 1)
+    weights = init_weights(model, 1)
     x = K.default_input(model, 2)
     ref = _naive_forward(model, weights, x)
     got = K.forward(model, weights, x)
