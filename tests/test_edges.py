@@ -127,3 +127,56 @@ def test_rank_killed_during_start_up_ends_the_job_naming_it(tiny, tmp_path, dela
     assert done.returncode == 2, done.explain()
     assert "Traceback" not in text, done.explain()
     assert "start" in text and ("rank(s) 3" in text or "MPI" in text), done.explain()
+
+
+def test_resumed_worker_declared_dead_exits_quietly(tiny, tmp_path):
+    """Frozen past the failure detector's 2 s, a worker is declared dead; when it resumes, Open MPI
+    tells it so and it ends with that one line (no stack dump), while the job goes on."""
+    job = LiveJob(6, ["tiny", "--weights", tiny, "--repeat", "100000", "--quiet"], tmp_path, timeout=120)
+    job.wait_for("mpicdc: tiny on 6 ranks")
+    time.sleep(0.5)
+    pid = job.signal_rank(2, signal.SIGSTOP)
+    time.sleep(4)
+    import os
+    os.kill(pid, signal.SIGCONT)
+    time.sleep(2)
+    job.proc.send_signal(signal.SIGTERM)  # end the endless run
+    done = job.finish()
+    assert "reported dead" in done.stdout, done.explain()
+    assert "Process received signal" not in done.stdout and "Traceback" not in done.stdout, done.explain()
+    assert "Send error after request freed" not in done.stdout, done.explain()  # the master lived on
+
+
+@pytest.fixture(scope="module")
+def tiny_mds(tmp_path_factory):
+    return str(prepare_zoo(tmp_path_factory.mktemp("shards"), "tiny", 3, 2, "mds"))
+
+
+def test_soak_random_kills_stops_and_freezes_within_tolerance(tiny_mds, tmp_path):
+    """400 requests under MDS r=2 while, from outside, one worker is SIGKILLed, another frozen for
+    good, and the others frozen briefly several times: 0 failed, 0 wrong, bounded exit."""
+    rng = np.random.default_rng(2026)
+    workers = [1, 2, 3, 4, 5]
+    killed, frozen = (int(w) for w in rng.choice(workers, 2, replace=False))
+    others = [w for w in workers if w not in (killed, frozen)]
+    events = sorted([(int(rng.integers(20, 120)), "kill", killed), (int(rng.integers(120, 220)), "stop", frozen)]
+                    + [(int(rng.integers(10, 380)), "freeze", int(rng.choice(others))) for _ in range(6)])
+    job = LiveJob(6, ["tiny", "--weights", tiny_mds, "--repeat", "400", "--check"], tmp_path, timeout=300)
+    import os
+    for request, kind, rank in events:
+        job.wait_for(f"request {request}:")
+        if kind == "kill":
+            job.signal_rank(rank, signal.SIGKILL)
+        elif kind == "stop":
+            job.signal_rank(rank, signal.SIGSTOP)
+        else:  # a brief freeze, well under the detector's timeout: a stall, not a death
+            pid = job.signal_rank(rank, signal.SIGSTOP)
+            time.sleep(float(rng.uniform(0.05, 0.4)))
+            os.kill(pid, signal.SIGCONT)
+    done = job.finish()
+    assert done.returncode == 0, f"events {events}\n{done.explain()}"
+    requests = done.results["requests"]
+    assert len(requests) == 400
+    assert all(r["ok"] for r in requests), [r["error"] for r in requests if not r["ok"]]
+    assert max(r["check_rel_err"] for r in requests) <= 1e-3  # MDS r=2: a 2x2 solve per layer
+    assert killed in done.results["dead_ranks"], events

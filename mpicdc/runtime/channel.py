@@ -72,15 +72,31 @@ class MPIChannel(Channel):
         self._MPI, self.comm = MPI, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.tag_ub = int(comm.Get_attr(MPI.TAG_UB))
+        # Every send request stays referenced here until MPI has released it: mpi4py frees a
+        # request whose last reference goes, and Open MPI aborts the job when a freed send
+        # later fails (a peer declared dead with a send still in flight).
+        self._inflight: list = []
 
     def _lost(self, rank: int, exc) -> PeerLost:
         return PeerLost(rank, str(exc))
 
     def isend(self, buf, dest, tag):
+        if len(self._inflight) > 64:
+            self._inflight = [h for h in self._inflight if not self._released(h)]
         try:
-            return self.comm.Isend([buf, self._MPI.BYTE], dest=dest, tag=tag)
+            handle = self.comm.Isend([buf, self._MPI.BYTE], dest=dest, tag=tag)
         except self._MPI.Exception as exc:
             raise self._lost(dest, exc) from None
+        self._inflight.append(handle)
+        return handle
+
+    def _released(self, handle) -> bool:
+        """Test a send quietly; True once MPI has released the request (completed, even in error)."""
+        try:
+            handle.Test()
+        except self._MPI.Exception:
+            pass
+        return handle == self._MPI.REQUEST_NULL
 
     def irecv(self, buf, source, tag):
         try:
@@ -102,7 +118,7 @@ class MPIChannel(Channel):
     def test(self, handle):
         try:
             return handle.Test()
-        except self._MPI.Exception:
+        except self._MPI.Exception:  # failed: the caller may drop it; _inflight keeps it until released
             return True
 
     def probe(self, source, tag):

@@ -143,12 +143,14 @@ def worker_loop(data: Channel, state: WorkerState, stop_event: threading.Event) 
         head = wire.Header.unpack(buf)
         if head.kind == wire.STOP:
             return
-        tag = tags.tag(head.request, head.layer)
         problem = _job_problem(state, head, nbytes, layers, mine)
         if problem:
             log.error("rank %d refuses a job: %s", state.rank, problem)
-            _reply(data, wire.message(wire.Header(wire.REFUSED, head.request, head.layer)), tag)
+            if 0 <= head.layer < len(layers) and head.request >= 0:  # else there is no reply tag to use
+                _reply(data, wire.message(wire.Header(wire.REFUSED, head.request, head.layer)),
+                       tags.tag(head.request, head.layer))
             continue
+        tag = tags.tag(head.request, head.layer)
         layer = layers[head.layer]
         lp, block = mine[layer.name]
         first = head.request != last_request

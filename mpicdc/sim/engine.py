@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -58,7 +57,6 @@ from typing import Sequence
 
 import numpy as np
 
-from mpicdc.core.codes import Code
 from mpicdc.core.decodability import Decodability, decode_structure
 from mpicdc.core.faults import (
     DELAY_HELP,
@@ -71,7 +69,6 @@ from mpicdc.core.graph import LayerExecutor, walk
 from mpicdc.core.models import Model, get_model
 from mpicdc.sim.devices import DEFAULT_DEVICE, DeviceModel, device_names, get_device
 
-log = logging.getLogger(__name__)
 
 __all__ = ["Link", "SimConfig", "SimResult", "Decodability", "decode_structure", "simulate",
            "nonlinear_work", "main"]
@@ -202,7 +199,6 @@ class _StepExecutor(LayerExecutor):
 def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config: SimConfig) -> list:
     wshapes = model.weight_shapes()
     bw = device.bandwidth_MBps * 1e6
-    rules = {}
 
     def distributed(layer, lp, in_shape, out_shape) -> _DistStep:
         rows_total, cols = wshapes[layer.name]
@@ -217,16 +213,11 @@ def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config:
             reply=4.0 * block_rows * spatial / bw,
             compute=np.asarray(device.gemm_time(block_rows, cols, spatial), dtype=float),
             decode_cost=config.decode_scale * float(master.compute_time(dec_flops, dec_bytes)),
-            rule=_rule_for(lp.code_obj, config.verify, rules))
+            rule=lp.code_obj.decodability(config.verify))
 
     executor = _StepExecutor(model, plan, master, config, distributed)
     walk(model, tuple(model.input_shape), executor)
     return executor.steps
-
-
-def _rule_for(code: Code, verify: int, cache: dict) -> Decodability:
-    """The code's decodability rule (cached per code by :meth:`Code.decodability`)."""
-    return code.decodability(verify)
 
 
 # ---------------------------------------------------------------------------------------------
