@@ -509,6 +509,7 @@ def _write_folder(out: Path, model: Model, plan: Plan, get_weights, source_desc:
     preparation = uuid.uuid4().hex
     tmp = Path(out, f".partial-{preparation[:8]}")
     tmp.mkdir()
+    failure = None
     try:
         _write_shards(tmp, model, plan, get_weights, preparation, progress)
         checksums, sizes = {}, {}
@@ -523,10 +524,13 @@ def _write_folder(out: Path, model: Model, plan: Plan, get_weights, source_desc:
                         command, created)
         _move_into_place(tmp, out, plan.world_size)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ShardError(_write_failed(out, exc, need)) from None
+        failure = exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if failure is not None:
+        message = _write_failed(out, failure, need)
+        del failure
+        raise ShardError(message)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -640,6 +644,74 @@ def _remove_stale_partials(out: Path) -> None:
                 _fmt_bytes(size))
 
 
+class _WriteGuard:
+    """The file object HDF5 writes one file through: a failed write (a full disk) is recorded and
+    every later write dropped, so HDF5 itself never sees an error.
+
+    h5py 3.16 with HDF5 2.0 cannot close a file after a failed write: it prints a dozen tracebacks
+    and crashes (segfault).  The writer checks :attr:`error` after each layer and raises it once
+    every file is closed; the partial folder is then removed.
+    """
+
+    def __init__(self, path: Path):
+        self.fh = open(path, "w+b", buffering=0)     # noqa: SIM115 -- closed by close(), after h5py
+        self.error: OSError | None = None
+
+    def _failed(self, exc: OSError) -> None:
+        if self.error is None:
+            self.error = exc
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += self.fh.write(view[done:])
+            except OSError as exc:
+                self._failed(exc)
+        return len(view)
+
+    def truncate(self, size=None):
+        try:
+            return self.fh.truncate(size)
+        except OSError as exc:
+            self._failed(exc)
+            return size
+
+    def flush(self) -> None:
+        pass                     # unbuffered
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.fh.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        return self.fh.read(size)
+
+    def readinto(self, buf) -> int:
+        return self.fh.readinto(buf)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+@contextlib.contextmanager
+def _h5_writing(path: Path):
+    """A new HDF5 file written through a :class:`_WriteGuard`; a write error is raised after closing it."""
+    guard = _WriteGuard(path)
+    try:
+        with h5py.File(guard, "w", libver=LIBVER) as f:
+            f.guard = guard
+            yield f
+    finally:
+        guard.close()
+    if guard.error is not None:
+        raise guard.error
+
+
 def _write_shards(folder: Path, model: Model, plan: Plan, get_weights, preparation: str, progress) -> None:
     """Write every rank's shard file into ``folder``, one layer in memory at a time."""
     world = plan.world_size
@@ -649,10 +721,9 @@ def _write_shards(folder: Path, model: Model, plan: Plan, get_weights, preparati
         for blk in blocks:
             owners[blk.layer].append((rank, blk))
     total = sum(4 * blk.stored_rows * (blk.cols + 1) for blocks in owners.values() for _, blk in blocks)
-    files, done = {}, False
-    try:
-        for rank in range(world):
-            f = files[rank] = h5py.File(folder / shard_name(rank), "w", libver=LIBVER)
+    with contextlib.ExitStack() as stack:
+        files = {rank: stack.enter_context(_h5_writing(folder / shard_name(rank))) for rank in range(world)}
+        for rank, f in files.items():
             role = rank_role(plan, rank)
             _set_attrs(f, {"format": SHARD_FORMAT, "format_version": FORMAT_VERSION, "model": model.name,
                            "rank": rank, "role": role, "world_size": world, "plan_tag": plan.tag, "code": plan.code,
@@ -666,16 +737,9 @@ def _write_shards(folder: Path, model: Model, plan: Plan, get_weights, preparati
                 W, b = get_weights(name)
                 _write_layer(files, blocks, plan.for_layer(name), W, b, bar)
                 del W, b          # before the next layer is made: never two layers in memory
-        done = True
-    finally:
-        errors = []
-        for f in files.values():
-            try:
-                f.close()         # flushes metadata: can fail too (a full disk)
-            except OSError as exc:
-                errors.append(exc)
-        if done and errors:
-            raise errors[0]
+                failed = next((f.guard.error for f in files.values() if f.guard.error is not None), None)
+                if failed is not None:
+                    break         # raised by _h5_writing once the files are closed
 
 
 def _write_layer(files: dict, blocks: list, lp, W: np.ndarray, b: np.ndarray, bar: Progress) -> None:
@@ -703,7 +767,7 @@ def _write_layer(files: dict, blocks: list, lp, W: np.ndarray, b: np.ndarray, ba
 
 def _write_manifest(path, model, plan, source, seed, checksums, sizes, preparation, command, created):
     from mpicdc import __version__
-    with h5py.File(path, "w", libver=LIBVER) as f:
+    with _h5_writing(path) as f:
         _set_attrs(f, {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION, "model": model.name,
                        "plan_tag": plan.tag, "world_size": plan.world_size, "workers": plan.workers,
                        "parity": plan.parity, "code": plan.code, "source": source, "preparation": preparation,
