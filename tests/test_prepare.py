@@ -15,10 +15,15 @@ from mpicdc.store.prepare_cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args, cwd=None, module="mpicdc.prepare", timeout=120):
+def _env():
+    """The environment of a subprocess: this checkout's mpicdc first on the path."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env,
+    return env
+
+
+def run(*args, cwd=None, module="mpicdc.prepare", timeout=120):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -162,12 +167,6 @@ def test_bench_reports_peak_memory_ratio():
 
 
 # ---------------------------------------------------------------- interrupted, concurrent and full-disk prepares
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
 
 def start(*args):
     """``python -m mpicdc.prepare ARGS`` in the background (the caller bounds it with ``finish``)."""
