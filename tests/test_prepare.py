@@ -1,7 +1,10 @@
 """``python -m mpicdc.prepare`` and ``python -m mpicdc.bench prepare``: real subprocesses and real files."""
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,10 +15,15 @@ from mpicdc.store.prepare_cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args, cwd=None, module="mpicdc.prepare", timeout=120):
+def _env():
+    """The environment of a subprocess: this checkout's mpicdc first on the path."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env,
+    return env
+
+
+def run(*args, cwd=None, module="mpicdc.prepare", timeout=120):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -156,3 +164,170 @@ def test_bench_reports_peak_memory_ratio():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "largest layer        fc6 4096x9216" in done.stdout
     assert "x largest layer" in done.stdout and "within the 1.5 x budget" in done.stdout
+
+
+# ---------------------------------------------------------------- interrupted, concurrent and full-disk prepares
+
+def start(*args):
+    """``python -m mpicdc.prepare ARGS`` in the background (the caller bounds it with ``finish``)."""
+    return subprocess.Popen([sys.executable, "-m", "mpicdc.prepare", *map(str, args)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=120):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc.returncode, out, err
+
+
+def wait_for(condition, what, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _partial_bytes(folder):
+    return sum(f.stat().st_size for p in folder.glob(".partial-*") for f in p.rglob("*") if f.is_file())
+
+
+def _lock_pid(folder):
+    lock = folder.parent / f".{folder.name}.prepare-lock"
+    text = lock.read_text() if lock.exists() else ""
+    return int(text.split()[1]) if text.startswith("pid ") and len(text.split()) > 1 else None
+
+
+def test_killed_prepare_leaves_a_partial_that_the_next_run_removes(tmp_path):
+    out = tmp_path / "w"
+    proc = start("alexnet", "--workers", 2, "--code", "sum", "--dir", out)
+    try:
+        wait_for(lambda: _partial_bytes(out) > (2 << 20) or proc.poll() is not None, "a partial folder being written")
+        assert proc.poll() is None, "prepare finished before it could be killed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        finish(proc)
+    assert list(out.glob(".partial-*")) and not (out / "manifest.h5").exists()
+    done = run("tiny", "--workers", 2, "--code", "sum", "--dir", out)      # the dead writer's lock is gone
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"{out}: removed 1 partial folder(s) (") and done.stderr.count("\n") == 1
+    assert not list(out.glob(".partial-*")) and store.verify(out) == []
+
+
+def test_concurrent_prepares_of_one_folder(tmp_path):
+    out = tmp_path / "w"
+    first = start("alexnet", "--workers", 2, "--code", "sum", "--dir", out)
+    waiting = None
+    try:
+        wait_for(lambda: _lock_pid(out) == first.pid or first.poll() is not None, "the first prepare's lock")
+        first.send_signal(signal.SIGSTOP)      # holds the lock for as long as the test needs
+        done = run("tiny", "--workers", 2, "--code", "sum", "--dir", out)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert f"another prepare (pid {first.pid}: python -m mpicdc.prepare alexnet --workers 2" in done.stderr
+        assert "--wait SECONDS" in done.stderr and f"kill {first.pid}" in done.stderr
+        waiting = start("tiny", "--workers", 2, "--code", "sum", "--dir", out, "--wait", 120)
+        wait_for(lambda: waiting.poll() is not None or _stderr_has(waiting, "waiting up to"), "the waiting message",
+                 timeout=30)
+        first.send_signal(signal.SIGCONT)
+        rc, _, err = finish(first)
+        assert rc == 0, err
+        rc, _, err = finish(waiting)
+        err = _SEEN.pop(waiting.pid, "") + err
+        assert rc == 0 and f"another prepare (pid {first.pid}" in err and "waiting up to 1" in err, err
+    finally:
+        for proc in (first, waiting):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                finish(proc)
+    m = store.open_manifest(out)
+    assert m.model.name == "tiny" and store.verify(out) == [] and not list(out.glob(".partial-*"))
+
+
+_SEEN = {}      # pid -> what _stderr_has read from its stderr
+
+
+def _stderr_has(proc, text):
+    """Read what ``proc`` wrote to stderr so far (non-blocking) and look for ``text``."""
+    import fcntl
+    fd = proc.stderr.fileno()
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    try:
+        chunk = os.read(fd, 65536).decode(errors="replace")
+    except BlockingIOError:
+        chunk = ""
+    _SEEN[proc.pid] = _SEEN.get(proc.pid, "") + chunk
+    return text in _SEEN[proc.pid]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: a real full disk (needs root and mount; skipped otherwise, with the reason)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
+                          text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True, timeout=30, check=False)
+
+
+def test_full_disk_is_refused_early_and_reported_in_one_line(small_disk):
+    out = small_disk / "w"
+    done = run("tiny", "--workers", 2, "--code", "sum", "--dir", out)
+    assert done.returncode == 0, done.stderr
+    before = store.open_manifest(out).preparation
+    done = run("alexnet", "--workers", 2, "--code", "sum", "--dir", out)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert re.search(rf"{re.escape(str(out))}: not enough free space: the shards need about 3\d\d\.\d MiB, the disk "
+                     r"has \d\.\d MiB free; free some space or prepare into another folder", done.stderr), done.stderr
+    # past the estimate: the real ENOSPC from HDF5, in a subprocess in case h5py crashes on it
+    code = ("import sys; from mpicdc import store; from mpicdc.core.models import get_model; "
+            "from mpicdc.core.plan import make_plan\n"
+            "m = get_model('alexnet')\n"
+            "try:\n"
+            f"    store.prepare(m, make_plan(m, 2, None, 'sum'), {str(out)!r}, check_space=False)\n"
+            "except store.ShardError as exc:\n"
+            "    print(exc); sys.exit(1)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.count("\n") == 1 and done.stdout.startswith(f"{out}: no space left on device while writing "
+                                                                   "the shards ("), done.stdout
+    assert re.search(r"\(\d\.\d MiB free, about 3\d\d\.\d MiB needed\)", done.stdout) and "the previous files" in done.stdout and done.stderr == ""
+    assert not list(out.glob(".partial-*"))
+    assert store.open_manifest(out).preparation == before and store.verify(out) == []
+
+
+def test_absurd_manifest_is_refused_within_bounded_memory(shards, tmp_path):
+    import json
+    import resource
+
+    import h5py
+
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    for path in shards.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    with h5py.File(folder / "manifest.h5", "r+") as f:
+        d = json.loads(f.attrs["model_json"])
+        next(x for x in d["layers"] if x["op"] == "dense")["attrs"]["out"] = 10**9
+        f.attrs["model_json"] = json.dumps(d)
+
+    def limit():        # 2 GiB of address space: far below what the edited model would allocate
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    for option in ("--show", "--verify"):
+        done = subprocess.run([sys.executable, "-m", "mpicdc.prepare", option, str(folder)], env=_env(),
+                              capture_output=True, text=True, timeout=120, preexec_fn=limit, check=False)
+        text = done.stdout + done.stderr
+        assert done.returncode == 1 and "of the model has a 1,000,000,000x" in text, text
+        assert "MemoryError" not in text and "Traceback" not in text

@@ -6,6 +6,9 @@ import math
 import shutil
 import zlib
 
+import logging
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -323,8 +326,10 @@ def _flip(path, offset):
 
 
 def _dataset_offset(path, name):
+    """File offset of a dataset's bytes (its first chunk when chunked)."""
     with h5py.File(path, "r") as f:
-        return f[name].id.get_offset()
+        d = f[name].id
+        return d.get_offset() if d.get_offset() is not None else d.get_chunk_info(0).byte_offset
 
 
 def test_flipped_byte_in_a_dataset(tiny_copy):
@@ -332,12 +337,76 @@ def test_flipped_byte_in_a_dataset(tiny_copy):
     m = store.open_manifest(tiny_copy)
     blk = [b for b in shards._layout(m.model, m.plan, 3) if b.layer == "conv2"][0]
     _flip(path, _dataset_offset(path, f"{blk.path}/W") + 5)
-    with pytest.raises(ShardError, match=r"rank-003\.h5.*corrupted"):
-        store.load_rank(tiny_copy, 3)
+    for verify in (True, False):     # HDF5 checks every chunk's fletcher32 as it reads it
+        with pytest.raises(ShardError) as info:
+            store.load_rank(tiny_copy, 3, verify=verify)
+        text = str(info.value)
+        assert text.startswith(f"{path}: layer 'conv2': dataset /{blk.path}/W is corrupted"), text
+        assert "re-run: python -m mpicdc.prepare tiny --workers 4 --code sum --seed 3" in text and "\n" not in text
     problems = store.verify(tiny_copy)
     assert any("rank-003.h5: corrupted: sha256" in p for p in problems)
     assert any(f"/{blk.path}/W is corrupted" in p for p in problems), problems
-    store.load_rank(tiny_copy, 3, verify=False)   # without verify only attributes and shapes are checked
+
+
+def _bytes_read():
+    """Bytes this process has read through read()/pread() so far (page cache included)."""
+    with open("/proc/self/io") as fh:
+        return int(next(line for line in fh if line.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs /proc/self/io (Linux) to count bytes read")
+def test_load_reads_each_file_once(tiny_sum):
+    m = tiny_sum
+    reference = init_weights(m.model, SEED)
+    for rank in (1, 5):
+        size = m.sizes[rank]
+        before = _bytes_read()
+        blocks = store.load_rank(m.directory, rank, m, pad=False)
+        read = _bytes_read() - before
+        assert size <= read < 1.3 * size + (64 << 10), (rank, read, size)
+        if rank == 1:
+            for layer, (W, b) in blocks.items():
+                start, stop = m.plan.for_layer(layer).rows[0]
+                np.testing.assert_array_equal(W, reference[layer][0][start:stop])
+                np.testing.assert_array_equal(b, reference[layer][1][start:stop])
+    before = _bytes_read()
+    assert store.verify(m.directory, [1]) == []          # the thorough check reads it twice
+    assert _bytes_read() - before >= 2 * m.sizes[1]
+
+
+def _to_old_layout(folder):
+    """Rewrite every shard of ``folder`` as mpicdc 0.1 wrote it: contiguous datasets, no fletcher32."""
+    with h5py.File(folder / "manifest.h5", "r+") as man:
+        for rank, name in enumerate(man["shards/files"].asstr()[()]):
+            path = folder / name
+            old = path.with_suffix(".new")
+            with h5py.File(path, "r") as src, h5py.File(old, "w", libver=shards.LIBVER) as dst:
+                dst.attrs.update(src.attrs)
+
+                def copy(key, obj, dst=dst):
+                    if isinstance(obj, h5py.Group):
+                        dst.require_group(key).attrs.update(obj.attrs)
+                    else:
+                        dst.create_dataset(key, data=obj[()]).attrs.update(obj.attrs)
+                src.visititems(copy)
+            old.replace(path)
+            man["shards/bytes"][rank] = path.stat().st_size
+            man["shards/sha256"][rank] = _sha256(path)
+
+
+def test_old_contiguous_shards_still_load_and_are_checked(tiny_copy):
+    _to_old_layout(tiny_copy)
+    assert store.verify(tiny_copy) == []
+    m = store.open_manifest(tiny_copy)
+    blk = [b for b in shards._layout(m.model, m.plan, 2) if b.layer == "fc1"][0]
+    with h5py.File(tiny_copy / "rank-002.h5", "r") as f:
+        assert not f[f"{blk.path}/W"].fletcher32
+    expected = init_weights(m.model, SEED)["fc1"][0][blk.rows[0]:blk.rows[1]]
+    np.testing.assert_array_equal(store.load_rank(tiny_copy, 2, m, pad=False)["fc1"][0], expected)
+    path = tiny_copy / "rank-002.h5"
+    _flip(path, _dataset_offset(path, f"{blk.path}/W") + 7)
+    with pytest.raises(ShardError, match=rf"rank-002\.h5: layer 'fc1': dataset /{blk.path}/W is corrupted \(sha256"):
+        store.load_rank(tiny_copy, 2, m)
 
 
 def test_flipped_byte_anywhere_in_the_file(tiny_copy):
@@ -448,11 +517,11 @@ def test_progress_bar_only_on_a_terminal():
     term = Terminal()
     with Progress(2e6, "vgg16", stream=term, rate=1e9) as bar:
         bar.update(1e6, status="fc6")
-        assert term.getvalue().startswith("\rvgg16 [###")
-        assert "50%" in term.getvalue() and "1.0 MB/2.0 MB" in term.getvalue() and "fc6" in term.getvalue()
+        assert term.getvalue().startswith("\rvgg16:")
+        assert "50%" in term.getvalue() and "1.00M/2.00M" in term.getvalue() and "fc6" in term.getvalue()
         bar.update(1e6, status="fc7")
     out = term.getvalue()
-    assert out.endswith("\n") and "100%" in out and "2.0 MB/2.0 MB" in out and out.count("\n") == 1
+    assert out.endswith("\n") and "100%" in out and "2.00M/2.00M" in out and "fc7" in out and out.count("\n") == 1
 
 
 # ---------------------------------------------------------------- ensure_prepared
@@ -494,3 +563,99 @@ def test_reference_weights_reassemble_imported_shards(tmp_path):
     for name, (W, b) in store.reference_weights(m).items():
         np.testing.assert_array_equal(W, weights[name][0])
         np.testing.assert_array_equal(b, weights[name][1])
+
+
+# ---------------------------------------------------------------- manifests that were edited
+
+def _edit_attr(folder, key, change):
+    with h5py.File(folder / "manifest.h5", "r+") as f:
+        f.attrs[key] = change(shards._attr_str(f.attrs, key))
+
+
+def test_manifest_file_names_must_be_the_rank_files(tiny_copy):
+    with h5py.File(tiny_copy / "manifest.h5", "r+") as f:
+        f["shards/files"][2] = "../x.h5"
+    with pytest.raises(ShardError, match=r"manifest\.h5: /shards/files names '\.\./x\.h5' for rank 2; only "
+                                         r"rank-002\.h5 inside the weight folder is accepted.*prepare the weights again"):
+        store.open_manifest(tiny_copy)
+    assert "../x.h5" in store.verify(tiny_copy)[0]
+
+
+def _with_dense_out(model_json, layer, out):
+    import json
+    d = json.loads(model_json)
+    next(x for x in d["layers"] if x["name"] == layer)["attrs"]["out"] = out
+    return json.dumps(d)
+
+
+def test_absurd_model_attribute_is_refused_before_allocation(tiny_copy):
+    _edit_attr(tiny_copy, "model_json", lambda text: _with_dense_out(text, "fc1", 10**9))
+    with pytest.raises(ShardError) as info:
+        store.open_manifest(tiny_copy)
+    text = str(info.value)
+    assert "layer 'fc1' of the model has a 1,000,000,000x" in text and "weight matrix" in text, text
+    assert "the manifest is damaged or was edited: prepare the weights again" in text and "\n" not in text
+    with pytest.raises(ShardError, match="layer 'fc1' of the model"):
+        store.load_rank(tiny_copy, 0)
+
+
+def test_model_and_plan_edited_together_must_fit_the_file_sizes(tiny_copy):
+    model = get_model("tiny")
+    edited = type(model).from_json(_with_dense_out(model.to_json(), "fc1", 100_000))
+    plan = make_plan(edited, 4, None, "sum")
+    _edit_attr(tiny_copy, "model_json", lambda _: edited.to_json())
+    _edit_attr(tiny_copy, "plan_json", lambda _: plan.to_json())
+    with pytest.raises(ShardError, match=r"its model and plan put [\d,]+ bytes of weights \(.*\) in rank-000\.h5|"
+                                         r"in rank-001\.h5, but /shards/bytes gives that file [\d,]+ bytes"):
+        store.open_manifest(tiny_copy)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("workers", 3, "attribute workers is 3 but its plan says 4"),
+    ("plan_json", None, "its plan does not fit its model"),
+])
+def test_manifest_plan_must_fit_world_and_model(tiny_copy, key, value, message):
+    if key == "plan_json":
+        import json
+
+        def change(text):
+            d = json.loads(text)
+            d["layers"][0]["rows"][0][1] += 1          # row blocks overlap
+            return json.dumps(d)
+        _edit_attr(tiny_copy, key, change)
+    else:
+        with h5py.File(tiny_copy / "manifest.h5", "r+") as f:
+            f.attrs[key] = value
+    with pytest.raises(ShardError, match=message):
+        store.open_manifest(tiny_copy)
+
+
+# ---------------------------------------------------------------- stale partial folders and the lock
+
+def test_stale_partial_folders_are_removed_with_one_line(tmp_path, caplog):
+    model = get_model("tiny")
+    plan = make_plan(model, 2, None, "sum")
+    out = tmp_path / "w"
+    store.prepare(model, plan, out)
+    stale = out / ".partial-deadbeef"
+    stale.mkdir()
+    (stale / "rank-001.h5").write_bytes(b"x" * 5000)
+    with caplog.at_level(logging.WARNING, logger="mpicdc.store.shards"):
+        store.prepare(model, plan, out, seed=1)
+    assert not list(out.glob(".partial-*")) and store.verify(out) == []
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"{out}: removed 1 partial folder(s) (4.9 KiB) left by an interrupted prepare"]
+
+
+def test_ensure_prepared_waits_for_the_lock_then_uses_the_result(tmp_path):
+    model = get_model("tiny")
+    plan = make_plan(model, 2, None, "sum")
+    folder = store.default_dir("tiny", plan, tmp_path)
+    folder.mkdir(parents=True)
+    with shards._prepare_lock(folder, 0):
+        with pytest.raises(ShardError, match=rf"another prepare \(pid {__import__('os').getpid()}: .*\) is writing "
+                                             r"this folder .*--wait SECONDS"):
+            store.prepare(model, plan, folder)
+        with pytest.raises(ShardError, match="another prepare"):
+            store.ensure_prepared(model, plan, tmp_path, wait=0.3)
+    assert store.ensure_prepared(model, plan, tmp_path) == folder and store.verify(folder) == []

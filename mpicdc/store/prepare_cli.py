@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", default="weights", metavar="ROOT",
                      help="write into ROOT/<model>-<plan tag>/ (default: weights)")
     out.add_argument("--dir", metavar="DIR", help="write into exactly this folder instead")
+    s.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="when another prepare is writing the same folder, wait up to SECONDS for it "
+                        "(default 0: stop at once with an error naming that process)")
     s.add_argument("--dry-run", action="store_true", help="print the plan table and the folder; write nothing")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     m = p.add_argument_group("inspect a prepared folder (instead of MODEL)")
@@ -198,6 +201,8 @@ def _run(args, argv) -> int:
 
     if args.rank and not args.verify:
         raise UsageError("--rank K goes with --verify DIR")
+    if not args.wait >= 0:
+        raise UsageError(f"--wait must be 0 or more seconds, got {args.wait}")
     if args.show or args.verify:
         if args.model:
             raise UsageError("--show and --verify take a folder and no MODEL")
@@ -226,10 +231,10 @@ def _run(args, argv) -> int:
     command = " ".join([PROG] + [shlex.quote(a) for a in argv])
     if weights is None:
         manifest = prepare(model, plan, out, "random", args.seed, progress=None if not args.quiet else False,
-                           command=command)
+                           command=command, wait=args.wait)
     else:
         manifest = prepare(model, plan, out, weights, None, progress=None if not args.quiet else False,
-                           source_label=args.source, consume=True, command=command)
+                           source_label=args.source, consume=True, command=command, wait=args.wait)
     if not args.quiet:
         print(f"wrote {out}/: {_summary(manifest)} in {time.perf_counter() - start:.1f} s")
         print(f"run it on {plan.world_size} ranks (mpiexec -np {plan.world_size}); each device needs manifest.h5 "

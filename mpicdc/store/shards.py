@@ -22,7 +22,10 @@ See ``docs/weights.md`` for the layout and an ``h5ls -r`` listing.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -30,6 +33,8 @@ import math
 import os
 import re
 import shutil
+import sys
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,8 +64,13 @@ F32 = np.dtype("<f4")
 # HDF5 >= 1.10 (Debian/Raspberry Pi OS bullseye and later) must be able to read the files.
 LIBVER = ("earliest", "v110")
 CHUNK_BYTES = 16 << 20        # float32 rows written (and hashed) per step
+H5_CHUNK_BYTES = 1 << 20      # HDF5 chunk of a dataset: the unit fletcher32 checks as it is read
 ENCODE_BYTES = 16 << 20       # budget of the float64 temporaries of one parity encoding step
 _SHARD_RE = re.compile(r"^rank-(\d+)\.h5$")
+# bounds checked by open_manifest before anything is allocated from a manifest's model and plan
+MAX_WORLD_SIZE = 1 << 16
+MAX_ACTIVATION = 1 << 30       # values in one layer's output (4 GiB of float32)
+MAX_LAYER_WEIGHTS = 1 << 32    # values in one layer's weight matrix (16 GiB of float32)
 
 
 class ShardError(ValueError):
@@ -132,7 +142,8 @@ def prepare_zoo(root, model_name: str, workers: int, parity: int, code: str, see
     return ensure_prepared(model, make_plan(model, workers, parity, code), root, seed)
 
 
-def ensure_prepared(model: Model, plan: Plan, root="weights", seed: int = 0, *, check: bool = True) -> Path:
+def ensure_prepared(model: Model, plan: Plan, root="weights", seed: int = 0, *, check: bool = True,
+                    wait: float = 1800.0) -> Path:
     """The folder of ``(model, plan)`` under ``root`` (:func:`default_dir`), with random-weight
     shards from ``seed`` prepared only when it holds none yet.  Local; no MPI.
 
@@ -140,13 +151,19 @@ def ensure_prepared(model: Model, plan: Plan, root="weights", seed: int = 0, *, 
     the folder, what differs and the command that prepares it again.  ``check=False`` takes it as
     it is: the run command's default folder may hold weights imported with ``--source`` or cut
     with ``--keep-on-master``, and its ``--seed`` also seeds injected delays (the job checks the
-    model and the world size at start-up).
+    model and the world size at start-up).  Another process preparing the same folder is waited
+    for (at most ``wait`` seconds) and its result used.
     """
     folder = default_dir(model.name, plan, root)
     if not (folder / MANIFEST_NAME).exists():
-        log.info("preparing random-weight shards for %s in %s (once)", model.name, folder)
-        prepare(model, plan, folder, source="random", seed=seed)
-        return folder
+        plan.validate(model)
+        get_weights, source_desc, seed = _resolve_source(model, "random", seed, None, False)
+        folder.mkdir(parents=True, exist_ok=True)
+        with _prepare_lock(folder, wait):
+            if not (folder / MANIFEST_NAME).exists():     # else prepared by another process while we waited
+                log.info("preparing random-weight shards for %s in %s (once)", model.name, folder)
+                _write_folder(folder, model, plan, get_weights, source_desc, seed, False, "", True)
+                return folder
     if not check:
         return folder
     found = open_manifest(folder)
@@ -290,11 +307,33 @@ def _as_weights(name: str, pair, shape) -> tuple:
     return W, b
 
 
+def _chunk_rows(rows: int, row_bytes: int) -> int:
+    """Rows per HDF5 chunk: about :data:`H5_CHUNK_BYTES`, balanced so the last chunk is nearly full."""
+    most = max(1, H5_CHUNK_BYTES // max(1, row_bytes))
+    return -(-rows // -(-rows // most)) if rows else 0
+
+
+def _disk_bytes(shape: tuple) -> int:
+    """Bytes a float32 dataset of ``shape`` takes on disk: whole chunks plus a 4-byte fletcher32 each."""
+    rows, row_bytes = shape[0], 4 * math.prod(shape[1:])
+    if not rows:
+        return 0
+    per_chunk = _chunk_rows(rows, row_bytes)
+    chunks = -(-rows // per_chunk)
+    return chunks * (per_chunk * row_bytes + 4)
+
+
 class _DatasetWriter:
-    """Write a float32 dataset row chunk by row chunk, hashing exactly the bytes stored."""
+    """Write a float32 dataset row chunk by row chunk, hashing exactly the bytes stored.
+
+    Datasets are chunked with HDF5's fletcher32 filter, so every read checks the bytes it reads
+    (:func:`load_rank` reads a shard once); the sha256 attribute is for :func:`verify`.
+    """
 
     def __init__(self, group, name: str, shape: tuple, progress: Progress):
-        self.dset = group.create_dataset(name, shape=shape, dtype=F32)
+        rows = _chunk_rows(shape[0], 4 * math.prod(shape[1:]))
+        options = {"chunks": (rows,) + tuple(shape[1:]), "fletcher32": True} if rows else {}
+        self.dset = group.create_dataset(name, shape=shape, dtype=F32, **options)
         self.rows, self.pos, self.progress = shape[0], 0, progress
         self.hash = hashlib.sha256()
 
@@ -413,7 +452,8 @@ def _resolve_source(model: Model, source, seed, source_label, consume):
 
 
 def prepare(model: Model, plan: Plan, out_dir, source="random", seed: int | None = 0, progress=False, *,
-            source_label: str | None = None, consume: bool = False, command: str = "") -> Manifest:
+            source_label: str | None = None, consume: bool = False, command: str = "", wait: float = 0.0,
+            check_space: bool = True) -> Manifest:
     """Write ``manifest.h5`` and one ``rank-NNN.h5`` per rank of ``plan`` into ``out_dir``.
 
     Streaming: one layer's ``(W, b)`` is in memory at a time; data blocks are written as views of
@@ -436,15 +476,40 @@ def prepare(model: Model, plan: Plan, out_dir, source="random", seed: int | None
         returned layer by layer (the mapping ends up empty).
     command : the command line, recorded in the manifest.
 
+    wait : seconds to wait when another process is preparing the same folder (each folder being
+        prepared is locked with ``fcntl.flock``), then :class:`ShardError` naming that process.
+    check_space : refuse at once, with the numbers, when the disk has less free space than the
+        shards need (:func:`_expected_bytes`).
+
+    Partial folders left inside ``out_dir`` by a killed prepare are removed first (logged in one
+    line).  A write error (a full disk, ...) raises :class:`ShardError` in one line naming the folder
+    and its free space; the partial folder is removed and the previous files stay as they were.
+
     Returns the :class:`Manifest` of the written directory.  Local; no MPI.
     """
     plan.validate(model)
     get_weights, source_desc, seed = _resolve_source(model, source, seed, source_label, consume)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with _prepare_lock(out, wait, command):
+        _write_folder(out, model, plan, get_weights, source_desc, seed, progress, command, check_space)
+    return open_manifest(out)
+
+
+def _write_folder(out: Path, model: Model, plan: Plan, get_weights, source_desc: str, seed, progress, command: str,
+                  check_space: bool) -> None:
+    """The body of :func:`prepare`, run while holding the folder's lock."""
+    _remove_stale_partials(out)
+    need = sum(_expected_bytes(model, plan).values())
+    if check_space:
+        free = shutil.disk_usage(out).free
+        if free < need:
+            raise ShardError(f"{out}: not enough free space: the shards need about {_fmt_bytes(need)}, the disk has "
+                             f"{_fmt_bytes(free)} free; free some space or prepare into another folder (--dir DIR)")
     preparation = uuid.uuid4().hex
     tmp = Path(out, f".partial-{preparation[:8]}")
     tmp.mkdir()
+    failure = None
     try:
         _write_shards(tmp, model, plan, get_weights, preparation, progress)
         checksums, sizes = {}, {}
@@ -458,9 +523,193 @@ def prepare(model: Model, plan: Plan, out_dir, source="random", seed: int | None
         _write_manifest(tmp / MANIFEST_NAME, model, plan, source_desc, seed, checksums, sizes, preparation,
                         command, created)
         _move_into_place(tmp, out, plan.world_size)
+    except OSError as exc:
+        failure = exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return open_manifest(out)
+    if failure is not None:
+        message = _write_failed(out, failure, need)
+        del failure
+        raise ShardError(message)
+
+
+def _fmt_bytes(n: float) -> str:
+    for scale, unit in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (HDF5's messages span several)."""
+    return " ".join(str(exc).split())
+
+
+def _write_failed(out: Path, exc: OSError, need: int) -> str:
+    """One line for a write error: what failed, the folder's free space, what to do."""
+    try:
+        free = _fmt_bytes(shutil.disk_usage(out).free)
+    except OSError:
+        free = "unknown"
+    if exc.errno == errno.ENOSPC or "errno = 28" in str(exc) or "No space left" in str(exc):
+        return (f"{out}: no space left on device while writing the shards ({free} free, about {_fmt_bytes(need)} "
+                f"needed); free some space or prepare into another folder (--dir DIR); the previous files "
+                f"in {out} are unchanged")
+    reason = exc.strerror or _one_line(exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return (f"{out}: cannot write the shards: {reason}{where} ({free} free); fix that and prepare again; "
+            f"the previous files in {out} are unchanged")
+
+
+def _expected_bytes(model: Model, plan: Plan) -> dict:
+    """``{rank: bytes}`` the shard files of ``plan`` take: chunked datasets plus HDF5 metadata (an upper bound)."""
+    out = {}
+    for rank in range(plan.world_size):
+        blocks = _layout(model, plan, rank)
+        data = sum(_disk_bytes((b.stored_rows, b.cols)) + _disk_bytes((b.stored_rows,)) for b in blocks)
+        out[rank] = data + (64 << 10) + (16 << 10) * len(blocks)
+    return out
+
+
+def _stored_bytes(model: Model, plan: Plan) -> dict:
+    """``{rank: bytes}`` of float32 weights and biases stored in each shard file (no padding, no metadata)."""
+    return {rank: sum(4 * b.stored_rows * (b.cols + 1) for b in _layout(model, plan, rank))
+            for rank in range(plan.world_size)}
+
+
+# ---------------------------------------------------------------- one writer per folder
+
+def _lock_path(out: Path) -> Path:
+    """``.<name>.prepare-lock`` beside the folder (resolved, so every path to it shares one lock)."""
+    target = out.resolve()
+    return target.parent / f".{target.name}.prepare-lock"
+
+
+@contextlib.contextmanager
+def _prepare_lock(out: Path, wait: float, command: str = ""):
+    """Hold an exclusive ``fcntl.flock`` on the folder's lock file while preparing it.
+
+    Non-blocking, retried for at most ``wait`` seconds (with one log line), then :class:`ShardError`
+    naming the process that holds it (its pid is written in the lock file).  The kernel releases a
+    flock when its process dies, so a killed prepare never blocks the next one.  The lock file is
+    left in place: deleting it would let two processes lock two different files.
+    """
+    path = _lock_path(out)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:          # parent folder not writable: lock inside the folder instead
+        path = out.resolve() / ".prepare-lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + max(0.0, float(wait))
+        said = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip().splitlines()
+                other = f"{holder[0]}: {holder[1] if len(holder) > 1 else '?'}" if holder else "pid unknown"
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    pid = holder[0].split()[-1] if holder else "PID"
+                    raise ShardError(f"{out}: another prepare ({other}) is writing this folder (lock {path}); wait "
+                                     f"for it to finish (or pass --wait SECONDS), or stop it (kill {pid}) and prepare "
+                                     "again") from None
+                if not said:
+                    log.warning("%s: another prepare (%s) is writing this folder; waiting up to %.0f s", out, other,
+                                left)
+                    said = True
+                time.sleep(min(0.2, left))
+        me = " ".join((command or " ".join(sys.argv)).split())
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        text = f"pid {os.getpid()}\n{me or 'python'}\nstarted {started}\n".encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text, 0)
+        yield path
+    finally:
+        os.close(fd)                 # releases the lock
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove ``.partial-*`` folders in ``out`` (called with the lock held: their writers are gone)."""
+    stale = [p for p in out.glob(".partial-*") if p.is_dir()]
+    if not stale:
+        return
+    size = 0
+    for folder in stale:
+        size += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+    log.warning("%s: removed %d partial folder(s) (%s) left by an interrupted prepare", out, len(stale),
+                _fmt_bytes(size))
+
+
+class _WriteGuard:
+    """The file object HDF5 writes one file through: a failed write (a full disk) is recorded and
+    every later write dropped, so HDF5 itself never sees an error.
+
+    h5py 3.16 with HDF5 2.0 cannot close a file after a failed write: it prints a dozen tracebacks
+    and crashes (segfault).  The writer checks :attr:`error` after each layer and raises it once
+    every file is closed; the partial folder is then removed.
+    """
+
+    def __init__(self, path: Path):
+        self.fh = open(path, "w+b", buffering=0)     # noqa: SIM115 -- closed by close(), after h5py
+        self.error: OSError | None = None
+
+    def _failed(self, exc: OSError) -> None:
+        if self.error is None:
+            self.error = exc
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += self.fh.write(view[done:])
+            except OSError as exc:
+                self._failed(exc)
+        return len(view)
+
+    def truncate(self, size=None):
+        try:
+            return self.fh.truncate(size)
+        except OSError as exc:
+            self._failed(exc)
+            return size
+
+    def flush(self) -> None:
+        pass                     # unbuffered
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.fh.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        return self.fh.read(size)
+
+    def readinto(self, buf) -> int:
+        return self.fh.readinto(buf)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+@contextlib.contextmanager
+def _h5_writing(path: Path):
+    """A new HDF5 file written through a :class:`_WriteGuard`; a write error is raised after closing it."""
+    guard = _WriteGuard(path)
+    try:
+        with h5py.File(guard, "w", libver=LIBVER) as f:
+            f.guard = guard
+            yield f
+    finally:
+        guard.close()
+    if guard.error is not None:
+        raise guard.error
 
 
 def _write_shards(folder: Path, model: Model, plan: Plan, get_weights, preparation: str, progress) -> None:
@@ -472,10 +721,9 @@ def _write_shards(folder: Path, model: Model, plan: Plan, get_weights, preparati
         for blk in blocks:
             owners[blk.layer].append((rank, blk))
     total = sum(4 * blk.stored_rows * (blk.cols + 1) for blocks in owners.values() for _, blk in blocks)
-    files = {}
-    try:
-        for rank in range(world):
-            f = files[rank] = h5py.File(folder / shard_name(rank), "w", libver=LIBVER)
+    with contextlib.ExitStack() as stack:
+        files = {rank: stack.enter_context(_h5_writing(folder / shard_name(rank))) for rank in range(world)}
+        for rank, f in files.items():
             role = rank_role(plan, rank)
             _set_attrs(f, {"format": SHARD_FORMAT, "format_version": FORMAT_VERSION, "model": model.name,
                            "rank": rank, "role": role, "world_size": world, "plan_tag": plan.tag, "code": plan.code,
@@ -489,9 +737,9 @@ def _write_shards(folder: Path, model: Model, plan: Plan, get_weights, preparati
                 W, b = get_weights(name)
                 _write_layer(files, blocks, plan.for_layer(name), W, b, bar)
                 del W, b          # before the next layer is made: never two layers in memory
-    finally:
-        for f in files.values():
-            f.close()
+                failed = next((f.guard.error for f in files.values() if f.guard.error is not None), None)
+                if failed is not None:
+                    break         # raised by _h5_writing once the files are closed
 
 
 def _write_layer(files: dict, blocks: list, lp, W: np.ndarray, b: np.ndarray, bar: Progress) -> None:
@@ -519,7 +767,7 @@ def _write_layer(files: dict, blocks: list, lp, W: np.ndarray, b: np.ndarray, ba
 
 def _write_manifest(path, model, plan, source, seed, checksums, sizes, preparation, command, created):
     from mpicdc import __version__
-    with h5py.File(path, "w", libver=LIBVER) as f:
+    with _h5_writing(path) as f:
         _set_attrs(f, {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION, "model": model.name,
                        "plan_tag": plan.tag, "world_size": plan.world_size, "workers": plan.workers,
                        "parity": plan.parity, "code": plan.code, "source": source, "preparation": preparation,
@@ -555,9 +803,6 @@ def _move_into_place(tmp: Path, out: Path, world: int) -> None:
     for rank in range(world):
         os.replace(tmp / shard_name(rank), out / shard_name(rank))
     os.replace(tmp / MANIFEST_NAME, out / MANIFEST_NAME)
-    for entry in out.glob(".partial-*"):        # left behind by runs that were killed
-        if entry != tmp and entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- reading
@@ -588,24 +833,95 @@ def open_manifest(directory) -> Manifest:
                                  f"format {FORMAT_VERSION}: upgrade mpicdc or prepare the weights again")
             model = Model.from_json(_attr_str(a, "model_json"))
             plan = Plan.from_json(_attr_str(a, "plan_json"))
+            command = _attr_str(a, "command")
+            again = "prepare the weights again" + (f" ({command})" if command else "")
+            problem = _model_problem(model) or _plan_problem(a, model, plan)
+            if problem:
+                raise ShardError(f"{path}: {problem}; the manifest is damaged or was edited: {again}")
+            for key in ("files", "bytes", "sha256"):
+                if f["shards"][key].shape != (plan.world_size,):
+                    raise ShardError(f"{path}: /shards/{key} has shape {f['shards'][key].shape} for a world of "
+                                     f"{plan.world_size} ranks; {again}")
             files = dict(enumerate(f["shards/files"].asstr()[()].tolist()))
             checksums = dict(enumerate(f["shards/sha256"].asstr()[()].tolist()))
             sizes = dict(enumerate(int(x) for x in f["shards/bytes"][()]))
-            parity = {_attr_str(d.attrs, "layer"): d[()] for d in f["codes"].values()}
+            problem = _files_problem(model, plan, files, sizes)
+            if problem:
+                raise ShardError(f"{path}: {problem}; the manifest is damaged or was edited: {again}")
+            parity = {}
+            for lp in plan.layers:      # only the (r, n) matrices the plan implies are read
+                d = f["codes"].get(_group_name(lp.layer))
+                if isinstance(d, h5py.Dataset):
+                    if d.shape != (lp.r, lp.n):
+                        raise ShardError(f"{path}: /codes/{d.name.split('/')[-1]} has shape {d.shape}, the plan "
+                                         f"needs ({lp.r}, {lp.n}); {again}")
+                    parity[lp.layer] = d[()]
             seed = int(a["seed"]) if "seed" in a else None
             manifest = Manifest(directory, model, plan, _attr_str(a, "source"), seed, files, checksums, version,
-                                sizes, parity, _attr_str(a, "preparation"), _attr_str(a, "command"),
-                                _attr_str(a, "created"))
+                                sizes, parity, _attr_str(a, "preparation"), command, _attr_str(a, "created"))
     except ShardError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise ShardError(f"{path}: damaged or incomplete manifest ({type(exc).__name__}: {exc}); copy it "
-                         f"again from the machine that prepared the shards, or re-run the prepare command") from None
-    n_files = len(manifest.files)
-    if not (n_files == plan.world_size == len(checksums) == len(sizes)) or plan.model != model.name:
-        raise ShardError(f"{path}: inconsistent manifest (plan for {plan.model!r} over {plan.world_size} ranks, "
-                         f"model {model.name!r}, {n_files} shard entries); prepare the weights again")
+        raise ShardError(f"{path}: damaged or incomplete manifest ({type(exc).__name__}: {_one_line(exc)}); copy "
+                         f"it again from the machine that prepared the shards, or re-run the prepare command") from None
     return manifest
+
+
+def _model_problem(model: Model) -> str | None:
+    """Why ``model`` cannot be loaded safely: a bad graph, or a shape that is not positive or too big."""
+    try:
+        shapes, weights = model.shapes(), model.weight_shapes()
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as exc:
+        return f"its model graph is invalid ({type(exc).__name__}: {exc})"
+    for name, shape in shapes.items():
+        if not shape or any(type(x) is not int or x < 1 for x in shape):
+            return f"layer {name!r} of the model has output shape {shape}: every size must be a positive integer"
+        if math.prod(shape) > MAX_ACTIVATION:
+            return (f"layer {name!r} of the model has output shape {shape} ({math.prod(shape):,} values; at most "
+                    f"{MAX_ACTIVATION:,} are accepted)")
+    for name, (rows, cols) in weights.items():
+        if type(rows) is not int or type(cols) is not int or rows < 1 or cols < 1:
+            return f"layer {name!r} of the model has a {rows}x{cols} weight matrix: sizes must be positive integers"
+        if rows * cols > MAX_LAYER_WEIGHTS:
+            return (f"layer {name!r} of the model has a {rows:,}x{cols:,} weight matrix ({_fmt_bytes(4 * rows * cols)}"
+                    f" of float32; at most {_fmt_bytes(4 * MAX_LAYER_WEIGHTS)} per layer are accepted)")
+    return None
+
+
+def _plan_problem(attrs, model: Model, plan: Plan) -> str | None:
+    """Why ``plan`` does not fit ``model`` or the manifest's world size, workers and parity attributes."""
+    counts = (plan.world_size, plan.workers, plan.parity)
+    if any(type(x) is not int for x in counts) or not 2 <= plan.world_size <= MAX_WORLD_SIZE:
+        return f"its plan has world size {plan.world_size!r} (2..{MAX_WORLD_SIZE} ranks are accepted)"
+    if plan.workers < 1 or plan.parity < 0 or plan.world_size != 1 + plan.workers + plan.parity:
+        return (f"its plan has a world of {plan.world_size} ranks, which is not 1 master + {plan.workers} data + "
+                f"{plan.parity} parity workers")
+    for key, want in (("world_size", plan.world_size), ("workers", plan.workers), ("parity", plan.parity),
+                      ("code", plan.code)):
+        if key not in attrs:
+            continue
+        found = _attr_str(attrs, key) if key == "code" else int(attrs[key])
+        if found != want:
+            return f"attribute {key} is {found!r} but its plan says {want!r}"
+    try:
+        plan.validate(model)
+    except (ValueError, TypeError) as exc:
+        return f"its plan does not fit its model ({exc})"
+    return None
+
+
+def _files_problem(model: Model, plan: Plan, files: dict, sizes: dict) -> str | None:
+    """Why the ``/shards`` entries do not fit: a file name other than ``rank-NNN.h5``, or a file smaller
+    than the weights the model and plan put in it (checked before anything that size is allocated)."""
+    for rank, name in files.items():
+        if name != shard_name(rank):
+            return (f"/shards/files names {name!r} for rank {rank}; only {shard_name(rank)} inside the weight "
+                    "folder is accepted")
+    for rank, need in _stored_bytes(model, plan).items():
+        if sizes[rank] < need:
+            return (f"its model and plan put {need:,} bytes of weights ({_fmt_bytes(need)}) in {shard_name(rank)}, "
+                    f"but /shards/bytes gives that file {sizes[rank]:,} bytes")
+    return None
 
 
 def check_world(manifest: Manifest, world_size: int) -> None:
@@ -696,8 +1012,13 @@ def _open_shard(path: Path, manifest: Manifest, rank: int, fix: str):
     return f
 
 
-def _read_block(f, path: Path, blk: _Block, check: bool, pad: bool, fix: str) -> tuple:
-    """Read one block's ``(W, b)``, checking shapes, dtype and (``check``) the dataset sha256."""
+def _read_block(f, path: Path, blk: _Block, check: str, pad: bool, fix: str) -> tuple:
+    """Read one block's ``(W, b)``, checking shapes and dtype.
+
+    HDF5 checks the fletcher32 of every chunk it reads (files of mpicdc 0.1 have none).  ``check``
+    adds the dataset's sha256 (its ``sha256`` attribute, hashed from memory: no second read):
+    ``"full"`` for every dataset, ``"load"`` only for datasets without fletcher32, ``""`` never.
+    """
     gname = blk.path
     if gname not in f:
         held = ", ".join(f"/{_group_name(blk.layer)}/{x}" for x in f.get(_group_name(blk.layer), {})) or "nothing"
@@ -714,12 +1035,16 @@ def _read_block(f, path: Path, blk: _Block, check: bool, pad: bool, fix: str) ->
         full = (blk.block_rows,) + shape[1:] if pad else shape
         arr = np.zeros(full, F32) if full != shape else np.empty(full, F32)
         if blk.stored_rows:
-            d.read_direct(arr, dest_sel=np.s_[:blk.stored_rows])
-        if check:
+            try:
+                d.read_direct(arr, dest_sel=np.s_[:blk.stored_rows])
+            except OSError as exc:
+                raise ShardError(f"{path}: layer {blk.layer!r}: dataset /{gname}/{key} is corrupted (HDF5 could not "
+                                 f"read it: {_one_line(exc)}); {fix}") from None
+        if check == "full" or (check == "load" and not d.fletcher32):
             digest = hashlib.sha256(memoryview(arr[:blk.stored_rows]).cast("B")).hexdigest()
             if digest != _attr_str(d.attrs, "sha256"):
-                raise ShardError(f"{path}: dataset /{gname}/{key} is corrupted (sha256 {digest[:16]}..., "
-                                 f"stored {_attr_str(d.attrs, 'sha256')[:16]}...); {fix}")
+                raise ShardError(f"{path}: layer {blk.layer!r}: dataset /{gname}/{key} is corrupted (sha256 "
+                                 f"{digest[:16]}..., stored {_attr_str(d.attrs, 'sha256')[:16]}...); {fix}")
         out.append(arr)
     return tuple(out)
 
@@ -746,21 +1071,20 @@ def load_rank(directory, rank: int, manifest: Manifest | None = None, verify: bo
     data blocks with their own row count, as stored); rank 0 gets the whole ``(W, b)`` of the
     linear layers the plan keeps on the master.
 
-    The file's attributes (model, rank, world size, plan tag, code, preparation id) and every
-    dataset's shape are always checked against the manifest.  With ``verify`` the whole file's
-    sha256 (from the manifest) and every dataset's sha256 (its ``sha256`` attribute) are checked
-    too, and for rank 0 the stored parity matrices against the codes of this mpicdc.  Any problem
-    raises :class:`ShardError` naming the file.  Local (reads two files).
+    The file's size and attributes (model, rank, world size, plan tag, code, preparation id) and
+    every dataset's shape are always checked against the manifest, and HDF5 checks the fletcher32
+    checksum of every chunk as it reads it, so the file is read once.  With ``verify``, datasets
+    without fletcher32 (files of mpicdc 0.1) are checked against their sha256 attribute, and for
+    rank 0 the stored parity matrices against the codes of this mpicdc.  The whole-file sha256 is
+    left to :func:`verify` (``prepare --verify``).  Any problem raises :class:`ShardError` naming
+    the file.  Local (reads two files).
     """
     manifest = open_manifest(directory) if manifest is None else manifest
     path = manifest.path(rank)
     fix = _fix(manifest)
     try:
         with _open_shard(path, manifest, rank, fix) as f:
-            problem = _sha256_problem(path, manifest, rank, fix) if verify else None
-            if problem:
-                raise ShardError(problem)
-            blocks = {blk.layer: _read_block(f, path, blk, verify, pad, fix)
+            blocks = {blk.layer: _read_block(f, path, blk, "load" if verify else "", pad, fix)
                       for blk in _layout(manifest.model, manifest.plan, rank)}
     except ShardError:
         raise
@@ -797,9 +1121,9 @@ def verify(directory, ranks=None) -> list:
     """Check a prepared directory completely; return the problems found (empty when all is well).
 
     Reads the manifest and every shard file (or only those of ``ranks``, e.g. the one file a
-    device holds): presence, size, attributes, whole-file sha256, every dataset's shape and
-    sha256 (one dataset in memory at a time), and the stored parity matrices against this
-    mpicdc's codes.  Local.
+    device holds): presence, size, attributes, whole-file sha256, every dataset's shape,
+    fletcher32 and sha256 (one dataset in memory at a time), and the stored parity matrices
+    against this mpicdc's codes.  Local.
     """
     try:
         manifest = open_manifest(directory)
@@ -817,7 +1141,7 @@ def verify(directory, ranks=None) -> list:
                     problems.append(problem)
                 for blk in _layout(manifest.model, manifest.plan, rank):
                     try:
-                        _read_block(f, path, blk, True, False, fix)
+                        _read_block(f, path, blk, "full", False, fix)
                     except ShardError as exc:
                         problems.append(str(exc))
         except ShardError as exc:
