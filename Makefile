@@ -31,6 +31,7 @@ bench: venv
 	$(PY) -m mpicdc.bench codes
 	$(PY) -m mpicdc.bench runtime
 	$(PY) -m mpicdc.bench prepare
+	$(PY) -m mpicdc.bench plan
 
 clean:
 	rm -rf $(VENV) build *.egg-info
