@@ -1,6 +1,10 @@
 # Two commands do all the set-up on a fresh machine (root or not):
 #   make demo   -- build the venv, then run the main job on the embedded default (VGG16)
 #   make test   -- build the venv, then run the whole test suite
+# and:
+#   make test-quick    -- the pure core and the in-process protocol tests, no MPI launch (under 2 minutes)
+#   make clean         -- remove the venv and build files (says what; keeps weights/ and results/)
+#   make clean-weights -- remove the prepared weight shards under weights/
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,6 +30,10 @@ demo: venv
 test: venv
 	$(PY) -m pytest
 
+# no MPI launch and nothing marked slow: the pure core, the CLIs' parsing and the protocol over a fake network
+test-quick: venv
+	$(PY) -m pytest -p no:cacheprovider -m "not mpi and not slow"
+
 bench: venv
 	$(PY) -m mpicdc.bench kernels
 	$(PY) -m mpicdc.bench codes
@@ -34,6 +42,13 @@ bench: venv
 	$(PY) -m mpicdc.bench plan
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	@echo "removing the venv ($(VENV)), build/, *.egg-info, __pycache__/, .pytest_cache/ and .hypothesis/;"
+	@echo "keeping prepared weights (make clean-weights) and experiment results (results/)"
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	find mpicdc tests -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: venv demo test bench clean
+clean-weights:
+	@echo "removing the prepared weight shards under weights/ (they are prepared again when needed)"
+	rm -rf weights/*/ weights/*.h5
+
+.PHONY: venv demo test test-quick bench clean clean-weights
