@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from mpi_helpers import ROOT, requires_mpi
+from mpi_helpers import ROOT, JobResult, requires_mpi, run_bounded
 
 from mpicdc.runtime import venvconf
 from mpicdc.runtime.mpienv import mca_param, ulfm_enabled
@@ -23,7 +21,7 @@ DESIGN_CARD = "mpirun -hostfile hostfile python -m mpicdc.run {model} --repeat 2
 
 def _cli(*args, cwd=ROOT, timeout=60) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=cwd, env=env, capture_output=True, check=False,
                           text=True, timeout=timeout)
 
 
@@ -59,7 +57,8 @@ def test_venvconf_activate_exports_root_permission_only_for_root(tmp_path):
     venvconf.write(venv)
     script = f'. "{venv}/bin/activate"; echo "${{OMPI_ALLOW_RUN_AS_ROOT:-unset}}"'
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMPI_ALLOW_RUN_AS_ROOT")}
-    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30).stdout.strip()
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30,
+                         check=False).stdout.strip()
     assert out == ("1" if os.geteuid() == 0 else "unset")
 
 
@@ -153,44 +152,14 @@ def test_prepare_dry_run_for_ten_thousand_devices_is_quick():
 
 # ---------------------------------------------------------------- real launches (MPI)
 
-def _session_members(sid: int) -> list:
-    """PIDs of the processes of session ``sid`` (a job started with ``start_new_session``)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid:
-            pids.append(int(proc.name))
-    return pids
-
-
-def _run_in_venv(line: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+def _run_in_venv(line: str, cwd: Path, timeout: float) -> JobResult:
     """``line`` typed into a shell after ``. VENV/bin/activate`` (as a user does), bounded by ``timeout``;
     nothing of it may outlive it."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("OMPI_ALLOW_RUN_AS_ROOT", "PRTE_ALLOW_RUN_AS_ROOT", "OMPI_MCA_mpi_ft"))}
     env.update(PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")  # this checkout's mpicdc
     script = f'. "{VENV}/bin/activate" && exec {line}'
-    proc = subprocess.Popen(["bash", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{line!r} did not end within {timeout} s\n{out}\n{err}")
-    deadline = time.monotonic() + 10
-    while _session_members(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = _session_members(proc.pid)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes left behind by {line!r}: {left}"
-    return subprocess.CompletedProcess(line, proc.returncode, out, err)
+    return run_bounded(["bash", "-c", script], cwd, timeout, env=env, whole_session=True)
 
 
 def _require_configured_venv():

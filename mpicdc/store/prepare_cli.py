@@ -209,8 +209,8 @@ def launch_lines(model_name: str, plan, directory) -> list:
     return [f"run it on {n} ranks (1 master + {plan.workers} data + {plan.parity} parity workers):",
             f"  {here:<{width}}  python -m mpicdc.launch -np {n} {run_args}",
             f"  {devices:<{width}}  mpirun -hostfile HOSTFILE -np {n} python -m mpicdc.run {run_args}",
-            f"  {'':<{width}}  (HOSTFILE: one line per device, {n} slots in all; each device needs manifest.h5 "
-            "and its rank-NNN.h5, docs/weights.md)"]
+            (f"  {'':<{width}}  (HOSTFILE: one line per device, {n} slots in all; each device needs manifest.h5 "
+             "and its rank-NNN.h5, docs/weights.md)")]
 
 
 def _run(args, argv) -> int:
