@@ -56,14 +56,33 @@ def leftover_processes(marker: str) -> list:
     return out
 
 
-def run_bounded(cmd: list, cwd: Path, timeout: float, marker: str | None = None) -> JobResult:
+def session_members(sid: int) -> list:
+    """PIDs of the processes of session ``sid`` (everything a command started with ``start_new_session``
+    forked, whatever its command line)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:
+            pids.append(int(proc.name))
+    return pids
+
+
+def run_bounded(cmd: list, cwd: Path, timeout: float, marker: str | None = None, *, env: dict | None = None,
+                whole_session: bool = False) -> JobResult:
     """Run ``cmd`` in its own process group with a hard timeout, BLAS at one thread per process.
 
     On timeout the whole group (launcher, mpirun, every rank) is SIGKILLed and the test fails.
-    With ``marker`` (a string on every rank's command line), processes still alive 10 s after the
-    command ended are killed and fail the test too.
+    With ``marker`` (a string on every rank's command line), or ``whole_session`` (every process of the
+    command's session), processes still alive 10 s after the command ended are killed and fail the test too.
+    ``env`` replaces the environment (default: this one with this checkout on ``PYTHONPATH``).
     """
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    if env is None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -74,11 +93,14 @@ def run_bounded(cmd: list, cwd: Path, timeout: float, marker: str | None = None)
         stdout, stderr = proc.communicate()
         pytest.fail(f"did not end within {timeout}s: {' '.join(cmd)}\n{stdout}\n{stderr}")
     seconds = time.monotonic() - start
-    if marker is not None:
+    if marker is not None or whole_session:
+        def alive():
+            return session_members(proc.pid) if whole_session else leftover_processes(marker)
+
         deadline = time.monotonic() + 10
-        while leftover_processes(marker) and time.monotonic() < deadline:
+        while alive() and time.monotonic() < deadline:
             time.sleep(0.2)
-        left = leftover_processes(marker)
+        left = alive()
         if left:
             for pid in left:
                 os.kill(pid, signal.SIGKILL)

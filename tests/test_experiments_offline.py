@@ -28,7 +28,7 @@ def run_job(name: str, out: Path, *args, timeout: float) -> subprocess.Completed
                MPLBACKEND="Agg")
     cmd = [sys.executable, "-m", f"mpicdc.experiments.{name}", "--quick", "--out", str(out), *args]
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s")
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"

@@ -34,7 +34,7 @@ def shards(tmp_path_factory):
     done = run("tiny", "--workers", 3, "--code", "sum", "--seed", 2, "--out", root / "weights")
     assert done.returncode == 0, done.stderr
     out = root / "weights" / "tiny-w3-p1-sum"
-    assert f"wrote {out}/" in done.stdout and "mpiexec -np 5" in done.stdout
+    assert f"wrote {out}/" in done.stdout and f"python -m mpicdc.launch -np 5 tiny --weights {out}" in done.stdout
     assert done.stderr == ""        # not a terminal: no progress bar
     return out
 
@@ -43,7 +43,8 @@ def test_help_teaches():
     done = run("--help")
     assert done.returncode == 0
     for text in ("examples:", "--workers", "--parity", "groups:G", "--keep-on-master", "--layer-workers",
-                 "--speeds", "--source", "--show", "--verify", "--dry-run", "mpiexec -np", "exit status"):
+                 "--speeds", "--source", "--show", "--verify", "--dry-run", "-np 1+N+R", "mpicdc.launch -np 12", "exit status",
+                 "default: sum", "inception_v3"):
         assert text in done.stdout, text
 
 
@@ -59,7 +60,8 @@ def test_show_prints_the_plan_table(shards):
     assert done.returncode == 0, done.stderr
     out = done.stdout
     for text in ("layer", "shape", "split", "ranks", "code", "block rows", "MB/rank", "conv1", "8x27",
-                 "1-3 | 4", "parity", "rank-004.h5", "seed 2", "mpiexec -np 5"):
+                 "1-3 | 4", "parity", "rank-004.h5", "seed 2", "mpicdc.launch -np 5",
+                 "mpirun -hostfile HOSTFILE -np 5 python -m mpicdc.run tiny"):
         assert text in out, text
     assert out.count(" sum ") >= 7
 

@@ -1,4 +1,4 @@
-"""``python -m mpicdc.bench {kernels,codes,runtime,prepare} [options]``: run one benchmark."""
+"""``python -m mpicdc.bench SUITE [options]``: run one benchmark (``--help`` lists them)."""
 import importlib
 import sys
 
@@ -7,16 +7,37 @@ SUITES = {
     "codes": "decode error and decode time of every code against the layer's compute time",
     "runtime": "coded against uncoded MPI inference, and recovery latency after a SIGKILL",
     "prepare": "peak memory of the HDF5 weight preparation tool",
+    "plan": "time to plan, print and assign blocks for up to 100,000 devices",
 }
+
+USAGE = "usage: python -m mpicdc.bench SUITE [options]   (python -m mpicdc.bench SUITE --help for its options)"
+
+EXAMPLES = """\
+examples:
+  python -m mpicdc.bench kernels --models alexnet vgg16   # our kernels against PyTorch, one thread
+  python -m mpicdc.bench codes --quick                    # decode error and time of every code
+  python -m mpicdc.bench runtime --model tiny             # coded vs uncoded, recovery after a SIGKILL (MPI)
+  python -m mpicdc.bench prepare --check                  # exit 1 if preparing VGG16 peaks over budget
+  python -m mpicdc.bench plan --workers 10000             # planning 10,000 devices
+  make bench                                              # the usual suites, one after the other"""
+
+
+def _help() -> str:
+    lines = [USAGE, "", "Benchmarks of mpicdc; each prints a table.", "", "suites:"]
+    lines += [f"  {name:<9} {what}" for name, what in SUITES.items()]
+    return "\n".join(lines + ["", EXAMPLES])
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUITES:
-        print("usage: python -m mpicdc.bench SUITE [options]\n\nsuites:")
-        for name, what in SUITES.items():
-            print(f"  {name:<9} {what}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv and argv[0] in ("-h", "--help"):
+        print(_help())
+        return 0
+    if not argv or argv[0] not in SUITES:
+        print(_help(), file=sys.stderr)
+        print("\npython -m mpicdc.bench: error: " + (f"unknown suite {argv[0]!r}" if argv else "name a suite"),
+              file=sys.stderr)
+        return 2
     module = importlib.import_module(f"mpicdc.bench.{argv[0]}")
     return module.main(argv[1:])
 

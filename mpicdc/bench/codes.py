@@ -319,7 +319,13 @@ def format_entry(n: int, r: int, P: np.ndarray) -> str:
 # ---------------------------------------------------------------------- CLI
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mpicdc.bench codes", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mpicdc.bench codes", description=__doc__.split("\n\n")[0],
+        epilog="examples:\n"
+               "  python -m mpicdc.bench codes --quick               # fewer repetitions and starts\n"
+               "  python -m mpicdc.bench codes --no-timing           # decode errors only\n"
+               "  python -m mpicdc.bench codes --doc docs/codes.md   # refresh the tables in the docs",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="n in {4, 8}, a 1024 x 4096 layer for the errors, 3 repetitions")
     parser.add_argument("--doc", metavar="PATH", help="write the tables into PATH (e.g. docs/codes.md)")

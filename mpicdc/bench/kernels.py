@@ -256,7 +256,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mpicdc.bench kernels",
         description="Batch-1 forward time of mpicdc's numpy kernels against PyTorch, both on one "
-                    "thread, plus the single-thread float32 GEMM peak.")
+                    "thread, plus the single-thread float32 GEMM peak.",
+        epilog="examples:\n"
+               "  python -m mpicdc.bench kernels                          # every zoo model\n"
+               "  python -m mpicdc.bench kernels --models alexnet --layers  # one model, per-layer table\n"
+               "  python -m mpicdc.bench kernels --models tiny --repeat 5 --peak-size 1024  # quick",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, metavar="MODEL",
                         help=f"zoo models to time (default: all of {', '.join(model_names())})")
     parser.add_argument("--repeat", type=int, default=7,

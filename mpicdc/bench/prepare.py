@@ -31,6 +31,10 @@ def _child_env() -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mpicdc.bench prepare", description=__doc__,
+                                epilog="examples:\n"
+                                       "  python -m mpicdc.bench prepare                  # VGG16 over 10+1 ranks\n"
+                                       "  python -m mpicdc.bench prepare --model alexnet --workers 4 --check\n"
+                                       "  python -m mpicdc.bench prepare --code mds --parity 2 --dir /tmp/shards",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vgg16", help="zoo model (default vgg16)")
     p.add_argument("--workers", type=int, default=10, help="data workers (default 10)")

@@ -36,6 +36,10 @@ def _decode_share(result: dict, skip: int = 1) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mpicdc.bench runtime", description=__doc__,
+                                epilog="examples:\n"
+                                       "  python -m mpicdc.bench runtime                  # AlexNet, 4 workers\n"
+                                       "  python -m mpicdc.bench runtime --model tiny --requests 6   # seconds\n"
+                                       "  python -m mpicdc.bench runtime --model vgg16 --kill-layer conv4_1",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="alexnet", help="zoo model (default alexnet; vgg16 takes minutes)")
     p.add_argument("--workers", type=int, default=4, help="data workers n (default 4)")

@@ -59,10 +59,15 @@ class LayerPlan:
     def r(self) -> int:
         return len(self.ranks) - len(self.rows)
 
-    @property
+    @cached_property
     def block_rows(self) -> int:
         """Rows of every block after zero-padding to the largest data block."""
         return max(stop - start for start, stop in self.rows)
+
+    @cached_property
+    def _block_index(self) -> dict:
+        """``{rank: block}``: :meth:`block_of` in O(1), so a plan over thousands of ranks stays linear."""
+        return {rank: block for block, rank in enumerate(self.ranks)}
 
     @cached_property
     def code_obj(self) -> Code:
@@ -94,7 +99,7 @@ class LayerPlan:
                              f"n={self.n} data and r={self.r} parity blocks: {exc}") from None
 
     def block_of(self, rank: int) -> int | None:
-        return self.ranks.index(rank) if rank in self.ranks else None
+        return self._block_index.get(rank)
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "code": self.code, "ranks": list(self.ranks),
@@ -128,7 +133,7 @@ class Plan:
 
     def rank_blocks(self, rank: int) -> list:
         """``[(LayerPlan, block index)]`` for every layer block that ``rank`` computes."""
-        return [(lp, lp.block_of(rank)) for lp in self.layers if rank in lp.ranks]
+        return [(lp, block) for lp in self.layers if (block := lp.block_of(rank)) is not None]
 
     def validate(self, model: Model) -> None:
         """Raise ``ValueError`` unless the plan fits ``model``: its name, each layer planned once,
@@ -192,7 +197,7 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
         if name in keep_on_master:
             continue
         ranks = tuple(layer_workers[name]) if layer_workers and name in layer_workers else data_ranks
-        bad = [x for x in ranks if x not in data_ranks]
+        bad = [x for x in ranks if not 1 <= x <= workers]
         if bad:
             raise ValueError(f"layer {name!r}: ranks {bad} are not data workers (1..{workers})")
         if rows < len(ranks) * min_rows_per_worker:

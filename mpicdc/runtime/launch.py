@@ -154,6 +154,8 @@ def _supervise(job: subprocess.Popen, exit_file: Path, stop: _Forwarder, grace_s
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mpicdc.launch",
+        usage="%(prog)s [-np N] [--hostfile FILE] [--mpirun PATH] [--mpirun-arg ARG ...] [--dry-run] "
+              "MODEL [run options]",
         description="Launch `python -m mpicdc.run` under mpirun with fault tolerance (ULFM) and the flags "
                     "this machine needs. Everything after the options goes to mpicdc.run "
                     "(see python -m mpicdc.run --help).",

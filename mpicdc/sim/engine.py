@@ -66,7 +66,7 @@ from mpicdc.core.faults import (
     parse_injections,
 )
 from mpicdc.core.graph import LayerExecutor, walk
-from mpicdc.core.models import Model, get_model
+from mpicdc.core.models import Model, get_model, model_names
 from mpicdc.sim.devices import DEFAULT_DEVICE, DeviceModel, device_names, get_device
 
 
@@ -515,7 +515,8 @@ what it does:
   the straggler model, and the master decodes from the first decodable set of replies.
   Prints latency statistics over successful requests and the success rate.
 
-codes: none | replication | sum | groups:G | mds   (as in mpicdc.core.plan)
+codes: sum (default, as python -m mpicdc.run and prepare) | none | replication | groups:G | mds
+models: {', '.join(model_names())}
 devices: {', '.join(device_names())}
 
 {DELAY_HELP}
@@ -523,7 +524,7 @@ devices: {', '.join(device_names())}
 {INJECT_HELP}
 
 examples:
-  python -m mpicdc.sim alexnet --workers 4 --parity 1 --code sum --requests 10000 --delay wifi:0.05
+  python -m mpicdc.sim alexnet --workers 4 --requests 10000 --delay wifi:0.05   # sum code, 1 parity
   python -m mpicdc.sim vgg16 --workers 8 --code none --delay shexp:0.01,0.05 --fail-prob 0.01
   python -m mpicdc.sim vgg16 --workers 990 --parity 10 --code groups:10 --requests 10000 \\
       --delay pareto:0.002,2 --link parallel --json out.json
@@ -536,11 +537,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m mpicdc.sim", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Simulate coded distributed DNN inference on many devices and requests.",
         epilog=_EPILOG)
-    p.add_argument("model", help="zoo model name (tiny, lenet, alexnet, vgg16, c3d, actionrec)")
+    p.add_argument("model", help=f"zoo model ({', '.join(model_names())})")
     p.add_argument("--workers", "-n", type=int, required=True, help="data workers N (ranks 1..N)")
     p.add_argument("--parity", "-r", type=int, default=None,
                    help="parity workers R (implied by sum, groups:G, none)")
-    p.add_argument("--code", default="none", help="code spec (default: none)")
+    p.add_argument("--code", default="sum", help="code spec (default: sum, as run and prepare; see below)")
     p.add_argument("--requests", "-k", type=int, default=1000, help="requests to simulate (default 1000)")
     p.add_argument("--delay", default="none", help="straggler delay model of every worker (see below)")
     p.add_argument("--device", default=DEFAULT_DEVICE, help=f"worker device (default {DEFAULT_DEVICE})")
@@ -552,7 +553,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fail", default="", help="ranks dead from the start, e.g. 3 or 2,5")
     p.add_argument("--inject", action="append", default=[], metavar="SPEC",
                    help="fault injection (repeatable; see below)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random stream: straggler delays and --fail-prob draws (default 0); the same seed "
+                        "and options give the same numbers")
     p.add_argument("--breakdown", action="store_true", help="print mean time per layer")
     p.add_argument("--json", metavar="PATH", help="write summary (and per-layer means) as JSON")
     return p

@@ -18,16 +18,16 @@ DESCRIPTION = """\
 Cut a model's weights into one HDF5 file per MPI rank, with parity blocks computed offline.
 
 Rank 0 is the master, ranks 1..N the data workers, N+1..N+R the parity workers, so the shards
-run on a world of 1+N+R ranks (mpiexec -np 1+N+R). Every conv and fc layer is split by output
-rows over the data workers; parity workers hold encoded blocks (e.g. the sum of all data blocks)
+run on a world of 1+N+R ranks (-np 1+N+R; the launch lines are printed at the end). Every conv
+and fc layer is split by output rows over the data workers; parity workers hold encoded blocks (e.g. the sum of all data blocks)
 so the master can rebuild the reply of a worker that is slow or dead. Output: manifest.h5 and
 rank-NNN.h5 (one per rank) in OUT/<model>-<plan tag>/ (default weights/), or exactly in --dir.
 Each device needs manifest.h5 and its own rank file only."""
 
 EPILOG = """\
-codes (--code):
-  none             no parity: every data worker is needed (R = 0)
+codes (--code; default sum, as python -m mpicdc.run and python -m mpicdc.sim):
   sum              one parity worker holding W_1 + ... + W_N: any 1 loss (R = 1, the paper)
+  none             no parity: every data worker is needed (R = 0)
   groups:G         G parity workers, one sum per group of data workers: 1 loss per group (R = G)
   replication      R parity workers copying the first R data blocks (ranks 1..R; 2MR when R = N);
                    needs --parity R
@@ -36,8 +36,10 @@ codes (--code):
   (another MDS construction); see mpicdc.core.codes
 
 examples:
+  # the default job of python -m mpicdc.run: 4 data workers plus one sum-parity worker, 6 ranks
+  %(prog)s vgg16 --workers 4
   # VGG16 over 10 data workers plus one sum-parity worker: 12 ranks
-  %(prog)s vgg16 --workers 10 --code sum
+  %(prog)s vgg16 --workers 10
   # survive any 2 lost workers out of 12
   %(prog)s vgg16 --workers 10 --parity 2 --code mds
   # look at the plan first (nothing is written)
@@ -47,6 +49,8 @@ examples:
       --layer-workers fc6=1-3 --speeds 1,1,1,2
   # trained weights from a file instead of seeded random ones
   %(prog)s lenet --workers 3 --code sum --source lenet.onnx --dir /srv/lenet-shards
+  # then run it as prepare says, e.g. on this machine (any number of ranks):
+  python -m mpicdc.launch -np 12 vgg16 --weights weights/vgg16-w10-p1-sum
   # what is in a prepared folder, and is every file intact?
   %(prog)s --show weights/vgg16-w10-p1-sum
   %(prog)s --verify weights/vgg16-w10-p1-sum
@@ -77,17 +81,19 @@ def _rank_list(text: str, what: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mpicdc.core.models import model_names
+
     p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="zoo model (tiny, lenet, actionrec, alexnet, vgg16, c3d) or, with --source FILE, "
+                   help=f"zoo model ({', '.join(model_names())}) or, with --source FILE, "
                         "the name the importer should use")
     g = p.add_argument_group("plan")
     g.add_argument("-n", "--workers", type=int, metavar="N", help="data workers (ranks 1..N)")
     g.add_argument("-r", "--parity", type=int, metavar="R",
                    help="parity workers (ranks N+1..N+R); implied by --code none/sum/groups:G")
-    g.add_argument("--code", default="none", metavar="SPEC",
-                   help="none, sum, groups:G, replication or mds (default: none); see 'codes' below")
+    g.add_argument("--code", default="sum", metavar="SPEC",
+                   help="sum, none, groups:G, replication or mds (default: sum, as run and sim); see 'codes' below")
     g.add_argument("--keep-on-master", action="append", default=[], metavar="LAYER[,LAYER]",
                    help="linear layers the master computes itself (repeatable)")
     g.add_argument("--layer-workers", action="append", default=[], metavar="LAYER=RANKS",
@@ -192,8 +198,22 @@ def _show(directory) -> str:
     files = {rank: f"{m.files[rank]:<12}  {m.sizes.get(rank, 0):>11,}  {m.checksums[rank][:16]}"
              for rank in range(m.world_size)}
     lines += ["", format_plan_table(m.plan, m.model, files, f"{'file':<12}  {'bytes':>11}  sha256 (first 16)"), "",
-              f"total {m.total_bytes() / 1e6:.2f} MB in {m.world_size} shard files; run with mpiexec -np {m.world_size}"]
-    return "\n".join(lines)
+              f"total {m.total_bytes() / 1e6:.2f} MB in {m.world_size} shard files", ""]
+    return "\n".join(lines + launch_lines(m.model.name, m.plan, m.directory))
+
+
+def launch_lines(model_name: str, plan, directory) -> list:
+    """How to run prepared shards: the launcher on this machine (any number of ranks: it adds
+    ``--oversubscribe`` when they outnumber the cores) and ``mpirun`` over a hostfile of devices."""
+    run_args = f"{shlex.quote(model_name)} --weights {shlex.quote(str(directory))}"
+    n = plan.world_size
+    here, devices = "on this machine:", f"on {n} devices:"
+    width = max(len(here), len(devices))
+    return [f"run it on {n} ranks (1 master + {plan.workers} data + {plan.parity} parity workers):",
+            f"  {here:<{width}}  python -m mpicdc.launch -np {n} {run_args}",
+            f"  {devices:<{width}}  mpirun -hostfile HOSTFILE -np {n} python -m mpicdc.run {run_args}",
+            (f"  {'':<{width}}  (HOSTFILE: one line per device, {n} slots in all; each device needs manifest.h5 "
+             "and its rank-NNN.h5, docs/weights.md)")]
 
 
 def _run(args, argv) -> int:
@@ -237,8 +257,7 @@ def _run(args, argv) -> int:
                            source_label=args.source, consume=True, command=command, wait=args.wait)
     if not args.quiet:
         print(f"wrote {out}/: {_summary(manifest)} in {time.perf_counter() - start:.1f} s")
-        print(f"run it on {plan.world_size} ranks (mpiexec -np {plan.world_size}); each device needs manifest.h5 "
-              f"and the rank-NNN.h5 of its rank (docs/weights.md)")
+        print("\n".join(launch_lines(model.name, plan, out)))
     return 0
 
 
