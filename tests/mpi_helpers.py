@@ -161,6 +161,11 @@ class LiveJob:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in leftover_processes(str(self.out)):  # mpirun runs in a session of its own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def wait_for(self, prefix: str) -> str:
         """Read output lines until one starts with ``prefix``; returns it (fails if the job ends first)."""

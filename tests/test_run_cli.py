@@ -46,7 +46,7 @@ def test_wrong_input_shape_is_a_clear_error(tiny_sum, tmp_path):
     job = run_job(4, ["tiny", "--weights", str(tiny_sum), "--input", str(tmp_path / "bad.npy")], tmp_path,
                   output=False)
     assert job.returncode == 2, job.explain()
-    assert "expects input of shape (3, 16, 16)" in job.stderr, job.explain()
+    assert "array of shape (3, 8, 8), but model 'tiny' takes (3, 16, 16)" in job.stderr, job.explain()
 
 
 def test_unknown_model_lists_the_zoo(tmp_path):

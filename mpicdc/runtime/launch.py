@@ -91,7 +91,7 @@ def run(cmd: list, np_ranks: int, hostfile: str | None = None, *, grace_s: float
         exit_file = Path(tmp) / "exit-code"
         env = thread_env(np_ranks, hostfile)
         env[EXIT_FILE_VAR] = str(exit_file)
-        job = subprocess.Popen(cmd, env=env, start_new_session=True)
+        job = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_end_with_parent)
         stop = _Forwarder(job)
         try:
             _supervise(job, exit_file, stop, grace_s)
@@ -103,6 +103,15 @@ def run(cmd: list, np_ranks: int, hostfile: str | None = None, *, grace_s: float
         if text.lstrip("-").isdigit():
             return int(text)
         return job.returncode if job.returncode not in (0, None) else 1  # the master never reported: it died
+
+
+def _end_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the launcher dies, even by SIGKILL (Linux only)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class _Forwarder:

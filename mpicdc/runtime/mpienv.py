@@ -18,6 +18,8 @@ before ``MPI_Init`` runs.
 from __future__ import annotations
 
 import os
+import select
+import signal
 import sys
 import threading
 import time
@@ -160,24 +162,42 @@ def launcher_rank() -> int | None:
 
 
 class Deadline:
-    """A watchdog timer for a phase that may block inside MPI (``MPI_Init``, a ``Dup``).
+    """A watchdog for a phase that may block inside MPI (``MPI_Init``, a ``Dup``).
 
-    If the phase is not over (:meth:`cancel`) within ``seconds``, the process
-    prints ``message`` (on rank 0 only, so the job says it once) and ends with
-    ``exit_code``: a rank killed during start-up must not leave the others
-    blocked in the library forever.
+    If the phase is not over (:meth:`cancel`) within ``seconds``, the process is
+    killed and ``message`` printed (on rank 0 only, so the job says it once, and
+    rank 0's exit code written for the launcher): a rank killed during start-up
+    must not leave the others blocked in the library forever.  The watchdog is a
+    forked process, not a thread: ``MPI_Init`` runs inside mpi4py's import while
+    holding the GIL, so no Python thread of this process could act meanwhile.
     """
 
     def __init__(self, seconds: float, message: str, exit_code: int = 2):
-        self._timer = threading.Timer(seconds, self._expire, args=(message, exit_code))
-        self._timer.daemon = True
-        self._timer.start()
-
-    @staticmethod
-    def _expire(message: str, exit_code: int) -> None:
-        if launcher_rank() in (0, None):
-            print(f"mpicdc: {message}", file=sys.stderr, flush=True)
-        os._exit(exit_code)
+        read_end, self._write_end = os.pipe()
+        self._pid = os.fork()
+        if self._pid == 0:  # the watchdog: wait for cancel() (the pipe closes) or the deadline
+            os.close(self._write_end)
+            done, _, _ = select.select([read_end], [], [], seconds)
+            if not done:
+                _expire(message, exit_code)
+                os.kill(os.getppid(), signal.SIGKILL)
+            os._exit(0)
+        os.close(read_end)
 
     def cancel(self) -> None:
-        self._timer.cancel()
+        os.close(self._write_end)  # end of file wakes the watchdog, which exits
+        os.waitpid(self._pid, 0)
+
+
+def _expire(message: str, exit_code: int) -> None:
+    """Say why the job ends (rank 0 only) and leave rank 0's exit code for the launcher."""
+    if launcher_rank() not in (0, None):
+        return
+    print(f"mpicdc: {message}", file=sys.stderr, flush=True)
+    exit_file = os.environ.get("MPICDC_EXIT_FILE")
+    if exit_file:
+        try:
+            with open(exit_file, "w") as f:
+                f.write(f"{exit_code}\n")
+        except OSError:
+            pass
