@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,12 @@ log = logging.getLogger("mpicdc.run")
 
 EPILOG = """\
 examples:
-  # one machine, fault tolerant, 1 master + 4 workers + 1 sum-parity worker:
-  mpirun --with-ft ulfm --oversubscribe -np 6 -hostfile hostfile python -m mpicdc.run vgg16
+  # the design card's line, in the venv `make venv` built (its Open MPI turns ULFM on and binds no
+  # cores; the hostfile has 6 slots; as root `. .venv/bin/activate` first, or add --allow-run-as-root):
+  # 1 master + 4 workers + 1 sum-parity worker
+  mpirun -hostfile hostfile python -m mpicdc.run vgg16
+  # with any other Open MPI 5, say it on the command line:
+  mpirun --with-ft ulfm --bind-to none -np 6 -hostfile hostfile python -m mpicdc.run vgg16
   # the same through the launcher, which adds the flags:
   python -m mpicdc.launch -np 6 vgg16
   # kill worker 2 with SIGKILL in request 1 at layer conv3_1, check every output:
@@ -41,6 +46,16 @@ exit codes: 0 all requests served (and matched with --check); 1 a request failed
 CHECK_RTOL = {"none": 1e-4, "replication": 1e-4, "sum": 1e-4, "groups": 1e-4, "mds": 1e-3}
 
 
+def _floats(text: str) -> tuple:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be finite")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mpicdc.core.models import model_names
 
@@ -53,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=f"zoo model ({', '.join(model_names())}), or the name of the model "
                                  "prepared in --weights DIR")
     p.add_argument("--weights", metavar="DIR", help="prepared shard directory (default: see below)")
-    p.add_argument("--code", default="sum", help="code for a default directory: none, replication, sum, "
-                                                 "groups:G, mds (default: sum)")
+    p.add_argument("--code", default="sum", help="code for a default directory: sum, none, replication, "
+                                                 "groups:G, mds (default: sum, as prepare and sim)")
     p.add_argument("--parity", type=int, default=None, metavar="R",
                    help="parity workers for mds/replication codes")
     p.add_argument("--no-prepare", action="store_true",
@@ -62,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, metavar="K", help="number of requests (default 1)")
     p.add_argument("--input", metavar="FILE", help=".npy array or image file (default: a deterministic "
                                                     "random input)")
+    p.add_argument("--pixels", choices=("unit", "byte"), default="unit",
+                   help="an image --input's pixel scale: unit = 0-1 (default), byte = 0-255 (Caffe-style models)")
+    p.add_argument("--mean", type=_floats, default=(), metavar="M[,M,M]",
+                   help="subtract this per-channel mean from an image --input (after --pixels), e.g. "
+                        "0.485,0.456,0.406")
+    p.add_argument("--std", type=_floats, default=(), metavar="S[,S,S]",
+                   help="divide an image --input by this per-channel std (after --mean), e.g. 0.229,0.224,0.225")
     p.add_argument("--output", metavar="FILE", help="write results to FILE.json or FILE.h5")
     p.add_argument("--inject", action="append", default=[], metavar="SPEC",
                    help="fault injection, repeatable: delay:RANKS:MODEL, crash:RANK@REQ[:LAYER], "
@@ -81,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_input(model, path: str | None, seed: int) -> np.ndarray:
+def load_input(model, path: str | None, seed: int, prep: ImagePrep | None = None) -> np.ndarray:
     """The request input: a .npy array, an image resized to the model's input, or the default input.
 
     Raises ``ValueError`` saying what is wrong with the file (missing, a folder, not a .npy or
@@ -98,7 +120,7 @@ def load_input(model, path: str | None, seed: int) -> np.ndarray:
         raise ValueError(f"--input {path}: is a folder; pass a .npy array or an image file")
     if file.suffix == ".npy":
         return check_input(model, _read_npy(file, model))
-    return check_input(model, _read_image(file, model))
+    return check_input(model, _read_image(file, model, prep or ImagePrep()))
 
 
 def _read_npy(file: Path, model) -> np.ndarray:
@@ -123,8 +145,40 @@ def _read_npy(file: Path, model) -> np.ndarray:
         raise ValueError(f"--input {file}: cannot read the array ({exc})") from None
 
 
-def _read_image(file: Path, model) -> np.ndarray:
-    """An image file as the model's CHW input: RGB (or grey), scaled to [0, 1], resized bilinearly."""
+@dataclass(frozen=True)
+class ImagePrep:
+    """How an image file becomes a model input (``--pixels``, ``--mean``, ``--std``).
+
+    The image is read as RGB (grey is repeated to the model's channels, RGB averaged for a
+    one-channel model), resized bilinearly to the model's height and width, laid out as CHW,
+    scaled to ``[0, 1]`` (``pixels="unit"``) or ``[0, 255]`` (``pixels="byte"``), then
+    normalised per channel as ``(x - mean) / std`` when given.  Match what the model was
+    trained on: torchvision-style models want ``unit`` with ImageNet's mean and std; Caffe and
+    many Keras models want ``byte`` and a mean.
+    """
+
+    pixels: str = "unit"
+    mean: tuple = ()
+    std: tuple = ()
+
+    def describe(self) -> str:
+        scale = "0-1" if self.pixels == "unit" else "0-255"
+        norm = (f", then (x - {list(self.mean) or 0}) / {list(self.std) or 1}" if self.mean or self.std else "")
+        return f"RGB, resized bilinearly, CHW, pixels {scale}{norm}"
+
+    def apply(self, chw: np.ndarray) -> np.ndarray:
+        x = chw * 255.0 if self.pixels == "byte" else chw
+        for values, op in ((self.mean, np.subtract), (self.std, np.divide)):
+            if values:
+                v = np.asarray(values, dtype=np.float32)
+                if v.size not in (1, x.shape[0]):
+                    raise ValueError(f"--mean/--std: give 1 or {x.shape[0]} values (one per channel), got {v.size}")
+                x = op(x, v.reshape(-1, 1, 1))
+        return x
+
+
+def _read_image(file: Path, model, prep: ImagePrep) -> np.ndarray:
+    """An image file as the model's CHW input, prepared as :class:`ImagePrep` says."""
     try:
         import matplotlib.image as mpimg
     except ImportError:
@@ -134,21 +188,21 @@ def _read_image(file: Path, model) -> np.ndarray:
     if len(want) != 3:
         raise ValueError(f"--input {file}: model {model.name!r} takes a {want} clip, not an image; pass a .npy")
     try:
-        img = np.asarray(mpimg.imread(file), dtype=np.float32)
+        raw = mpimg.imread(file)
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
         raise ValueError(f"--input {file}: not a readable image ({type(exc).__name__}: {exc}); "
                          "pass a PNG/JPEG image or a .npy array") from None
-    if img.ndim not in (2, 3) or min(img.shape[:2]) < 1:
-        raise ValueError(f"--input {file}: an image of shape {img.shape} cannot be a model input")
-    if img.max() > 1.0:
-        img = img / 255.0
+    if raw.ndim not in (2, 3) or min(raw.shape[:2]) < 1:
+        raise ValueError(f"--input {file}: an image of shape {raw.shape} cannot be a model input")
+    # integer images (JPEG) hold 0-255; matplotlib reads PNG as floats in 0-1 already
+    img = raw.astype(np.float32) / (255.0 if np.issubdtype(raw.dtype, np.integer) else 1.0)
     img = img[..., :3] if img.ndim == 3 else img[..., None]
     from scipy.ndimage import zoom
     chw = np.moveaxis(img, -1, 0)
     if chw.shape[0] != want[0]:
         chw = np.repeat(chw.mean(axis=0, keepdims=True), want[0], axis=0)
     factors = (1, want[1] / chw.shape[1], want[2] / chw.shape[2])
-    return zoom(chw, factors, order=1)[:, :want[1], :want[2]]
+    return prep.apply(zoom(chw, factors, order=1)[:, :want[1], :want[2]])
 
 
 def check_output_path(path: str) -> None:
@@ -203,6 +257,7 @@ def write_output(path: str, args, session, results, checks, summary) -> None:
         "dead_ranks": sorted(session.dead), "silent_ranks": sorted(session.silent),
         "requests": [{"request": r.request, "ok": r.ok, "error": r.error, "latency_ms": r.latency_s * 1e3,
                       "top_k": r.top_k(args.top_k), "check_rel_err": checks.get(r.request),
+                      "output": None if r.output is None else r.output.reshape(-1).tolist(),
                       "layers": [rec.to_dict() for rec in r.layers]} for r in results],
         "arrivals": [a.__dict__ for a in coord.arrivals],
     }
@@ -222,17 +277,31 @@ def write_output(path: str, args, session, results, checks, summary) -> None:
         Path(path).write_text(json.dumps(doc, indent=1))
 
 
-def _print_request(r, check, top_k) -> None:
+def _around(records, pick) -> str:
+    """``"2 (7 layers), 4 (1 layer)"``: the ranks ``pick(record)`` names, with how many layers each."""
+    counts: dict = {}
+    for rec in records:
+        for rank in pick(rec):
+            counts[rank] = counts.get(rank, 0) + 1
+    return ", ".join(f"{rank} ({n} layer{'s' if n > 1 else ''})" for rank, n in sorted(counts.items()))
+
+
+def _print_request(r, check, top_k, lost: set) -> None:
+    """One request's lines: status, top classes, and which ranks were decoded around and why.
+
+    A rank known lost (dead, silent or sending bad replies) is told apart from a live rank whose
+    reply simply came after the layer was already decoded (that costs nothing: it is the point).
+    """
     status = "ok" if r.ok else "FAILED"
-    decoded = [f"{rec.layer}<-{rec.decoded_blocks}" for rec in r.layers if rec.decoded_blocks]
-    failed = sorted({x for rec in r.layers for x in rec.failed})
     line = f"request {r.request}: {status} {r.latency_s * 1e3:.1f} ms"
     if r.ok:
         line += "  top-%d: " % top_k + ", ".join(f"{c} ({p:.4f})" for c, p in r.top_k(top_k))
-    if decoded:
-        line += f"\n  decoded around missing blocks: {', '.join(decoded)}"
-    if failed:
-        line += f"\n  ranks failed during this request: {failed}"
+    around_lost = _around(r.layers, lambda rec: [x for x in rec.missing_ranks if x in lost or x in rec.failed])
+    around_late = _around(r.layers, lambda rec: [x for x in rec.missing_ranks if x not in lost and x not in rec.failed])
+    if around_lost:
+        line += f"\n  decoded around lost rank(s): {around_lost}"
+    if around_late:
+        line += f"\n  did not wait for late rank(s): {around_late}"
     if check is not None:
         line += f"\n  check: max relative error vs fault-free serial reference {check:.2e}"
     if r.error:
@@ -246,7 +315,10 @@ def master_main(args, session) -> int:
     from mpicdc.store import reference_weights
 
     model = session.model
-    x = load_input(model, args.input, args.seed)
+    prep = ImagePrep(args.pixels, tuple(args.mean), tuple(args.std))
+    x = load_input(model, args.input, args.seed, prep)
+    if args.input and not args.input.endswith(".npy"):
+        print(f"input: {args.input} as {'x'.join(map(str, model.input_shape))}: {prep.describe()}", flush=True)
     if args.output:
         check_output_path(args.output)
     print(f"mpicdc: {model.name} on {session.plan.world_size} ranks: {session.plan.workers} workers + "
@@ -271,7 +343,7 @@ def master_main(args, session) -> int:
         if not r.ok:
             exit_code = 1
         if not args.quiet:
-            _print_request(r, checks.get(r.request), args.top_k)
+            _print_request(r, checks.get(r.request), args.top_k, session.dead | session.silent)
         if not r.ok and not session.coordinator.can_serve():
             print(f"mpicdc: ranks {sorted(session.dead | session.silent)} are lost; the remaining ranks cannot "
                   "serve further requests", file=sys.stderr, flush=True)
@@ -358,6 +430,8 @@ def _check_args(args) -> None:
 
     try:
         model = None if args.weights else get_model(args.model)  # with --weights: the manifest's model
+        if any(s <= 0 for s in args.std):
+            raise ValueError(f"--std values must be > 0, got {list(args.std)}")
         if args.repeat < 1 or args.top_k < 1:
             raise ValueError("--repeat and --top-k must be >= 1")
         for option, value in (("--layer-timeout", args.layer_timeout), ("--startup-timeout", args.startup_timeout)):

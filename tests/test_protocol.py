@@ -246,3 +246,21 @@ def test_reply_tags_fit_a_small_tag_upper_bound(tiny_sum, cluster):
 def test_reply_tags_refuse_a_tag_bound_with_no_room():
     with pytest.raises(ValueError, match="largest tag"):
         wire.ReplyTags(100, 32767 // 1000)
+
+
+def test_a_loss_while_another_rank_is_silent_waits_for_it_instead_of_failing(tiny_sum, cluster):
+    """One rank stalled (silent) and another dies: the layer asks the silent rank too and waits for
+    it (bounded by the layer timeout) instead of failing a request the code can still serve."""
+    c = cluster(tiny_sum, max_outstanding=8)
+    c.data.hold(2)
+    for _ in range(20):
+        assert c.infer().ok
+        if 2 in c.master.silent:
+            break
+    assert 2 in c.master.silent
+    c.kill(3)
+    threading.Timer(0.3, c.data.release, (2,)).start()  # the stall ends while the request waits
+    r = c.infer()
+    assert r.ok, r.error
+    assert any(2 in rec.used for rec in r.layers)
+    c.close()

@@ -49,12 +49,13 @@ class LayerRecord:
     decoded_blocks: list = field(default_factory=list)
     late: list = field(default_factory=list)
     failed: list = field(default_factory=list)
+    missing_ranks: list = field(default_factory=list)  # ranks whose blocks were decoded (lost or late)
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "wait_ms": self.wait_s * 1e3, "decode_ms": self.decode_s * 1e3,
                 "assemble_ms": self.assemble_s * 1e3, "compute_ms": self.compute_s * 1e3,
                 "modeled_ms": self.modeled_s * 1e3, "used": self.used, "decoded_blocks": self.decoded_blocks,
-                "late": self.late, "failed": self.failed}
+                "late": self.late, "failed": self.failed, "missing_ranks": self.missing_ranks}
 
 
 @dataclass
@@ -183,21 +184,21 @@ class Coordinator:
         job = wire.message(wire.Header(wire.JOB, request, li, -1, x.shape), x)
         pending = {}
         sent_at = time.perf_counter()
-        for block, rank in self._targets(lp):
-            buf = wire.reply_buffer(lp.block_rows, cols)
-            try:
-                handle = self.data.irecv(buf, rank, tag)
-                self.sends.append(self.data.isend(job, rank, wire.TAG_JOB))
-            except PeerLost:
-                self._mark_dead(rank)
-                continue
-            pending[block] = _Pending(handle, buf, rank, block, request, li, sent_at, buf.nbytes)
+        self._send_job(lp, job, tag, cols, self._targets(lp), pending, request, li, sent_at)
         received = {}
         while not code.decodable(received):
             self._poll(pending, received, layer.name, record)
             if code.decodable(received):
                 break
-            alive = set(received) | {b for b, p in pending.items() if p.rank not in self.dead | self.silent}
+            # a silent rank is not a dead one: its pending reply may still come
+            alive = set(received) | {b for b, p in pending.items() if p.rank not in self.dead}
+            if not code.decodable(alive):
+                # before giving up, ask the live ranks this layer did not use (silent when it
+                # started, or re-admitted since): a stall that overlaps losses costs time, not the request
+                unused = [(b, r) for b, r in enumerate(lp.ranks)
+                          if b not in alive and b not in received and r not in self.dead]
+                self._send_job(lp, job, tag, cols, unused, pending, request, li, sent_at)
+                alive |= {b for b, p in pending.items() if p.rank not in self.dead}
             lost = [r for b, r in enumerate(lp.ranks) if b not in alive]
             if not code.decodable(alive):
                 self._retire(pending, layer.name)
@@ -224,12 +225,25 @@ class Coordinator:
         record.assemble_s = time.perf_counter() - t0 - record.decode_s
         record.used = sorted(lp.ranks[b] for b in received)
         record.decoded_blocks = sorted(set(range(lp.n)) - set(received))
+        record.missing_ranks = [lp.ranks[b] for b in record.decoded_blocks]
         heads = [wire.Header.unpack(buf) for buf in received.values()]
         record.compute_s = max(h.compute_s for h in heads)
         record.modeled_s = max(h.modeled_s for h in heads)
         record.late = sorted(p.rank for p in pending.values())
         self._retire(pending, layer.name)
         return out.reshape(out_shape)
+
+    def _send_job(self, lp, job, tag, cols, targets, pending, request, li, sent_at) -> None:
+        """Post each target's reply receive and send it the job; a rank found lost is marked dead."""
+        for block, rank in targets:
+            buf = wire.reply_buffer(lp.block_rows, cols)
+            try:
+                handle = self.data.irecv(buf, rank, tag)
+                self.sends.append(self.data.isend(job, rank, wire.TAG_JOB))
+            except PeerLost:
+                self._mark_dead(rank)
+                continue
+            pending[block] = _Pending(handle, buf, rank, block, request, li, sent_at, buf.nbytes)
 
     def _retire(self, pending: dict, layer_name: str) -> None:
         """Keep still-open receives of a finished layer posted, to drain and time their late replies."""
