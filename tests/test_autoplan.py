@@ -120,3 +120,17 @@ def test_prepare_dry_run_prints_modeled_latency(capsys, tmp_path):
     assert " master " in line
     assert prepare_main(["vgg16", "--workers", "4", "--link", "fast", "--dry-run"]) == 2
     assert "link rate 'fast'" in capsys.readouterr().err
+
+
+def test_speedup_bench_prints_ratios_and_targets(capsys, tmp_path):
+    from mpicdc.bench.speedup import main
+
+    png = tmp_path / "s.png"
+    assert main(["--models", "alexnet,vgg16", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "simulator" in out and "targets (issue 14)" in out
+    assert "met    VGG16 auto faster than even and one device at 100 Mbit/s" in out
+    # AlexNet cannot reach 2x at 100 Mbit/s under this model; the bench says which term dominates
+    assert "MISSED AlexNet" in out and "why: in the even plan send dominates" in out
+    assert png.stat().st_size > 10_000
+    assert main(["--models", "alexnet", "--links", "100mbit", "--check"]) == 1

@@ -29,7 +29,7 @@ from mpicdc.core.models import Model, get_model
 from mpicdc.core.plan import Plan, make_plan, parity_count, rank_bytes, single_device_plan
 from mpicdc.sim.devices import DeviceModel, format_rate, get_device, with_link
 
-__all__ = ["OS_RESERVE_MB", "auto_plan", "layer_costs", "modeled_latency", "memory_budget", "weight_bytes",
+__all__ = ["OS_RESERVE_MB", "auto_plan", "layer_costs", "layer_terms", "modeled_latency", "memory_budget", "weight_bytes",
            "format_costs"]
 
 #: RAM not available for weights [estimate]: Raspberry Pi OS Lite after boot (about 100 MB),
@@ -76,6 +76,25 @@ def layer_costs(model: Model, plan: Plan, device, link=None, master=None, speeds
     result = simulate(model, plan, requests=1, device=device, master_device=master_device,
                       slowdown=slowdown, breakdown=True)
     return {name: float(v[0]) for name, v in result.layer_times.items()}
+
+
+def layer_terms(model: Model, plan: Plan, device, link=None, master=None) -> dict:
+    """``{distributed layer: {"send", "compute", "reply", "decode", "floor"}}`` seconds: the terms of
+    :func:`layer_costs` for one request without stragglers.  ``send`` is the input to every block's
+    rank in turn, ``compute`` the slowest block, ``reply`` every block's output, ``decode`` one lost
+    block; ``floor`` (input once, output once, two latencies) bounds the layer over any number of
+    workers, so a layer whose ``floor`` exceeds its master time cannot gain from splitting."""
+    from mpicdc.sim.engine import SimConfig, _DistStep, _steps
+
+    device = with_link(device, link)
+    master_device = device if master is None else get_device(master)
+    out = {}
+    for st in _steps(model, plan, device, master_device, SimConfig()):
+        if isinstance(st, _DistStep):
+            out[st.name] = {"send": st.ranks.size * st.send, "compute": float(st.compute.max()),
+                            "reply": float(st.reply.sum()), "decode": st.decode_cost,
+                            "floor": 2 * st.latency + st.send + float(st.reply[:st.n].sum())}
+    return out
 
 
 def modeled_latency(model: Model, plan: Plan, device, link=None, master=None) -> float:
