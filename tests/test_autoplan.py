@@ -134,3 +134,15 @@ def test_speedup_bench_prints_ratios_and_targets(capsys, tmp_path):
     assert "MISSED AlexNet" in out and "why: in the even plan send dominates" in out
     assert png.stat().st_size > 10_000
     assert main(["--models", "alexnet", "--links", "100mbit", "--check"]) == 1
+
+
+def test_straggler_frontier_mds_beats_replication_with_the_same_extra_devices(capsys):
+    from mpicdc.bench.speedup import _print_frontier, frontier
+
+    rows = frontier(1000)
+    p99 = {(label.split()[0], name): p for label, name, _, p in rows}
+    for r in (1, 2, 3):
+        for delay in ("paper", "Pareto"):
+            assert p99[(delay, f"MDS +{r}")] < p99[(delay, f"replication +{r}")] < p99[(delay, "uncoded")]
+    assert _print_frontier(rows) == int(p99[("paper", "uncoded")] / p99[("paper", "MDS +2")] < 2)
+    assert "MDS with 2 extra devices" in capsys.readouterr().out
