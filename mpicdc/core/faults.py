@@ -540,7 +540,7 @@ class Injections:
         ValueError
             for a rank outside ``1..world_size-1`` or an unknown layer name.
         """
-        if world_size < 2:
+        if world_size < 2 and self._items:
             raise ValueError(f"injections need at least one worker rank, but world_size={world_size}")
         for inj in self._items:
             bad = [r for r in inj.ranks if not 1 <= r <= world_size - 1]

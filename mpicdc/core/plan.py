@@ -164,6 +164,15 @@ def _row_ranges(m: int, n: int, speeds=None) -> tuple:
     return tuple((s.start, s.stop) for s in split_rows(m, n, speeds))
 
 
+def single_device_plan(model: Model) -> Plan:
+    """The plan of one device doing everything: a world of the master alone, no layer distributed.
+
+    The baseline of "x times faster than one device": ``simulate`` of it charges every layer
+    to the master's device.  (The MPI runtime does not run worlds of one rank.)
+    """
+    return Plan(model.name, 1, 0, 0, "none", ())
+
+
 def make_plan(model: Model, workers: int, parity: int | None = None, code: str = "none", *,
               keep_on_master=(), layer_workers: dict | None = None, speeds=None,
               min_rows_per_worker: int = 1) -> Plan:
@@ -172,7 +181,8 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
     Parameters
     ----------
     model : the model graph.
-    workers : number of data workers ``n`` (ranks ``1..n``).
+    workers : number of data workers ``n`` (ranks ``1..n``); 0 gives :func:`single_device_plan`
+        (code ``none``, no parity).
     parity : number of parity workers ``r`` (ranks ``n+1..n+r``); implied by ``code`` when omitted.
     code : code spec (``none``, ``replication``, ``sum``, ``groups:G``, ``mds``).
     keep_on_master : linear layer names that the master computes itself.
@@ -181,9 +191,14 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
     speeds : relative speed of each data worker, for proportional row blocks.
     min_rows_per_worker : layers with fewer output rows per worker stay on the master.
     """
-    if workers < 1:
-        raise ValueError(f"need at least one data worker, got workers={workers}")
+    if workers < 0:
+        raise ValueError(f"workers must be 0 (one device) or more, got workers={workers}")
     r = parity_count(code, parity)
+    if workers == 0:
+        if r or layer_workers or speeds:
+            raise ValueError(f"a plan with 0 workers runs every layer on the master: it takes no parity "
+                             f"workers (code {code!r} uses {r}), layer_workers or speeds")
+        return single_device_plan(model)
     if speeds is not None and len(speeds) != workers:
         raise ValueError(f"speeds has {len(speeds)} entries but there are {workers} workers")
     linear = {layer.name for layer in model.linear_layers}
@@ -241,32 +256,37 @@ def _mb(nbytes: int) -> str:
     return f"{mb:.2f}" if mb >= 0.1 or mb == 0 else f"{mb:.2g}"
 
 
-def format_plan_table(plan: Plan, model: Model, rank_extra: dict | None = None, extra_header: str = "") -> str:
+def format_plan_table(plan: Plan, model: Model, rank_extra: dict | None = None, extra_header: str = "",
+                      layer_extra: dict | None = None, layer_header: str = "") -> str:
     """The plan as a text table: one line per linear layer, then per-rank totals.
 
     Columns: layer, weight shape (rows x cols), split (``n+r`` blocks or ``master``), the ranks
     (data ranks, then parity ranks after ``|``), code, rows per block (after padding) and MB
     (1e6 bytes, float32 weights plus bias) held by each rank computing a block.  The per-rank
     lines give role, number of blocks and MB; ``rank_extra`` (``{rank: text}``, headed by
-    ``extra_header``) appends a column, e.g. the shard file of each rank.
+    ``extra_header``) appends a column, e.g. the shard file of each rank; ``layer_extra``
+    (``{layer: text}``, headed by ``layer_header``) appends one to the layer lines, e.g. modeled time.
     """
     head = ("layer", "shape", "split", "ranks", "code", "block rows", "MB/rank")
+    if layer_extra is not None:
+        head += (layer_header,)
     lines = []
     blocks = dict.fromkeys(range(plan.world_size), 0)
     for name, (rows, cols) in model.weight_shapes().items():
         lp = plan.for_layer(name)
         for rank in ((0,) if lp is None else lp.ranks):
             blocks[rank] += 1
+        tail = () if layer_extra is None else (layer_extra.get(name, ""),)
         if lp is None:
-            lines.append((name, f"{rows}x{cols}", "master", "0", "-", str(rows), _mb(4 * rows * (cols + 1))))
+            lines.append((name, f"{rows}x{cols}", "master", "0", "-", str(rows), _mb(4 * rows * (cols + 1))) + tail)
             continue
         ranks = _rank_ranges(lp.ranks[:lp.n]) + (f" | {_rank_ranges(lp.ranks[lp.n:])}" if lp.r else "")
         sizes = sorted({stop - start for start, stop in lp.rows})
         block = str(lp.block_rows) if len(sizes) == 1 else f"{lp.block_rows} ({sizes[0]}-{sizes[-1]})"
         lines.append((name, f"{rows}x{cols}", f"{lp.n}+{lp.r}", ranks, lp.code, block,
-                      _mb(4 * lp.block_rows * (cols + 1))))
+                      _mb(4 * lp.block_rows * (cols + 1))) + tail)
     widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
-    right = {1, 5, 6}
+    right = {1, 5, 6, 7}
 
     def fmt(row):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)

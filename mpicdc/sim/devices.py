@@ -6,7 +6,9 @@ A :class:`DeviceModel` is a roofline with a network link:
   convolutions are compute bound, batch-1 fully connected layers stream their
   weights once and are memory bound, and one number cannot serve both;
 * ``transfer_time(nbytes)`` = ``latency_s + nbytes / bandwidth_MBps``: the master's
-  link to the device (MB = 1e6 bytes).
+  link to the device (MB = 1e6 bytes); :func:`with_link` swaps in another rate
+  (:func:`parse_rate`: ``100mbit``, ``20mbit``, ``1gbit``);
+* ``memory_MB``: the device's RAM, which :mod:`mpicdc.sim.autoplan` budgets weights against.
 
 The MPI runtime pads each worker's real compute time up to
 ``gemm_time(rows, cols, spatial)`` of its block and adds a sampled message delay,
@@ -23,6 +25,9 @@ quantity could be consulted offline).  Validate against your own boards with
 ``rpi3`` (default) -- Raspberry Pi 3 Model B: BCM2837, 4 x Cortex-A53 at 1.2 GHz,
 1 GB LPDDR2-900 on a 32-bit bus, BCM43438 802.11n 2.4 GHz single-stream WiFi,
 10/100 Ethernet behind USB 2.0 [spec: Raspberry Pi Foundation product brief, 2016].
+
+* ``memory_MB = 1073.7`` (1 GiB LPDDR2) [spec: same product brief]; the GPU split and
+  the OS take part of it (see :mod:`mpicdc.sim.autoplan` for the budget).
 
 * ``gflops = 6.0`` [estimate]: float32 peak is 4 cores x 1.2 GHz x 4 flop/cycle
   (one 128-bit NEON FMA per two cycles on the A53) = 19.2 GFLOP/s; a tuned
@@ -45,7 +50,8 @@ iperf on the same USB 2.0 LAN9514 10/100 port of the Pi 2 and B+, J. Geerling,
 "Getting Gigabit Networking on a Raspberry Pi 2, 3 and B+"], 0.3 ms [estimate].
 
 ``rpi4`` -- Raspberry Pi 4 Model B: BCM2711, 4 x Cortex-A72 at 1.5 GHz, LPDDR4-3200,
-802.11ac 2.4/5 GHz WiFi, Gigabit Ethernet [spec].
+802.11ac 2.4/5 GHz WiFi, Gigabit Ethernet [spec].  ``memory_MB = 4295`` (the 4 GiB
+board; 1, 2 and 8 GiB boards exist) [spec].
 
 * ``gflops = 13.0``: about 8 GFLOP/s double-precision HPL on a stock Pi 4
   [measured: W. Feiereisen, "Benchmarking the Raspberry Pi 4 with Raspberry Pi
@@ -61,7 +67,7 @@ mpr-projects.com, "RPi NAS: Part 3 Network Connections", 2024], 0.2 ms [estimate
 ``local`` -- this development machine [measured: ``shared/design.md``, "Facts"]:
 float32 GEMM about 100 GFLOP/s on one thread; a 12.8 MB broadcast among 4 ranks
 over shared memory in 3-4 ms (about 3.5 GB/s per copy); memory 10 GB/s and 5 us
-latency [estimate].  :func:`measure_local` re-measures GEMM and copy speed.
+latency [estimate]; ``memory_MB`` unbounded.  :func:`measure_local` re-measures GEMM and copy speed.
 
 The paper's WiFi arrival times and :func:`paper_wifi_delay`
 ------------------------------------------------------------
@@ -86,6 +92,7 @@ to D, so a simulator that also models transfer times lands a few ms later.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field, replace
 
@@ -99,7 +106,7 @@ from mpicdc.core.faults import (  # noqa: F401 (re-exported)
 )
 
 __all__ = ["DeviceModel", "DEVICES", "DEFAULT_DEVICE", "get_device", "device_names",
-           "paper_wifi_delay", "wifi_calibration", "measure_local",
+           "paper_wifi_delay", "wifi_calibration", "measure_local", "parse_rate", "with_link", "format_rate",
            "PAPER_FC_COMPUTE_S", "PAPER_ARRIVALS"]
 
 @dataclass(frozen=True)
@@ -114,6 +121,7 @@ class DeviceModel:
     latency_s : one-way latency of one message, seconds.
     mem_GBps : sustained memory bandwidth, GB/s (roofline; ``inf`` ignores memory).
     description : one line for ``--help`` and the docs.
+    memory_MB : RAM of the device, MB (1e6 bytes; ``inf``: unbounded).
     """
 
     name: str
@@ -122,9 +130,10 @@ class DeviceModel:
     latency_s: float
     mem_GBps: float = math.inf
     description: str = field(default="", compare=False)
+    memory_MB: float = math.inf
 
     def __post_init__(self):
-        for key in ("gflops", "bandwidth_MBps", "mem_GBps"):
+        for key in ("gflops", "bandwidth_MBps", "mem_GBps", "memory_MB"):
             value = getattr(self, key)
             if not value > 0:
                 raise ValueError(f"device {self.name!r}: {key} must be > 0, got {value}")
@@ -163,7 +172,8 @@ class DeviceModel:
 
 
 _RPI3 = DeviceModel("rpi3", 6.0, 3.75, 0.002, 2.0,
-                    "Raspberry Pi 3 Model B (4x Cortex-A53 1.2 GHz) on 2.4 GHz 802.11n WiFi")
+                    "Raspberry Pi 3 Model B (4x Cortex-A53 1.2 GHz) on 2.4 GHz 802.11n WiFi",
+                    memory_MB=1073.7)
 
 
 def _paper_scale() -> float:
@@ -177,9 +187,9 @@ DEVICES = {d.name: d for d in (
     replace(_RPI3, name="rpi3-eth", bandwidth_MBps=11.8, latency_s=0.0003,
             description="Raspberry Pi 3 Model B on its 10/100 Ethernet (USB 2.0)"),
     DeviceModel("rpi4", 13.0, 12.5, 0.0015, 4.0,
-                "Raspberry Pi 4 Model B (4x Cortex-A72 1.5 GHz) on 5 GHz 802.11ac WiFi"),
+                "Raspberry Pi 4 Model B (4x Cortex-A72 1.5 GHz) on 5 GHz 802.11ac WiFi", memory_MB=4295.0),
     DeviceModel("rpi4-eth", 13.0, 117.6, 0.0002, 4.0,
-                "Raspberry Pi 4 Model B on Gigabit Ethernet"),
+                "Raspberry Pi 4 Model B on Gigabit Ethernet", memory_MB=4295.0),
     DeviceModel("local", 100.0, 3500.0, 5e-6, 10.0,
                 "this machine: one core of float32 GEMM, ranks talking over shared memory"),
 )}
@@ -199,6 +209,42 @@ def get_device(device: "str | DeviceModel" = DEFAULT_DEVICE) -> DeviceModel:
         return DEVICES[device]
     except KeyError:
         raise ValueError(f"unknown device {device!r}; known devices: {', '.join(device_names())}") from None
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmg])(bit/s|bit|bps|B/s|B)\s*$", re.IGNORECASE)
+
+
+def parse_rate(text: str) -> float:
+    """A link rate in bytes per second: ``100mbit`` (or ``100Mbit/s``, ``100mbps``), ``20mbit``,
+    ``1gbit``, ``500kbit``; a capital B counts bytes: ``12.5MB/s``."""
+    match = _RATE.match(str(text))
+    bytes_unit = match is not None and match[3] in ("B", "B/s")
+    if not match or not float(match[1]) > 0 or (match[3].lower() in ("b", "b/s") and not bytes_unit):
+        raise ValueError(f"link rate {text!r}: expected a positive number and a unit, e.g. 100mbit, 20mbit, "
+                         f"1gbit, 500kbit (bits) or 12.5MB/s (bytes)")
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}[match[2].lower()]
+    return float(match[1]) * scale / (1 if bytes_unit else 8)
+
+
+def with_link(device: "str | DeviceModel", rate=None) -> DeviceModel:
+    """``device`` with its link's bandwidth set to ``rate`` (bytes/s or a :func:`parse_rate` text);
+    ``None`` keeps the device's own link.  The message latency stays the device's."""
+    device = get_device(device)
+    if rate is None:
+        return device
+    bps = parse_rate(rate) if isinstance(rate, str) else float(rate)
+    if not bps > 0:
+        raise ValueError(f"link rate must be > 0 bytes/s, got {rate!r}")
+    return replace(device, name=f"{device.name}@{format_rate(bps)}", bandwidth_MBps=bps / 1e6)
+
+
+def format_rate(bps: float) -> str:
+    """Bytes/s as the link rate people say: ``12.5e6`` -> ``"100Mbit/s"``."""
+    bits = 8 * bps
+    for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= scale:
+            return f"{bits / scale:g}{unit}"
+    return f"{bits:g}bit/s"
 
 
 def measure_local(seconds: float = 0.2, size: int = 512) -> DeviceModel:

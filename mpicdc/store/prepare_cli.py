@@ -42,8 +42,10 @@ examples:
   %(prog)s vgg16 --workers 10
   # survive any 2 lost workers out of 12
   %(prog)s vgg16 --workers 10 --parity 2 --code mds
-  # look at the plan first (nothing is written)
+  # look at the plan first (nothing is written), with the modeled latency of each layer
   %(prog)s alexnet --workers 4 --code groups:2 --dry-run
+  # network-aware: keep on the master the layers a 100 Mbit/s link makes slower to distribute
+  %(prog)s vgg16 --workers 4 --plan auto --device rpi3 --link 100mbit --dry-run
   # keep fc8 on the master, run fc6 on ranks 1-3 only, rank 4 twice as fast as the others
   %(prog)s alexnet --workers 4 --code sum --keep-on-master fc8 \\
       --layer-workers fc6=1-3 --speeds 1,1,1,2
@@ -103,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relative speed of each data worker: row blocks proportional to it")
     g.add_argument("--min-rows", type=int, default=1, metavar="K",
                    help="layers with fewer than K output rows per worker stay on the master (default 1)")
+    g.add_argument("--plan", choices=("even", "auto"), default="even",
+                   help="even: split every conv and fc layer (default); auto: split a layer only where the "
+                        "simulator models it faster than the master alone on --device and --link, within "
+                        "each device's memory (mpicdc.sim.autoplan)")
+    g.add_argument("--device", default="rpi3", metavar="NAME",
+                   help="device model of every rank for --plan auto and the modeled latency printed by "
+                        "--dry-run and --show (default rpi3; see python -m mpicdc.sim --help)")
+    g.add_argument("--link", metavar="RATE",
+                   help="the master's link rate for --plan auto and the modeled latency: 100mbit, 20mbit, "
+                        "1gbit, ... (default: the device's own link)")
     s = p.add_argument_group("weights and output")
     s.add_argument("--source", default="random", metavar="random|FILE",
                    help="'random' (seeded He init, default) or a weight file (ONNX, Keras HDF5, PyTorch, npz)")
@@ -156,6 +168,13 @@ def _make_plan(args, model):
         if any(not x > 0 for x in speeds):
             raise UsageError(f"--speeds {args.speeds!r}: every speed must be positive")
     try:
+        if args.plan == "auto":
+            if keep or layer_workers or args.min_rows != 1:
+                raise UsageError("--plan auto chooses which layers stay on the master and splits the others over "
+                                 "every data worker: drop --keep-on-master, --layer-workers and --min-rows")
+            from mpicdc.sim.autoplan import auto_plan
+            return auto_plan(model, args.workers, args.code, args.device, args.link, parity=args.parity,
+                             speeds=speeds)
         return make_plan(model, args.workers, args.parity, args.code, keep_on_master=keep,
                          layer_workers=layer_workers or None, speeds=speeds, min_rows_per_worker=args.min_rows)
     except ImportError as exc:
@@ -185,8 +204,19 @@ def _load_model(args):
     return load_source(args.source, model_name=args.model)
 
 
-def _show(directory) -> str:
+def _plan_table(plan, model, args, rank_extra=None, extra_header="") -> str:
+    """The plan table with each linear layer's modeled time on ``--device``/``--link``, and the total."""
     from mpicdc.core.plan import format_plan_table
+    from mpicdc.sim.autoplan import format_costs
+
+    try:
+        costs, line = format_costs(model, plan, args.device, args.link)
+    except ValueError as exc:
+        raise UsageError(f"--device {args.device!r} / --link {args.link!r}: {exc}") from None
+    return format_plan_table(plan, model, rank_extra, extra_header, costs, "model ms") + "\n\n" + line
+
+
+def _show(directory, args) -> str:
     from mpicdc.store import open_manifest
 
     m = open_manifest(directory)
@@ -197,7 +227,7 @@ def _show(directory) -> str:
         lines.append(f"command: {m.command}")
     files = {rank: f"{m.files[rank]:<12}  {m.sizes.get(rank, 0):>11,}  {m.checksums[rank][:16]}"
              for rank in range(m.world_size)}
-    lines += ["", format_plan_table(m.plan, m.model, files, f"{'file':<12}  {'bytes':>11}  sha256 (first 16)"), "",
+    lines += ["", _plan_table(m.plan, m.model, args, files, f"{'file':<12}  {'bytes':>11}  sha256 (first 16)"), "",
               f"total {m.total_bytes() / 1e6:.2f} MB in {m.world_size} shard files", ""]
     return "\n".join(lines + launch_lines(m.model.name, m.plan, m.directory))
 
@@ -227,7 +257,7 @@ def _run(args, argv) -> int:
         if args.model:
             raise UsageError("--show and --verify take a folder and no MODEL")
         if args.show:
-            print(_show(args.show))
+            print(_show(args.show, args))
             return 0
         problems = verify(args.verify, args.rank)
         if problems:
@@ -242,9 +272,10 @@ def _run(args, argv) -> int:
     model, weights = _load_model(args)
     plan = _make_plan(args, model)
     out = Path(args.dir) if args.dir else default_dir(model.name, plan, args.out)
+    if args.plan == "auto" and not args.dir:  # not the even plan's folder
+        out = out.with_name(f"{out.name}-auto")
     if args.dry_run:
-        from mpicdc.core.plan import format_plan_table
-        print(format_plan_table(plan, model))
+        print(_plan_table(plan, model, args))
         print(f"\nwould write {out}/ (manifest.h5, rank-000.h5 .. rank-{plan.world_size - 1:03d}.h5); nothing written")
         return 0
     start = time.perf_counter()

@@ -1,0 +1,199 @@
+"""What a Pi cluster buys: modeled latency of coded inference against one device, per link rate.
+
+Simulator numbers, not measurements: one request without stragglers through
+:func:`mpicdc.sim.simulate` (send, compute, reply, decode per layer; the master's link shared),
+on emulated devices (default ``rpi3``: 6 GFLOP/s, 2 GB/s, 1 GiB), for three plans: one device
+doing everything (:func:`~mpicdc.core.plan.single_device_plan`), ``even`` (every conv and fc
+layer split over the data workers, :func:`~mpicdc.core.plan.make_plan`) and ``auto``
+(:func:`~mpicdc.sim.autoplan.auto_plan`).  ``bound`` is the best any output-splitting plan could
+do at that rate with any number of workers: each layer at the smaller of its master time and
+its link floor (input sent once, output returned once).  Then it checks the targets of issue 14
+and says which term dominates where one is missed.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+EPILOG = """\
+examples:
+  python -m mpicdc.bench speedup                              # AlexNet, VGG16; 100 and 20 Mbit/s
+  python -m mpicdc.bench speedup --links 20mbit,100mbit,1gbit --workers 8
+  python -m mpicdc.bench speedup --plot docs/img/speedup.png  # latency against link rate, per plan
+  python -m mpicdc.bench speedup --check                      # exit 1 when a target is missed
+"""
+
+TERMS = ("send", "compute", "reply", "decode")
+
+
+def measure(model, workers: int, code: str, device: str, link: str) -> dict:
+    """Modeled seconds of one request for one device, the even plan and the auto plan, the bound,
+    and the even plan's summed send/compute/reply/decode terms over its distributed layers."""
+    from mpicdc.core.plan import make_plan, single_device_plan
+    from mpicdc.sim.autoplan import auto_plan, layer_costs, layer_terms
+
+    alone_costs = layer_costs(model, single_device_plan(model), device, link)
+    even = make_plan(model, workers, code=code)
+    auto = auto_plan(model, workers, code, device, link)
+    terms = layer_terms(model, even, device, link)
+    bound = sum(min(alone_costs[name], terms[name]["floor"]) if name in terms else cost
+                for name, cost in alone_costs.items())
+    return {"alone": sum(alone_costs.values()),
+            "even": sum(layer_costs(model, even, device, link).values()),
+            "auto": sum(layer_costs(model, auto, device, link).values()),
+            "bound": bound, "split": [lp.layer for lp in auto.layers],
+            "terms": {t: sum(v[t] for v in terms.values()) for t in TERMS}}
+
+
+def _why(name: str, link: str, m: dict) -> str:
+    """Which term of the even plan dominates, and the bound of any output-splitting plan."""
+    t = m["terms"]
+    top = max(TERMS, key=t.get)
+    share = ", ".join(f"{k} {1e3 * t[k]:.0f} ms" for k in TERMS)
+    return (f"    why: in the even plan {top} dominates ({share} summed over its split layers); with any number "
+            f"of workers, each layer's input sent once and output returned once bound {name} at "
+            f"{m['alone'] / m['bound']:.2f}x one device at {link}")
+
+
+def check(results: dict) -> list:
+    """``[(target, met, detail)]`` for the targets of issue 14 that ``results`` covers."""
+    out = []
+    a = results.get(("alexnet", "100mbit"))
+    if a:
+        best = max(a["alone"] / a["even"], a["alone"] / a["auto"])
+        out.append(("AlexNet >= 2x one device at 100 Mbit/s, CDC on", best >= 2,
+                    f"{best:.2f}x" + ("" if best >= 2 else "\n" + _why("alexnet", "100mbit", a))))
+    v = results.get(("vgg16", "100mbit"))
+    if v:
+        ok = v["auto"] < v["even"] and v["auto"] < v["alone"]
+        out.append(("VGG16 auto faster than even and one device at 100 Mbit/s", ok,
+                    f"auto {v['auto']:.2f} s, even {v['even']:.2f} s, one device {v['alone']:.2f} s"
+                    + ("" if ok else "\n" + _why("vgg16", "100mbit", v))))
+    v = results.get(("vgg16", "20mbit"))
+    if v:
+        ok = v["auto"] <= v["alone"] * (1 + 1e-9)
+        out.append(("VGG16 auto never slower than one device at 20 Mbit/s", ok,
+                    f"auto {v['auto']:.2f} s, one device {v['alone']:.2f} s"))
+    return out
+
+
+def plot(path: str, models: list, workers: int, code: str, device: str) -> None:
+    """Modeled latency against link rate, one panel per model, one line per plan."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rates = np.geomspace(5, 1000, 25)  # Mbit/s
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = [measure(model, workers, code, device, f"{r:g}mbit") for r in rates]
+        for key, label, style in (("alone", "one device", "k--"), ("even", "even plan", "C1-"),
+                                  ("auto", "auto plan", "C0-"), ("bound", "bound (any workers)", "C2:")):
+            ax.plot(rates, [r[key] for r in rows], style, label=label)
+        for mark in (20, 100):
+            ax.axvline(mark, color="0.8", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="master's link, Mbit/s", ylabel="modeled latency, s",
+               title=f"{model.name}: {workers} data + {code} parity workers, {device} (simulator)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _print_frontier(rows: list) -> int:
+    """Print the frontier and its target (MDS +2 p99 at least 2x better than uncoded under WiFi); 1 if missed."""
+    print(f"\nstraggler frontier (simulator, AlexNet, 4 data workers + r extra):")
+    print(f"{'delay':<30}{'system':<17}{'mean ms':>9}{'p99 ms':>9}{'p99 gain':>10}")
+    base = {}
+    for label, name, mean, p99 in rows:
+        base.setdefault(label, p99)
+        print(f"{label:<30}{name:<17}{1e3 * mean:>9.1f}{1e3 * p99:>9.1f}{base[label] / p99:>9.2f}x")
+    wifi = {name: p99 for label, name, _, p99 in rows if label.startswith("paper WiFi")}
+    calm = {name: p99 for label, name, _, p99 in rows if label == "no stragglers"}
+    gain = wifi["uncoded"] / wifi["MDS +2"]
+    print(f"  {'met   ' if gain >= 2 else 'MISSED'} MDS with 2 extra devices >= 2x better p99 than uncoded "
+          f"(paper WiFi): {gain:.2f}x")
+    if gain < 2:
+        late = {k: wifi[k] - calm[k] for k in ("uncoded", "MDS +2")}
+        print(f"    why: the straggling part of p99 shrinks {late['uncoded'] / late['MDS +2']:.2f}x "
+              f"({1e3 * late['uncoded']:.0f} -> {1e3 * late['MDS +2']:.0f} ms: the 4th of 6 replies instead of the "
+              f"last of 4), but sends and compute without stragglers ({1e3 * calm['uncoded']:.0f} ms uncoded, "
+              f"{1e3 * calm['MDS +2']:.0f} ms MDS +2 on the device's own link) do not shrink")
+    return int(gain < 2)
+
+
+def frontier(requests: int = 4000, device: str = "rpi3", seed: int = 0) -> list:
+    """Straggler frontier on AlexNet over 4 data workers: uncoded, then for r = 1..3 extra devices
+    MDS (any r late replies decoded around) against replication of blocks 1..r (2MR when r = 4),
+    under the paper's WiFi model ``wifi:C`` and a Pareto tail (alpha 2) of the same mean delay.
+    Simulated like Fig. 5b (independent links, delays keep the worker busy).
+    Returns ``[(delay name, system, mean s, p99 s)]``."""
+    from mpicdc.core.faults import parse_delay
+    from mpicdc.core.models import get_model
+    from mpicdc.core.plan import make_plan
+    from mpicdc.experiments.fig5b import default_delay_c, sim_config
+    from mpicdc.sim import simulate
+
+    model = get_model("alexnet")
+    c = default_delay_c(device)
+    mean = parse_delay(f"wifi:{c}").mean()
+    systems = [("uncoded", make_plan(model, 4, code="none"))]
+    for r in (1, 2, 3):
+        systems += [(f"MDS +{r}", make_plan(model, 4, r, "mds")),
+                    (f"replication +{r}", make_plan(model, 4, r, "replication"))]
+    rows = []
+    for label, spec in (("no stragglers", "none"), (f"paper WiFi wifi:{c}", f"wifi:{c}"),
+                        ("Pareto alpha 2, same mean", f"pareto:{mean / 2:.6g},2")):
+        for name, plan in systems:
+            s = simulate(model, plan, requests=requests, device=device, delay=spec, seed=seed,
+                         config=sim_config()).summary()
+            rows.append((label, name, s["mean"], s["p99"]))
+    return rows
+
+
+def main(argv=None) -> int:
+    from mpicdc.core.models import get_model
+    from mpicdc.sim.devices import get_device
+
+    p = argparse.ArgumentParser(prog="python -m mpicdc.bench speedup", description=__doc__.split("\n\n")[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="alexnet,vgg16", help="zoo models, comma separated (default alexnet,vgg16)")
+    p.add_argument("--links", default="100mbit,20mbit", help="link rates, comma separated (default 100mbit,20mbit)")
+    p.add_argument("--workers", type=int, default=4, help="data workers (default 4)")
+    p.add_argument("--code", default="sum", help="code of the even and auto plans (default sum: 1 parity worker)")
+    p.add_argument("--device", default="rpi3", help="device model of every rank (default rpi3)")
+    p.add_argument("--plot", metavar="PNG", help="also plot modeled latency against link rate, per plan")
+    p.add_argument("--stragglers", type=int, metavar="K", default=0,
+                   help="also simulate K requests of the straggler frontier: MDS against replication for "
+                        "r = 1..3 extra devices, mean and p99 (default 0: skip)")
+    p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = p.parse_args(argv)
+    models = [get_model(x.strip()) for x in args.models.split(",") if x.strip()]
+    links = [x.strip() for x in args.links.split(",") if x.strip()]
+    dev = get_device(args.device)
+    print(f"speedup (simulator: one request, no stragglers, shared link): {args.workers} data + {args.code} parity "
+          f"workers of {dev.name} ({dev.gflops:g} GFLOP/s, {dev.mem_GBps:g} GB/s, {dev.memory_MB:g} MB)")
+    print(f"{'model':<9}{'link':>9}{'one dev s':>11}{'even s':>9}{'auto s':>9}{'even x':>8}{'auto x':>8}"
+          f"{'bound x':>9}  auto splits")
+    results = {}
+    for model in models:
+        for link in links:
+            m = results[(model.name, link)] = measure(model, args.workers, args.code, args.device, link)
+            split = ",".join(m["split"]) if len(m["split"]) <= 4 else f"{len(m['split'])} layers"
+            print(f"{model.name:<9}{link:>9}{m['alone']:>11.3f}{m['even']:>9.3f}{m['auto']:>9.3f}"
+                  f"{m['alone'] / m['even']:>8.2f}{m['alone'] / m['auto']:>8.2f}{m['alone'] / m['bound']:>9.2f}"
+                  f"  {split or '-'}")
+    missed = 0
+    targets = check(results)
+    if targets:
+        print("\ntargets (issue 14):")
+    for name, ok, detail in targets:
+        missed += not ok
+        print(f"  {'met   ' if ok else 'MISSED'} {name}: {detail}")
+    if args.stragglers:
+        missed += _print_frontier(frontier(args.stragglers, args.device))
+    if args.plot:
+        plot(args.plot, models, args.workers, args.code, args.device)
+        print(f"\nwrote {args.plot}")
+    return 1 if args.check and missed else 0

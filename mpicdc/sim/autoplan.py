@@ -1,0 +1,187 @@
+"""Network-aware planning: distribute a layer only where the compute saved beats the bytes moved.
+
+Output splitting sends a layer's whole input to every worker, so on a slow link a
+conv layer with a large input is faster on the master alone (VGG16's conv1_2 reads
+12.8 MB: four workers on a shared 100 Mbit/s link spend 4 s receiving it).
+:func:`auto_plan` costs every linear layer both ways with the simulator's own
+timing model (:func:`layer_costs`: one request, no stragglers) and keeps each layer
+where it is faster, then repairs memory:
+
+* the weights the master keeps must fit its budget: over it, the layers that lose
+  least per byte moved are distributed instead (a layer larger than the master's
+  whole budget is always distributed);
+* each worker's shard must fit its budget: over it, distributed layers move back to
+  the master while it has room, and a plan that still does not fit is refused.
+
+A device's budget for weights is its RAM (``DeviceModel.memory_MB``) less
+:data:`OS_RESERVE_MB` and the model's largest layer workspace (the lowered input
+and the output of one GEMM); ``memory_limit`` overrides it for every device.
+Per-layer choices add up because requests see an idle cluster at every layer
+(the simulator's workers have finished before the master decodes), so the auto
+plan models no slower than the even plan or one device; ``tests/test_autoplan.py``
+checks this against :func:`~mpicdc.sim.engine.simulate`.
+"""
+from __future__ import annotations
+
+import math
+
+from mpicdc.core.models import Model, get_model
+from mpicdc.core.plan import Plan, make_plan, parity_count, rank_bytes, single_device_plan
+from mpicdc.sim.devices import DeviceModel, format_rate, get_device, with_link
+
+__all__ = ["OS_RESERVE_MB", "auto_plan", "layer_costs", "layer_terms", "modeled_latency", "memory_budget", "weight_bytes",
+           "format_costs"]
+
+#: RAM not available for weights [estimate]: Raspberry Pi OS Lite after boot (about 100 MB),
+#: the default 76 MB GPU split, and Python with numpy, h5py and mpi4py loaded (about 70 MB).
+OS_RESERVE_MB = 250.0
+
+
+def weight_bytes(model: Model, layer: str) -> int:
+    """float32 bytes of one linear layer's weights and bias."""
+    rows, cols = model.weight_shapes()[layer]
+    return 4 * rows * (cols + 1)
+
+
+def _workspace_bytes(model: Model) -> float:
+    """Largest float32 GEMM workspace of one layer: lowered input (cols x spatial) and output."""
+    shapes = model.shapes()
+    return max((4.0 * (rows + cols) * math.prod(shapes[name][1:])
+                for name, (rows, cols) in model.weight_shapes().items()), default=0.0)
+
+
+def memory_budget(model: Model, device: DeviceModel, memory_limit: float | None = None) -> float:
+    """Bytes of weights one device may hold: ``memory_limit`` when given, else its RAM less
+    :data:`OS_RESERVE_MB` and the model's largest layer workspace (``inf`` for unbounded RAM)."""
+    if memory_limit is not None:
+        if not memory_limit > 0:
+            raise ValueError(f"memory_limit must be > 0 bytes, got {memory_limit}")
+        return float(memory_limit)
+    return device.memory_MB * 1e6 - OS_RESERVE_MB * 1e6 - _workspace_bytes(model)
+
+
+def layer_costs(model: Model, plan: Plan, device, link=None, master=None, speeds=None) -> dict:
+    """``{layer: seconds}`` of one request under ``plan``: every layer of the graph, linear ones
+    distributed (send, compute, reply, decode) or on the master, the others on the master.
+
+    The simulator's deterministic case (no stragglers, shared link); ``link`` is a rate
+    (``100mbit`` or bytes/s, :func:`~mpicdc.sim.devices.with_link`), None: the device's own;
+    ``speeds`` gives data worker ``i`` (rank ``i + 1``) ``speeds[i]`` times the device's speed.
+    """
+    from mpicdc.sim.engine import simulate
+
+    device = with_link(device, link)
+    master_device = device if master is None else get_device(master)
+    slowdown = None if speeds is None else {rank: 1.0 / s for rank, s in enumerate(speeds, 1)}
+    result = simulate(model, plan, requests=1, device=device, master_device=master_device,
+                      slowdown=slowdown, breakdown=True)
+    return {name: float(v[0]) for name, v in result.layer_times.items()}
+
+
+def layer_terms(model: Model, plan: Plan, device, link=None, master=None) -> dict:
+    """``{distributed layer: {"send", "compute", "reply", "decode", "floor"}}`` seconds: the terms of
+    :func:`layer_costs` for one request without stragglers.  ``send`` is the input to every block's
+    rank in turn, ``compute`` the slowest block, ``reply`` every block's output, ``decode`` one lost
+    block; ``floor`` (input once, output once, two latencies) bounds the layer over any number of
+    workers, so a layer whose ``floor`` exceeds its master time cannot gain from splitting."""
+    from mpicdc.sim.engine import SimConfig, _DistStep, _steps
+
+    device = with_link(device, link)
+    master_device = device if master is None else get_device(master)
+    out = {}
+    for st in _steps(model, plan, device, master_device, SimConfig()):
+        if isinstance(st, _DistStep):
+            out[st.name] = {"send": st.ranks.size * st.send, "compute": float(st.compute.max()),
+                            "reply": float(st.reply.sum()), "decode": st.decode_cost,
+                            "floor": 2 * st.latency + st.send + float(st.reply[:st.n].sum())}
+    return out
+
+
+def modeled_latency(model: Model, plan: Plan, device, link=None, master=None) -> float:
+    """Seconds of one request under ``plan`` (the sum of :func:`layer_costs`)."""
+    return sum(layer_costs(model, plan, device, link, master).values())
+
+
+def auto_plan(model, workers: int, code: str = "sum", device="rpi3", link=None, master=None,
+              memory_limit: float | None = None, *, parity: int | None = None, speeds=None) -> Plan:
+    """The plan minimising modeled request latency: each linear layer on the master or split over
+    all ``workers`` data workers (plus the code's parity workers), under every device's memory.
+
+    Parameters
+    ----------
+    model : :class:`~mpicdc.core.models.Model` or zoo name.
+    workers, code, parity : as :func:`~mpicdc.core.plan.make_plan`.
+    device : worker :class:`~mpicdc.sim.devices.DeviceModel` or registry name.
+    link : the master's link rate (``"100mbit"``, ``"20mbit"``, ``"1gbit"`` or bytes/s);
+        None keeps the device's own.
+    master : the master's device (default: ``device``).
+    memory_limit : bytes of weights each device may hold (default: :func:`memory_budget`).
+    speeds : relative compute speed of each data worker (rows split in proportion; default equal).
+
+    Raises ``ValueError`` when no plan fits: a worker's shard over its budget even with the
+    master holding all it can, or layers the master must keep over the master's budget.
+    """
+    model = get_model(model) if isinstance(model, str) else model
+    device = with_link(device, link)
+    master_device = device if master is None else get_device(master)
+    r = parity_count(code, parity)
+    even = make_plan(model, workers, parity, code, speeds=speeds)
+    on_workers = layer_costs(model, even, device, None, master_device, speeds)
+    on_master = layer_costs(model, single_device_plan(model), device, None, master_device)
+    distributable = [lp.layer for lp in even.layers]
+    gain = {name: on_master[name] - on_workers[name] for name in distributable}  # > 0: workers faster
+    size = {name: weight_bytes(model, name) for name in model.weight_shapes()}
+    master_cap = memory_budget(model, master_device, memory_limit)
+    worker_cap = memory_budget(model, device, memory_limit)
+
+    keep = {name for name in size if name not in gain or gain[name] <= 0}
+    fixed = sum(size[name] for name in size if name not in gain)  # too few rows to split
+    # master over budget: distribute the kept layers that cost least per byte freed
+    for name in sorted((x for x in keep if x in gain), key=lambda x: -gain[x] / size[x]):
+        if sum(size[x] for x in keep) <= master_cap:
+            break
+        keep.discard(name)
+    held = sum(size[x] for x in keep)
+    if held > master_cap:
+        raise ValueError(f"{model.name}: the master must hold {held / 1e6:.1f} MB of weights (layers with fewer "
+                         f"rows than workers: {fixed / 1e6:.1f} MB) but its budget is {master_cap / 1e6:.1f} MB "
+                         f"({master_device.name}); use a master with more memory")
+
+    def build():
+        return make_plan(model, workers, parity, code, keep_on_master=sorted(keep), speeds=speeds)
+
+    plan = build()
+    # a worker over budget: bring back to the master the distributed layers that lose least per byte
+    for name in sorted((x for x in gain if x not in keep), key=lambda x: gain[x] / size[x]):
+        worst = max((b for rank, b in rank_bytes(plan, model).items() if rank), default=0)
+        if worst <= worker_cap:
+            break
+        if held + size[name] <= master_cap:
+            keep.add(name)
+            held += size[name]
+            plan = build()
+    shards = {rank: b for rank, b in rank_bytes(plan, model).items() if rank}
+    worst_rank = max(shards, key=shards.get, default=None)
+    if worst_rank is not None and shards[worst_rank] > worker_cap:
+        biggest = max((lp for lp in plan.layers if worst_rank in lp.ranks),
+                      key=lambda lp: lp.block_rows * model.weight_shapes()[lp.layer][1])
+        raise ValueError(
+            f"{model.name} over {workers} data + {r} parity workers: rank {worst_rank}'s shard is "
+            f"{shards[worst_rank] / 1e6:.1f} MB (largest block: {biggest.layer}) but a worker ({device.name}) may "
+            f"hold {worker_cap / 1e6:.1f} MB of weights, and the master ({master_cap / 1e6:.1f} MB) has no room "
+            f"for more layers; use more workers or devices with more memory")
+    return plan
+
+
+def format_costs(model: Model, plan: Plan, device, link=None, master=None) -> tuple:
+    """``({linear layer: "ms"}, summary line)`` for the plan table of ``prepare --show``/``--dry-run``."""
+    linked = with_link(device, link)
+    costs = layer_costs(model, plan, linked, None, master)
+    one = layer_costs(model, single_device_plan(model), linked, None, master)
+    total, alone = sum(costs.values()), sum(one.values())
+    where = (f"{get_device(device).name} devices" + ("" if master is None else f", master {get_device(master).name}")
+             + f", {format_rate(linked.bandwidth_MBps * 1e6)} shared link")
+    line = (f"modeled latency (simulator, no stragglers; {where}): {1e3 * total:.1f} ms per request, of which "
+            f"{1e3 * sum(costs[x] for x in model.weight_shapes()):.1f} ms in linear layers; "
+            f"one device alone: {1e3 * alone:.1f} ms ({alone / total:.2f}x)")
+    return {name: f"{1e3 * costs[name]:.1f}" for name in model.weight_shapes()}, line
