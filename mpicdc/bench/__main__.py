@@ -8,6 +8,7 @@ SUITES = {
     "runtime": "coded against uncoded MPI inference, and recovery latency after a SIGKILL",
     "prepare": "peak memory of the HDF5 weight preparation tool",
     "plan": "time to plan, print and assign blocks for up to 100,000 devices",
+    "integrity": "false alarms and detection of wrong replies checked against the code (no MPI)",
 }
 
 USAGE = "usage: python -m mpicdc.bench SUITE [options]   (python -m mpicdc.bench SUITE --help for its options)"
@@ -19,6 +20,7 @@ examples:
   python -m mpicdc.bench runtime --model tiny             # coded vs uncoded, recovery after a SIGKILL (MPI)
   python -m mpicdc.bench prepare --check                  # exit 1 if preparing VGG16 peaks over budget
   python -m mpicdc.bench plan --workers 10000             # planning 10,000 devices
+  python -m mpicdc.bench integrity                        # false alarms, detection, MDS correction
   make bench                                              # the usual suites, one after the other"""
 
 
