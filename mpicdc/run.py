@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-timeout", type=float, default=60.0, metavar="S",
                    help="seconds any start-up step (MPI start, a rank loading its shard and reporting) may "
                         "take before the job ends naming the ranks it waited for (default 60)")
+    p.add_argument("--integrity", choices=("off", "opportunistic", "strict"), default="opportunistic",
+                   help="check replies against the code: opportunistic (default) checks spare replies at no "
+                        "wait; strict waits for enough replies to check every layer (and under MDS r >= 2 "
+                        "corrects one wrong block); a rank located sending wrong values is quarantined")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights, input and delays")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     p.add_argument("--help-inject", action="store_true", help="explain the --inject and delay grammar and exit")
@@ -258,6 +262,7 @@ def write_output(path: str, args, session, results, checks, summary) -> None:
         "requests": [{"request": r.request, "ok": r.ok, "error": r.error, "latency_ms": r.latency_s * 1e3,
                       "top_k": r.top_k(args.top_k), "check_rel_err": checks.get(r.request),
                       "output": None if r.output is None else r.output.reshape(-1).tolist(),
+                      "integrity": [f.to_dict() for f in r.integrity],
                       "layers": [rec.to_dict() for rec in r.layers]} for r in results],
         "arrivals": [a.__dict__ for a in coord.arrivals],
     }
@@ -302,6 +307,12 @@ def _print_request(r, check, top_k, lost: set) -> None:
         line += f"\n  decoded around lost rank(s): {around_lost}"
     if around_late:
         line += f"\n  did not wait for late rank(s): {around_late}"
+    for f in r.integrity:
+        who = "rank not locatable" if f.rank is None else f"rank {f.rank}"
+        what = "corrected (decoded without it)" if f.corrected else \
+            ("found by a late reply, output not corrected" if f.late else "output NOT corrected")
+        line += (f"\n  INTEGRITY: layer {f.layer}: replies inconsistent with the code (residual {f.residual:.3g}"
+                 f" > tolerance {f.tolerance:.3g}), {who}, {what}")
     if check is not None:
         line += f"\n  check: max relative error vs fault-free serial reference {check:.2e}"
     if r.error:
@@ -342,10 +353,11 @@ def master_main(args, session) -> int:
                 exit_code = 1
         if not r.ok:
             exit_code = 1
+        lost = session.dead | session.silent | session.coordinator.quarantined
         if not args.quiet:
-            _print_request(r, checks.get(r.request), args.top_k, session.dead | session.silent)
+            _print_request(r, checks.get(r.request), args.top_k, lost)
         if not r.ok and not session.coordinator.can_serve():
-            print(f"mpicdc: ranks {sorted(session.dead | session.silent)} are lost; the remaining ranks cannot "
+            print(f"mpicdc: ranks {sorted(lost)} are lost; the remaining ranks cannot "
                   "serve further requests", file=sys.stderr, flush=True)
             exit_code = 4
             break
@@ -363,6 +375,16 @@ def master_main(args, session) -> int:
                 "WARNING: real compute is not well below the modeled time, the local cores distort the emulation")
         print(f"emulation ({args.device}): real compute reached {worst:.0%} of the modeled device time; {note}")
         summary["emulation_worst_compute_fraction"] = worst
+    flagged = [r.request for r in results if r.integrity]
+    checked = [rec for r in results for rec in r.layers]
+    if args.integrity != "off" and checked:
+        line = (f"integrity ({args.integrity}): {sum(rec.checks > 0 for rec in checked)}/{len(checked)} layers "
+                f"checked, flagged requests: {flagged or 'none'}")
+        if args.integrity == "strict":
+            line += f"; waiting to check cost {sum(rec.check_wait_s for rec in checked) * 1e3:.1f} ms in all"
+        quarantined = sorted(session.coordinator.quarantined)
+        print(line + (f"; quarantined ranks: {quarantined}" if quarantined else ""), flush=True)
+        summary["integrity_flagged"] = flagged
     if session.dead or session.silent:
         print(f"lost ranks: dead {sorted(session.dead)}, silent {sorted(session.silent)}")
     if checks:
@@ -465,7 +487,7 @@ def _run_job(args, rank: int) -> int:
     config = RunConfig(args.model, weights=args.weights, code=args.code, parity=args.parity,
                        prepare_missing=not args.no_prepare, injections=tuple(args.inject),
                        device=args.device, layer_timeout_s=args.layer_timeout,
-                       startup_timeout_s=args.startup_timeout, seed=args.seed)
+                       startup_timeout_s=args.startup_timeout, seed=args.seed, integrity=args.integrity)
     MPI = init_mpi(config.startup_timeout_s)
     world = MPI.COMM_WORLD
     ulfm, hung = ulfm_enabled(MPI), False

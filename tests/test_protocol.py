@@ -37,7 +37,7 @@ def tiny_mds(tmp_path_factory):
 class Cluster:
     """A master :class:`Coordinator` and one thread per worker running the real worker loop."""
 
-    def __init__(self, directory, rule=None, tag_ub=(1 << 31) - 1, **coordinator_options):
+    def __init__(self, directory, rule=None, tag_ub=(1 << 31) - 1, injections=None, **coordinator_options):
         self.manifest = manifest = store.open_manifest(directory)
         size = manifest.plan.world_size
         self.data, self.ctrl = FakeNetwork(size, rule, tag_ub), FakeNetwork(size)
@@ -45,7 +45,7 @@ class Cluster:
         self.errors, self.threads, self.stops = {}, {}, {}
         for rank in range(1, size):
             state = WorkerState(rank, manifest.model, manifest.plan, store.load_rank(directory, rank, manifest),
-                                poll_s=1e-4)
+                                injections=injections, poll_s=1e-4)
             stop = self.stops[rank] = threading.Event()
             start_watchdog(self.ctrl.endpoint(rank), stop, hard_exit=False, on_master_lost=stop.set)
             self.threads[rank] = threading.Thread(target=self._work, args=(rank, state, stop), daemon=True)

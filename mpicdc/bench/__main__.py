@@ -9,6 +9,7 @@ SUITES = {
     "prepare": "peak memory of the HDF5 weight preparation tool",
     "plan": "time to plan, print and assign blocks for up to 100,000 devices",
     "speedup": "modeled latency of a Pi cluster against one Pi, per plan and link rate (simulator)",
+    "integrity": "false alarms and detection of wrong replies checked against the code (no MPI)",
 }
 
 USAGE = "usage: python -m mpicdc.bench SUITE [options]   (python -m mpicdc.bench SUITE --help for its options)"
@@ -21,6 +22,7 @@ examples:
   python -m mpicdc.bench prepare --check                  # exit 1 if preparing VGG16 peaks over budget
   python -m mpicdc.bench plan --workers 10000             # planning 10,000 devices
   python -m mpicdc.bench speedup --plot docs/img/speedup.png  # cluster vs one Pi, 100 and 20 Mbit/s
+  python -m mpicdc.bench integrity                        # false alarms, detection, MDS correction
   make bench                                              # the usual suites, one after the other"""
 
 

@@ -5,7 +5,8 @@ Two small languages, both parsed here and nowhere else:
 * a **delay model** spec (``--delay``) says how long a reply is held back on top of
   the compute time, e.g. ``shexp:0.01,0.02`` (see :data:`DELAY_HELP`);
 * an **injection** spec (``--inject``, repeatable) makes chosen worker ranks slow,
-  crash, hang or exit at a chosen request and layer (see :data:`INJECT_HELP`).
+  crash, hang, exit or send corrupted values at a chosen request and layer (see
+  :data:`INJECT_HELP`).
 
 Everything is pure: a delay model only draws numbers from the ``numpy`` generator
 it is given, and :class:`Injections` only answers questions ("which delay model
@@ -31,7 +32,8 @@ from mpicdc.core.ranges import parse_ranges
 
 __all__ = ["DelayModel", "ConstDelay", "ShiftedExpDelay", "ParetoDelay", "EmpiricalDelay",
            "MixtureDelay", "parse_delay", "Injection", "Injections", "parse_injection",
-           "parse_injections", "DELAY_HELP", "INJECT_HELP", "INJECTION_KINDS"]
+           "parse_injections", "DELAY_HELP", "INJECT_HELP", "INJECTION_KINDS", "CORRUPTION_KINDS",
+           "corrupt_block"]
 
 DELAY_HELP = """\
 delay model specs (seconds; every sample is >= 0):
@@ -46,7 +48,8 @@ delay model specs (seconds; every sample is >= 0):
                            compute time of C seconds (see paper_wifi_delay below)
 examples: const:0.005  shexp:0.01,0.02  pareto:0.005,1.5  mix:0.9*none+0.1*const:0.5  wifi:0.05"""
 
-INJECTION_KINDS = ("delay", "crash", "hang", "exit")
+INJECTION_KINDS = ("delay", "crash", "hang", "exit", "corrupt")
+CORRUPTION_KINDS = ("bitflip", "scale", "noise", "const")
 
 INJECT_HELP = """\
 injection specs (repeat --inject; worker ranks only, rank 0 is the master):
@@ -55,10 +58,18 @@ injection specs (repeat --inject; worker ranks only, rank 0 is the master):
                                  given layer LAYER (default: its first layer of that request)
   hang:RANKS@REQ[:LAYER]         the worker stops replying from then on but stays alive
   exit:RANKS@REQ[:LAYER][=CODE]  the worker exits with status CODE (default 3)
+  corrupt:RANKS@REQ[:LAYER][=KIND]
+                                 the worker alters its computed reply for request REQ at layer
+                                 LAYER (default: every layer of REQ), then sends it: KIND is
+                                 bitflip (default: an exponent or high mantissa bit of the
+                                 block's largest value), scale (block x 1.5), noise (Gaussian,
+                                 10% of the block's RMS) or const (every value the block's mean)
 RANKS is 1, 1-3, 1,4, 2-3,7 or all (every worker).  A crash/hang/exit whose LAYER the
-worker is not given in request REQ fires at its first layer of any later request.
+worker is not given in request REQ fires at its first layer of any later request; a
+corrupt fires on request REQ only.
 A later delay spec for the same rank overrides an earlier one.
-examples: delay:1-3:shexp:0.01,0.02  delay:2:pareto:0.005,1.5  crash:2@5  hang:3@0:fc6  exit:1@2=7"""
+examples: delay:1-3:shexp:0.01,0.02  delay:2:pareto:0.005,1.5  crash:2@5  hang:3@0:fc6  exit:1@2=7
+          corrupt:2@1=scale  corrupt:3@0:fc6"""
 
 
 def _bad_delay(spec: str, why: str) -> ValueError:
@@ -380,12 +391,13 @@ class Injection:
 
     Parameters
     ----------
-    kind : ``"delay"``, ``"crash"``, ``"hang"`` or ``"exit"``.
+    kind : ``"delay"``, ``"crash"``, ``"hang"``, ``"exit"`` or ``"corrupt"``.
     ranks : worker ranks it applies to; the empty tuple means every worker (``all``).
     request : 0-based request at which a crash/hang/exit fires (None for delays).
     layer : layer at which it fires (None: the rank's first layer of that request).
     delay : the delay model of a ``delay`` injection.
     exit_code : exit status of an ``exit`` injection.
+    corruption : what a ``corrupt`` injection does to the reply (one of :data:`CORRUPTION_KINDS`).
     spec : the text it was parsed from (for messages).
     """
 
@@ -395,6 +407,7 @@ class Injection:
     layer: str | None = None
     delay: DelayModel | None = None
     exit_code: int = 3
+    corruption: str | None = None
     spec: str = field(default="", compare=False)
 
     def applies_to(self, rank: int) -> bool:
@@ -403,7 +416,7 @@ class Injection:
 
     def fires(self, request: int, layer: str, first_layer_of_request: bool) -> bool:
         """Whether a crash/hang/exit fires on this job (see :meth:`Injections.action_for`)."""
-        if self.kind == "delay":
+        if self.kind in ("delay", "corrupt"):
             return False
         if request > self.request:
             return True
@@ -450,10 +463,15 @@ def parse_injection(spec: str) -> Injection:
         except ValueError as e:
             raise _bad_injection(spec, str(e).splitlines()[0]) from None
         return Injection("delay", _parse_ranks(spec, ranks_text), delay=delay, spec=text)
-    exit_code = 3
-    if "=" in rest:
+    exit_code, corruption = 3, ("bitflip" if kind == "corrupt" else None)
+    if "=" in rest and kind == "corrupt":
+        rest, _, corruption = rest.rpartition("=")
+        corruption = corruption.strip().lower()
+        if corruption not in CORRUPTION_KINDS:
+            raise _bad_injection(spec, f"unknown corruption {corruption!r}; use one of {', '.join(CORRUPTION_KINDS)}")
+    elif "=" in rest:
         if kind != "exit":
-            raise _bad_injection(spec, f"only exit takes =CODE, not {kind}")
+            raise _bad_injection(spec, f"only exit takes =CODE and corrupt =KIND, not {kind}")
         rest, _, code = rest.rpartition("=")
         try:
             exit_code = int(code)
@@ -473,7 +491,7 @@ def parse_injection(spec: str) -> Injection:
         raise _bad_injection(spec, f"request {request} is negative (requests count from 0)")
     layer = layer.strip() or None
     return Injection(kind, _parse_ranks(spec, ranks_text), request=request, layer=layer,
-                     exit_code=exit_code, spec=text)
+                     exit_code=exit_code, corruption=corruption, spec=text)
 
 
 class Injections:
@@ -524,13 +542,24 @@ class Injections:
         When several fire, the one with the earliest request (then the first given) wins.
         """
         firing = [inj for inj in self._items
-                  if inj.kind != "delay" and inj.applies_to(rank)
+                  if inj.kind in ("crash", "hang", "exit") and inj.applies_to(rank)
                   and inj.fires(request, layer, first_layer_of_request)]
         return min(firing, key=lambda inj: inj.request) if firing else None
 
+    def corruption_for(self, rank: int, request: int, layer: str) -> Injection | None:
+        """The corrupt injection altering ``rank``'s reply for this request and layer, or None.
+
+        It fires on request ``REQ`` only, at ``LAYER`` or at every layer when none was given.
+        """
+        for inj in self._items:
+            if inj.kind == "corrupt" and inj.applies_to(rank) and inj.request == request \
+                    and inj.layer in (None, layer):
+                return inj
+        return None
+
     def failures(self) -> list:
         """Every crash/hang/exit injection, in the order given."""
-        return [inj for inj in self._items if inj.kind != "delay"]
+        return [inj for inj in self._items if inj.kind in ("crash", "hang", "exit")]
 
     def validate(self, world_size: int, layers: Sequence[str] | None = None) -> "Injections":
         """Check every rank against a world of ``world_size`` ranks (and layers, when given).
@@ -559,6 +588,28 @@ class Injections:
                 raise ValueError(f"injection {inj.spec!r}: unknown layer {inj.layer!r}; "
                                  f"layers: {', '.join(layers)}")
         return self
+
+
+def corrupt_block(block: np.ndarray, kind: str, rng: np.random.Generator) -> None:
+    """Alter a computed float32 reply block in place the way a ``corrupt`` injection says.
+
+    ``bitflip`` flips one of bits 20..23 (three high mantissa bits, lowest exponent bit) of
+    the block's largest-magnitude value, so the value changes by 6% to 100% of itself: a flip
+    in a value near zero would change nothing a consumer could see.
+    """
+    flat = block.reshape(-1)
+    if kind == "bitflip":
+        i = int(np.argmax(np.abs(flat)))
+        flat.view(np.uint32)[i] ^= np.uint32(1 << int(rng.integers(20, 24)))
+    elif kind == "scale":
+        flat *= np.float32(1.5)
+    elif kind == "noise":
+        rms = float(np.sqrt(np.mean(np.square(flat, dtype=np.float64))))
+        flat += (0.1 * rms * rng.standard_normal(flat.size)).astype(np.float32)
+    elif kind == "const":
+        flat[:] = np.float32(flat.mean(dtype=np.float64))
+    else:
+        raise ValueError(f"unknown corruption {kind!r}; use one of {', '.join(CORRUPTION_KINDS)}")
 
 
 def parse_injections(specs: Sequence[str] | None) -> Injections:

@@ -8,6 +8,13 @@ itself.  Receives still open when a layer is decoded stay posted: their
 replies arrive late, are drained, and their arrival times are recorded.  A
 rank that dies (ULFM reports ``MPI_ERR_PROC_FAILED``) or stops replying is no
 longer sent work.
+
+Integrity (``docs/integrity.md``): replies beyond the ones decoding needs are checked against
+the code (:mod:`mpicdc.core.integrity`).  ``opportunistic`` checks the replies that arrived
+with the decoding set and late replies of earlier layers as they drain, adding no wait;
+``strict`` waits for enough replies to check every block (to locate one under MDS ``r >= 2``).
+A request found inconsistent is flagged in :attr:`RequestResult.integrity`; a located wrong
+block is decoded around and its rank quarantined (no longer used, like a lost rank).
 """
 from __future__ import annotations
 
@@ -18,12 +25,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mpicdc.core import integrity as checks
 from mpicdc.core.graph import walk
 from mpicdc.core.kernels import LocalExecutor, check_input
 from mpicdc.runtime import wire
 from mpicdc.runtime.channel import Channel, PeerLost
 
 log = logging.getLogger(__name__)
+
+
+INTEGRITY_MODES = ("off", "opportunistic", "strict")
 
 
 class RequestFailed(RuntimeError):
@@ -50,12 +61,15 @@ class LayerRecord:
     late: list = field(default_factory=list)
     failed: list = field(default_factory=list)
     missing_ranks: list = field(default_factory=list)  # ranks whose blocks were decoded (lost or late)
+    checks: int = 0          # independent integrity checks made on the decoding set (0: unchecked)
+    check_wait_s: float = 0.0  # strict mode: wait after the replies were decodable, to check them
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "wait_ms": self.wait_s * 1e3, "decode_ms": self.decode_s * 1e3,
                 "assemble_ms": self.assemble_s * 1e3, "compute_ms": self.compute_s * 1e3,
                 "modeled_ms": self.modeled_s * 1e3, "used": self.used, "decoded_blocks": self.decoded_blocks,
-                "late": self.late, "failed": self.failed, "missing_ranks": self.missing_ranks}
+                "late": self.late, "failed": self.failed, "missing_ranks": self.missing_ranks,
+                "checks": self.checks, "check_wait_ms": self.check_wait_s * 1e3}
 
 
 @dataclass
@@ -67,6 +81,12 @@ class RequestResult:
     latency_s: float
     layers: list
     error: str | None = None
+    integrity: list = field(default_factory=list)  # IntegrityFlag of each layer found inconsistent
+
+    @property
+    def flagged(self) -> bool:
+        """Whether a layer's replies were found inconsistent with the code (corrected or not)."""
+        return bool(self.integrity)
 
     @property
     def ok(self) -> bool:
@@ -78,6 +98,41 @@ class RequestResult:
         flat = self.output.reshape(-1)
         order = np.argsort(flat)[::-1][:k]
         return [(int(c), float(flat[c])) for c in order]
+
+
+@dataclass
+class IntegrityFlag:
+    """A layer whose replies disagreed with the code beyond float32 rounding.
+
+    ``rank`` is the located wrong rank (None: not locatable, e.g. one sum parity);
+    ``corrected`` says the output was decoded without it; ``late`` that a late reply revealed
+    it after the request was answered (its output was not corrected).
+    """
+
+    layer: str
+    rank: int | None
+    residual: float
+    tolerance: float
+    corrected: bool
+    late: bool
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "rank": self.rank, "residual": self.residual,
+                "tolerance": self.tolerance, "corrected": self.corrected, "late": self.late}
+
+
+@dataclass
+class _LateCheck:
+    """An answered layer still expecting late replies: what checking them needs."""
+
+    code: object
+    accumulation: int
+    ranks: tuple
+    shape: tuple
+    replies: dict
+    flags: list
+    layer: str
+    flag: IntegrityFlag | None = None
 
 
 @dataclass
@@ -138,18 +193,27 @@ class Coordinator:
     master_weights : ``{layer: (W, b)}`` for linear layers the plan keeps on the master.
     layer_timeout_s : how long a layer may wait for a decodable set before its request fails.
     max_outstanding : unanswered jobs after which a live but silent rank is no longer sent work.
+    integrity : ``off``, ``opportunistic`` (check spare replies, never wait) or ``strict`` (wait
+        for enough replies to check, and under MDS r >= 2 to locate, every layer).
     """
 
     def __init__(self, data: Channel, ctrl: Channel, model, plan, master_weights, *, layer_timeout_s=30.0,
-                 max_outstanding=16, poll_s=1e-4):
+                 max_outstanding=16, poll_s=1e-4, integrity="opportunistic"):
+        if integrity not in INTEGRITY_MODES:
+            raise ValueError(f"integrity mode {integrity!r}: use one of {', '.join(INTEGRITY_MODES)}")
+        self.integrity = integrity
         self.data, self.ctrl = data, ctrl
         self.model, self.plan, self.master_weights = model, plan, master_weights
         self.layer_timeout_s, self.max_outstanding, self.poll_s = layer_timeout_s, max_outstanding, poll_s
         self.shapes = model.shapes()
         self.linear_index = {layer.name: i for i, layer in enumerate(model.linear_layers)}
         self.tags = wire.ReplyTags(len(self.linear_index), data.tag_ub)
+        self.accumulation = {name: cols for name, (_, cols) in model.weight_shapes().items()}
         self.dead: set = set()
         self.silent: set = set()
+        self.quarantined: set = set()  # ranks located sending wrong values: never used again
+        self.late_checks: dict = {}    # (request, layer index) -> _LateCheck
+        self.flags: list = []          # the current request's IntegrityFlags
         self.late_pool: list = []
         self.sends: list = []
         self.arrivals: list = []
@@ -163,16 +227,17 @@ class Coordinator:
         self.next_request += 1
         self._refresh_dead()
         records = []
+        self.flags = flags = []  # the result holds this list: late checks may still add to it
         start = time.perf_counter()
         try:
             output = walk(self.model, x, _MasterExecutor(self, request, records))
         except RequestFailed as exc:
             log.error("%s", exc)
-            return RequestResult(request, None, time.perf_counter() - start, records, str(exc))
-        return RequestResult(request, output, time.perf_counter() - start, records)
+            return RequestResult(request, None, time.perf_counter() - start, records, str(exc), flags)
+        return RequestResult(request, output, time.perf_counter() - start, records, integrity=flags)
 
     def _targets(self, lp):
-        gone = self.dead | self.silent
+        gone = self.dead | self.silent | self.quarantined
         return [(block, rank) for block, rank in enumerate(lp.ranks) if rank not in gone]
 
     def _distributed(self, layer, lp, x, request, record):
@@ -186,9 +251,12 @@ class Coordinator:
         sent_at = time.perf_counter()
         self._send_job(lp, job, tag, cols, self._targets(lp), pending, request, li, sent_at)
         received = {}
-        while not code.decodable(received):
+        decodable_at = None
+        while not self._ready(code, received, pending, sent_at):
             self._poll(pending, received, layer.name, record)
-            if code.decodable(received):
+            if decodable_at is None and code.decodable(received):
+                decodable_at = time.perf_counter()
+            if self._ready(code, received, pending, sent_at):
                 break
             # a silent rank is not a dead one: its pending reply may still come
             alive = set(received) | {b for b, p in pending.items() if p.rank not in self.dead}
@@ -196,7 +264,7 @@ class Coordinator:
                 # before giving up, ask the live ranks this layer did not use (silent when it
                 # started, or re-admitted since): a stall that overlaps losses costs time, not the request
                 unused = [(b, r) for b, r in enumerate(lp.ranks)
-                          if b not in alive and b not in received and r not in self.dead]
+                          if b not in alive and b not in received and r not in self.dead | self.quarantined]
                 self._send_job(lp, job, tag, cols, unused, pending, request, li, sent_at)
                 alive |= {b for b, p in pending.items() if p.rank not in self.dead}
             lost = [r for b, r in enumerate(lp.ranks) if b not in alive]
@@ -211,6 +279,10 @@ class Coordinator:
                                     f"no decodable set of replies within {self.layer_timeout_s:g} s")
             time.sleep(self.poll_s)
         record.wait_s = time.perf_counter() - sent_at
+        if decodable_at is not None and self.integrity == "strict":
+            record.check_wait_s = time.perf_counter() - decodable_at
+        if self.integrity != "off":
+            received = self._check(lp, layer.name, request, received, (lp.block_rows, cols), record)
         out = np.empty((out_shape[0], cols), dtype=np.float32)
         # rebuilt blocks are written straight into the layer output when they need no trimming
         direct = {b: out[start:stop] for b, (start, stop) in enumerate(lp.rows)
@@ -230,8 +302,75 @@ class Coordinator:
         record.compute_s = max(h.compute_s for h in heads)
         record.modeled_s = max(h.modeled_s for h in heads)
         record.late = sorted(p.rank for p in pending.values())
+        if pending and self.integrity != "off":
+            self.late_checks[request, li] = _LateCheck(code, self.accumulation[layer.name], lp.ranks,
+                                                       (lp.block_rows, cols), dict(received), self.flags,
+                                                       layer.name,
+                                                       next((f for f in self.flags if f.layer == layer.name), None))
         self._retire(pending, layer.name)
         return out.reshape(out_shape)
+
+    def _ready(self, code, received: dict, pending: dict, sent_at: float) -> bool:
+        """Whether to decode now: decodable, and in strict mode checkable (or nothing more can come)."""
+        if not code.decodable(received):
+            return False
+        if self.integrity != "strict" or not pending or time.perf_counter() - sent_at > self.layer_timeout_s:
+            return True
+        count, covered = checks.coverage(code, received)
+        return covered and count >= (2 if code.kind == "mds" and code.r >= 2 else 1)
+
+    def _check(self, lp, layer_name: str, request: int, received: dict, shape: tuple, record: LayerRecord) -> dict:
+        """Check the decoding set; returns it without a located wrong block (whose rank is quarantined)."""
+        code = lp.code_obj
+        replies = {b: wire.payload(buf, shape) for b, buf in received.items()}
+        verdict = checks.check(code, replies, self.accumulation[layer_name])
+        record.checks = verdict.checks
+        if verdict.ok:
+            return received
+        suspect = verdict.suspect
+        rest = {b: buf for b, buf in received.items() if b != suspect}
+        corrected = suspect is not None and code.decodable(rest)
+        rank = None if suspect is None else lp.ranks[suspect]
+        self.flags.append(IntegrityFlag(layer_name, rank, verdict.residual, verdict.tolerance, corrected, False))
+        self._report(layer_name, request, verdict, rank, "decoded without it" if corrected else
+                     "output flagged")
+        return rest if corrected else received
+
+    def _check_late(self, p: _Pending) -> None:
+        """A late reply of an answered layer: check it with the replies that layer had; flag, quarantine."""
+        late = self.late_checks.get((p.request, p.layer_index))
+        if late is None or p.rank in self.quarantined:
+            return
+        reply = wire.payload(p.buf, late.shape)
+        if not np.isfinite(reply).all():
+            return
+        late.replies[p.block] = p.buf
+        verdict = checks.check(late.code, {b: wire.payload(buf, late.shape) for b, buf in late.replies.items()},
+                               late.accumulation)
+        if verdict.ok:
+            return
+        rank = None if verdict.suspect is None else late.ranks[verdict.suspect]
+        if late.flag is None:
+            late.flag = IntegrityFlag(late.layer, rank, verdict.residual, verdict.tolerance, False, True)
+            late.flags.append(late.flag)
+        elif late.flag.rank is None and rank is not None:  # a later reply located the wrong block
+            late.flag.rank = rank
+        else:
+            return
+        self._report(late.layer, p.request, verdict, rank, "found after the request was answered")
+
+    def _report(self, layer_name: str, request: int, verdict, rank, outcome: str) -> None:
+        """Tell the user in one line; quarantine a located rank."""
+        if rank is None:
+            log.warning("request %d, layer %r: replies inconsistent with the code (residual %.3g > tolerance "
+                        "%.3g), wrong rank not locatable; %s", request, layer_name, verdict.residual,
+                        verdict.tolerance, outcome)
+            return
+        if rank not in self.quarantined:
+            self.quarantined.add(rank)
+            log.warning("rank %d sent wrong values (request %d, layer %r: residual %.3g > tolerance %.3g), %s; "
+                        "quarantined: no longer used for decoding (counted as lost)", rank, request, layer_name,
+                        verdict.residual, verdict.tolerance, outcome)
 
     def _send_job(self, lp, job, tag, cols, targets, pending, request, li, sent_at) -> None:
         """Post each target's reply receive and send it the job; a rank found lost is marked dead."""
@@ -271,14 +410,18 @@ class Coordinator:
                 self._mark_dead(p.rank)
             elif p.rank in self.silent:
                 self._readmit(p.rank)
+            if status == "reply" and not current:
+                self._check_late(p)
             if current:
                 del pending[p.block]
-                if status == "reply":
+                if status == "reply" and p.rank not in self.quarantined:
                     received[p.block] = p.buf
                 elif status in ("failed", "bad"):
                     record.failed.append(p.rank)
         if finished:
             self.late_pool = [(p, n) for p, n in self.late_pool if id(p) not in finished]
+            waiting = {(p.request, p.layer_index) for p, _ in self.late_pool}
+            self.late_checks = {k: v for k, v in self.late_checks.items() if k in waiting}
         self.sends = [s for s in self.sends if not self.data.test(s)]
 
     def _judge(self, p: _Pending, nbytes: int, layer_name: str, current: bool) -> str:
@@ -341,7 +484,7 @@ class Coordinator:
 
     def can_serve(self) -> bool:
         """Whether every distributed layer is still decodable from the ranks not lost."""
-        gone = self.dead | self.silent
+        gone = self.dead | self.silent | self.quarantined
         return all(lp.code_obj.decodable([b for b, r in enumerate(lp.ranks) if r not in gone])
                    for lp in self.plan.layers)
 

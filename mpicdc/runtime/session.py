@@ -56,6 +56,7 @@ class RunConfig:
     startup_timeout_s : how long any start-up step (MPI start, loading a shard, a rank's report)
         may take before the job ends naming the ranks it waited for.
     seed : seed for random weights and injected delays.
+    integrity : checking replies against the code: off, opportunistic or strict (see the master).
     """
 
     model: str
@@ -69,6 +70,7 @@ class RunConfig:
     startup_timeout_s: float = 60.0
     seed: int = 0
     weights_root: str = "weights"
+    integrity: str = "opportunistic"
 
 
 class Session:
@@ -300,7 +302,7 @@ def serve(config: RunConfig, *, comm=None) -> Session | None:
         raise
     if comms.rank == 0:
         coordinator = Coordinator(comms.data, comms.ctrl, manifest.model, manifest.plan, blocks,
-                                  layer_timeout_s=config.layer_timeout_s)
+                                  layer_timeout_s=config.layer_timeout_s, integrity=config.integrity)
         return Session(comms, coordinator, manifest)
     stop_event = threading.Event()
     start_watchdog(comms.ctrl, stop_event, hard_exit=comms.ulfm)

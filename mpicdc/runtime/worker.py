@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpicdc.core.faults import corrupt_block
 from mpicdc.core.kernels import Workspace, lower_gemm
 from mpicdc.runtime import wire
 from mpicdc.runtime.channel import Channel, PeerLost
@@ -175,6 +176,14 @@ def worker_loop(data: Channel, state: WorkerState, stop_event: threading.Event) 
                 time.sleep(modeled - compute)
         if delay is not None:
             time.sleep(float(delay.sample(rng)))
+        wrong = state.injections.corruption_for(state.rank, head.request, layer.name) \
+            if state.injections is not None else None
+        if wrong is not None:  # after computing: the reply is well-formed, only its values are wrong
+            out = np.array(out, dtype=np.float32, order="C")
+            corrupt_block(out, wrong.corruption, np.random.default_rng([state.seed, state.rank, head.request,
+                                                                        head.layer]))
+            log.warning("rank %d: injected %s corruption into request %d, layer %r", state.rank,
+                        wrong.corruption, head.request, layer.name)
         _reply(data, wire.message(wire.Header(wire.REPLY, head.request, head.layer, block, out.shape, compute,
                                               modeled), np.ascontiguousarray(out)), tag)
 

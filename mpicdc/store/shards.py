@@ -1122,8 +1122,9 @@ def verify(directory, ranks=None) -> list:
 
     Reads the manifest and every shard file (or only those of ``ranks``, e.g. the one file a
     device holds): presence, size, attributes, whole-file sha256, every dataset's shape,
-    fletcher32 and sha256 (one dataset in memory at a time), and the stored parity matrices
-    against this mpicdc's codes.  Local.
+    fletcher32 and sha256 (one dataset in memory at a time), the stored parity matrices
+    against this mpicdc's codes, and (when all else is well) that every parity block encodes its
+    layer's data blocks, for layers whose ranks are all checked.  Local.
     """
     try:
         manifest = open_manifest(directory)
@@ -1152,4 +1153,40 @@ def verify(directory, ranks=None) -> list:
         problems += _check_codes(manifest)
     except ImportError as exc:
         problems.append(f"cannot check the parity matrices: {exc}")
+    if not problems:
+        problems += _parity_problems(manifest, set(paths), fix)
+    return problems
+
+
+def _parity_problems(manifest: Manifest, ranks: set, fix: str) -> list:
+    """Parity blocks that do not encode their layer's data blocks (layers whose ranks are all checked).
+
+    Each parity block is re-encoded from the data blocks as prepare does (float64, rounded to
+    float32); both roundings are within ``u = 2**-24`` of the exact ``sum_i P[j, i] W_i``, so the
+    stored block may differ from the re-encoded one by ``2u * sum_i |P[j, i]| |W_i|`` elementwise
+    (4u allowed for summation order).  Anything larger is a parity that no longer encodes the data.
+    """
+    problems = []
+    blocks = {rank: {(b.layer, b.index): b for b in _layout(manifest.model, manifest.plan, rank)} for rank in ranks}
+    for lp in manifest.plan.layers:
+        if not set(lp.ranks) <= ranks:
+            continue
+        pairs = []
+        for index, rank in enumerate(lp.ranks):
+            with h5py.File(manifest.path(rank), "r") as f:
+                pairs.append(_read_block(f, manifest.path(rank), blocks[rank][lp.layer, index], "", True, fix))
+        code = lp.code_obj
+        for part, name in ((0, "W"), (1, "b")):
+            data = [pair[part] for pair in pairs[:lp.n]]
+            again = code.encode(data)
+            scale = np.abs(code.parity) @ np.abs(np.stack(data).reshape(lp.n, -1))
+            for j, (stored, fresh) in enumerate(zip((pair[part] for pair in pairs[lp.n:]), again)):
+                diff = np.abs(stored.astype(np.float64) - fresh).reshape(-1)
+                bad = diff > 4 * 2.0 ** -24 * scale[j]
+                if np.any(bad):
+                    problems.append(f"{manifest.path(lp.ranks[lp.n + j])}: layer {lp.layer!r}: parity block "
+                                    f"{lp.n + j} does not encode the data blocks ({name}: {int(bad.sum())} value(s) "
+                                    f"off, worst by {float(diff.max()):.3g}); its checksums match, so it was "
+                                    f"altered or computed wrongly; {fix}")
+                    break
     return problems
