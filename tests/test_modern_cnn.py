@@ -22,28 +22,14 @@ nn, F = torch.nn, torch.nn.functional
 from mpicdc.core import kernels as K  # noqa: E402
 from mpicdc.core.models import GraphBuilder, Layer, get_model  # noqa: E402
 from mpicdc.sim.engine import nonlinear_work  # noqa: E402
+from test_reference import _one_torch_thread, rel_err  # noqa: E402, F401 -- the same fixture and measure
 
 RTOL = 1e-4
 RNG = np.random.default_rng(2024)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rand(*shape):
     return RNG.standard_normal(shape).astype(np.float32)
-
-
-def rel_err(ours, ref) -> float:
-    ref = np.asarray(ref, np.float64)
-    scale = float(np.abs(ref).max())
-    diff = float(np.abs(np.asarray(ours, np.float64) - ref).max())
-    return diff if scale == 0.0 else diff / scale
 
 
 def t(x):

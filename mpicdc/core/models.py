@@ -351,8 +351,8 @@ class GraphBuilder:
     def add(self, xs, name=None):
         return self._add("add", xs, name)
 
-    def conv_relu(self, x, out, kernel, stride=1, padding=0, name=None):
-        c = self.conv(x, out, kernel, stride, padding, name=name)
+    def conv_relu(self, x, out, kernel, stride=1, padding=0, name=None, groups=1):
+        c = self.conv(x, out, kernel, stride, padding, name=name, groups=groups)
         return self.relu(c, name=None if name is None else f"{name}_relu")
 
     def classifier(self, x, hidden, classes, first_index):
@@ -432,16 +432,21 @@ def lenet() -> Model:
 @register("alexnet")
 def alexnet() -> Model:
     """AlexNet (Krizhevsky et al. 2012) with LRN, single tower (no grouped convolutions)."""
-    b = GraphBuilder("alexnet", (3, 224, 224), "AlexNet with local response normalisation, single tower")
+    return _alexnet("alexnet", "AlexNet with local response normalisation, single tower", groups=1)
+
+
+def _alexnet(name: str, description: str, groups: int) -> Model:
+    """AlexNet with LRN on 3x224x224; conv2, conv4 and conv5 have ``groups`` (the paper's towers: 2)."""
+    b = GraphBuilder(name, (3, 224, 224), description)
     x = b.conv_relu("input", 96, 11, stride=4, padding=2, name="conv1")
     x = b.lrn(x, size=5, alpha=1e-4, beta=0.75, k=2.0, name="norm1")
     x = b.maxpool(x, 3, stride=2, name="pool1")
-    x = b.conv_relu(x, 256, 5, padding=2, name="conv2")
+    x = b.conv_relu(x, 256, 5, padding=2, name="conv2", groups=groups)
     x = b.lrn(x, size=5, alpha=1e-4, beta=0.75, k=2.0, name="norm2")
     x = b.maxpool(x, 3, stride=2, name="pool2")
     x = b.conv_relu(x, 384, 3, padding=1, name="conv3")
-    x = b.conv_relu(x, 384, 3, padding=1, name="conv4")
-    x = b.conv_relu(x, 256, 3, padding=1, name="conv5")
+    x = b.conv_relu(x, 384, 3, padding=1, name="conv4", groups=groups)
+    x = b.conv_relu(x, 256, 3, padding=1, name="conv5", groups=groups)
     x = b.maxpool(x, 3, stride=2, name="pool5")
     b.classifier(x, (4096, 4096), 1000, first_index=6)
     return b.build()
@@ -588,19 +593,7 @@ def alexnet_2tower() -> Model:
     Same layers and 3x224x224 input as the single-tower ``alexnet``; conv3 and the
     fully connected layers read both towers, as in the paper.
     """
-    b = GraphBuilder("alexnet_2tower", (3, 224, 224), "AlexNet with LRN, two towers (groups=2 in conv2, conv4, conv5)")
-    x = b.conv_relu("input", 96, 11, stride=4, padding=2, name="conv1")
-    x = b.lrn(x, size=5, alpha=1e-4, beta=0.75, k=2.0, name="norm1")
-    x = b.maxpool(x, 3, stride=2, name="pool1")
-    x = b.relu(b.conv(x, 256, 5, padding=2, groups=2, name="conv2"), name="conv2_relu")
-    x = b.lrn(x, size=5, alpha=1e-4, beta=0.75, k=2.0, name="norm2")
-    x = b.maxpool(x, 3, stride=2, name="pool2")
-    x = b.conv_relu(x, 384, 3, padding=1, name="conv3")
-    x = b.relu(b.conv(x, 384, 3, padding=1, groups=2, name="conv4"), name="conv4_relu")
-    x = b.relu(b.conv(x, 256, 3, padding=1, groups=2, name="conv5"), name="conv5_relu")
-    x = b.maxpool(x, 3, stride=2, name="pool5")
-    b.classifier(x, (4096, 4096), 1000, first_index=6)
-    return b.build()
+    return _alexnet("alexnet_2tower", "AlexNet with LRN, two towers (groups=2 in conv2, conv4, conv5)", groups=2)
 
 
 @register("resnet18")
