@@ -19,6 +19,7 @@ checks mpicdc's kernels against it layer by layer.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import subprocess
@@ -51,10 +52,21 @@ def torch_weights(model, weights: dict) -> dict:
         W, b = weights[layer.name]
         Wt = torch.from_numpy(W)
         if layer.op == "conv":
-            c_in = shapes[layer.inputs[0]][0]
+            c_in = shapes[layer.inputs[0]][0] // layer.attrs.get("groups", 1)
             Wt = Wt.reshape((W.shape[0], c_in) + tuple(layer.attrs["kernel"]))
         out[layer.name] = (Wt, torch.from_numpy(b))
     return out
+
+
+def _torch_pad(h, attrs: dict, fill: float):
+    """``h`` (batch axis first) padded by the layer's spatial ``padding`` (any form) with ``fill``."""
+    import torch.nn.functional as F
+
+    from mpicdc.core.models import pad_pairs
+    pads = pad_pairs(attrs.get("padding", 0), h.dim() - 2)
+    if not any(b or e for b, e in pads):
+        return h
+    return F.pad(h, [v for pair in reversed(pads) for v in pair], value=fill)
 
 
 def torch_forward(model, tweights: dict, x, return_all: bool = False, timings: dict | None = None):
@@ -71,6 +83,8 @@ def torch_forward(model, tweights: dict, x, return_all: bool = False, timings: d
     """
     import torch
     import torch.nn.functional as F
+
+    from mpicdc.core.models import pad_pairs
     nd = len(model.input_shape) - 1
     conv = {2: F.conv2d, 3: F.conv3d}
     maxp = {2: F.max_pool2d, 3: F.max_pool3d}
@@ -85,19 +99,23 @@ def torch_forward(model, tweights: dict, x, return_all: bool = False, timings: d
             op = layer.op
             if op == "conv":
                 W, b = tweights[layer.name]
-                y = conv[nd](h, W, b, stride=a.get("stride", 1), padding=a.get("padding", 0))
+                y = conv[nd](_torch_pad(h, a, 0.0), W, b, stride=a.get("stride", 1),
+                             groups=a.get("groups", 1))
             elif op == "dense":
                 W, b = tweights[layer.name]
                 y = F.linear(h.reshape(1, -1), W, b)
             elif op == "relu":
                 y = F.relu(h)
             elif op == "maxpool":
-                y = maxp[nd](h, a["kernel"], a.get("stride", a["kernel"]), a.get("padding", 0))
+                y = maxp[nd](_torch_pad(h, a, -math.inf), a["kernel"], a.get("stride", a["kernel"]))
             elif op == "avgpool":
-                y = avgp[nd](h, a["kernel"], a.get("stride", a["kernel"]), a.get("padding", 0),
-                             count_include_pad=a.get("count_include_pad", False))
+                stride = a.get("stride", a["kernel"])
+                y = avgp[nd](_torch_pad(h, a, 0.0), a["kernel"], stride)
+                if not a.get("count_include_pad", False):   # divide by the real cells per window
+                    ones = _torch_pad(torch.ones_like(h[:, :1]), a, 0.0)
+                    y = y / avgp[nd](ones, a["kernel"], stride)
             elif op == "gap":
-                y = h.mean(dim=tuple(range(2, h.dim())))
+                y = h.mean(dim=tuple(range(2, h.dim())), keepdim=bool(a.get("keepdims")))
             elif op == "lrn":
                 y = F.local_response_norm(h, a.get("size", 5), alpha=a.get("alpha", 1e-4),
                                           beta=a.get("beta", 0.75), k=a.get("k", 2.0))
@@ -117,6 +135,21 @@ def torch_forward(model, tweights: dict, x, return_all: bool = False, timings: d
                     + torch.tensor(a["shift"], dtype=h.dtype).reshape(shape)
             elif op == "identity":
                 y = h
+            elif op == "clip":
+                y = torch.clamp(h, a.get("min"), a.get("max"))
+            elif op == "gmp":
+                y = h.amax(dim=tuple(range(2, h.dim())), keepdim=bool(a.get("keepdims")))
+            elif op == "hardsigmoid":
+                y = torch.clamp(a.get("alpha", 1 / 6) * h + a.get("beta", 0.5), 0, 1)
+            elif op == "hardswish":
+                y = F.hardswish(h)
+            elif op == "channel_shuffle":
+                y = F.channel_shuffle(h, a["groups"])
+            elif op == "pad":
+                pads = pad_pairs(a["pads"], h.dim() - 1, layer.name)
+                y = F.pad(h, [v for pair in reversed(pads) for v in pair], value=a.get("value", 0.0))
+            elif op == "slice":
+                y = h[:, a["start"]:a["stop"]]
             else:
                 raise ValueError(f"layer {layer.name!r}: torch_forward has no op {op!r}")
             acts[layer.name] = y

@@ -13,7 +13,6 @@ and says which term dominates where one is missed.
 from __future__ import annotations
 
 import argparse
-import math
 
 EPILOG = """\
 examples:
@@ -103,7 +102,7 @@ def plot(path: str, models: list, workers: int, code: str, device: str) -> None:
 
 def _print_frontier(rows: list) -> int:
     """Print the frontier and its target (MDS +2 p99 at least 2x better than uncoded under WiFi); 1 if missed."""
-    print(f"\nstraggler frontier (simulator, AlexNet, 4 data workers + r extra):")
+    print("\nstraggler frontier (simulator, AlexNet, 4 data workers + r extra):")
     print(f"{'delay':<30}{'system':<17}{'mean ms':>9}{'p99 ms':>9}{'p99 gain':>10}")
     base = {}
     for label, name, mean, p99 in rows:

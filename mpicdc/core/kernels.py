@@ -48,7 +48,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from mpicdc.core.graph import LayerExecutor, walk
-from mpicdc.core.models import Layer, Model
+from mpicdc.core.models import Layer, Model, conv_groups, pad_pairs
 
 DTYPE = np.float32
 
@@ -169,9 +169,32 @@ MAX_JUNK = 0.03
 DENSE_MAX_BYTES = 64 << 20
 
 
-def _conv_params(layer: Layer, nd: int):
-    return (_attr_list(layer, "kernel", nd, 1), _attr_list(layer, "stride", nd, 1),
-            _attr_list(layer, "padding", nd, 0))
+def _conv_params(layer: Layer, in_shape):
+    """``(kernel, stride, padding, extra)`` of a conv for an input of ``in_shape``.
+
+    Asymmetric pads are split into a symmetric ``padding`` (the smaller side,
+    which the lowering handles) and ``extra`` ``(begin, end)`` zeros per axis
+    that :func:`_prepad` writes explicitly first.
+    """
+    nd = len(in_shape) - 1
+    pairs = pad_pairs(layer.attrs.get("padding", 0), nd, layer.name)
+    padding = [min(p) for p in pairs]
+    extra = [(b - p, e - p) for (b, e), p in zip(pairs, padding)]
+    return _attr_list(layer, "kernel", nd, 1), _attr_list(layer, "stride", nd, 1), padding, extra
+
+
+def _prepad(x, extra, fill=0.0):
+    """``x`` with ``extra`` ``(begin, end)`` cells of ``fill`` around each spatial axis (x itself if none)."""
+    if not any(b or e for b, e in extra):
+        return x
+    shape = (x.shape[0],) + tuple(s + b + e for s, (b, e) in zip(x.shape[1:], extra))
+    xp = np.full(shape, fill, dtype=x.dtype)
+    xp[(slice(None),) + tuple(slice(b, b + s) for s, (b, _) in zip(x.shape[1:], extra))] = x
+    return xp
+
+
+def _padded_shape(in_shape, extra):
+    return (in_shape[0],) + tuple(s + b + e for s, (b, e) in zip(in_shape[1:], extra))
 
 
 def _check_geometry(in_shape, kernel, stride, padding):
@@ -220,23 +243,25 @@ def lowered_layout(layer: Layer, in_shape) -> Lowered:
         return Lowered(None, (), ())
     if layer.op != "conv":
         raise ValueError(f"layer {layer.name!r} ({layer.op}) is not linear")
-    in_shape = tuple(in_shape)
-    kernel, stride, padding = _check_geometry(in_shape, *_conv_params(layer, len(in_shape) - 1))
+    kernel, stride, padding, extra = _conv_params(layer, in_shape)
+    in_shape = _padded_shape(tuple(in_shape), extra)
+    kernel, stride, padding = _check_geometry(in_shape, kernel, stride, padding)
     _, out, pitch = _layout(in_shape, kernel, stride, padding)
     return Lowered(None, out, pitch)
 
 
-def _lowering_view(x, kernel, stride, padding, workspace):
+def _lowering_view(x, kernel, stride, padding, workspace, layout_shape=None):
     """Copy ``x`` into a padded scratch buffer and return ``X`` as a strided view of it.
 
     Returns ``(view, out_spatial, pitch, pitched)``.  ``view`` has shape
     ``(C, *kernel, *columns)``: ``columns`` is ``(L,)`` for the pitched layout
     and ``out_spatial`` for the dense one; reshaped to ``(C*prod(kernel), L)``
-    it is ``X``.
+    it is ``X``.  ``layout_shape`` (default ``x.shape``) decides the layout:
+    a grouped conv lowers only some channels but must keep the whole layer's.
     """
     C, spatial = x.shape[0], tuple(x.shape[1:])
     nd = len(spatial)
-    pitched, out, pitch = _layout(x.shape, kernel, stride, padding)
+    pitched, out, pitch = _layout(x.shape if layout_shape is None else layout_shape, kernel, stride, padding)
     if pitched:
         _, _, extent, step, plane, base = _pitched_geometry(spatial, kernel, padding)
         L = math.prod(pitch)
@@ -299,7 +324,8 @@ def lower(layer: Layer, x: np.ndarray, *, workspace: Workspace | None = None) ->
         return Lowered(np.ascontiguousarray(x, dtype=DTYPE).reshape(-1, 1), (), ())
     if layer.op != "conv":
         raise ValueError(f"layer {layer.name!r} ({layer.op}) is not linear")
-    return im2col(np.asarray(x, dtype=DTYPE), *_conv_params(layer, x.ndim - 1), workspace=workspace)
+    kernel, stride, padding, extra = _conv_params(layer, x.shape)
+    return im2col(_prepad(np.asarray(x, dtype=DTYPE), extra), kernel, stride, padding, workspace=workspace)
 
 
 def gemm(W: np.ndarray, b: np.ndarray | None, X: np.ndarray) -> np.ndarray:
@@ -326,7 +352,7 @@ ALWAYS_TILE_BYTES = 128 << 20
 
 
 def lower_gemm(layer: Layer, W: np.ndarray, b: np.ndarray | None, x: np.ndarray, *,
-               relu: bool = False, workspace: Workspace | None = None) -> tuple:
+               relu: bool = False, workspace: Workspace | None = None, row0: int = 0) -> tuple:
     """``gemm(W, b, lower(layer, x).X)`` without materialising all of ``X``.
 
     Local.  For a pitched convolution whose ``X`` would be large (VGG16's
@@ -348,6 +374,10 @@ def lower_gemm(layer: Layer, W: np.ndarray, b: np.ndarray | None, x: np.ndarray,
     x : the layer input activation.
     relu : also apply ReLU to the product (junk columns included), in place.
     workspace : scratch memory for the lowering, see :class:`Workspace`.
+    row0 : first output channel of ``W``'s rows; only a grouped conv needs it
+        (its row block reads the input channels of its own groups, see
+        :func:`_grouped_gemm`).  Rows past the layer's output channels (a
+        zero-padded last block) give zeros plus their bias.
 
     Returns
     -------
@@ -358,9 +388,13 @@ def lower_gemm(layer: Layer, W: np.ndarray, b: np.ndarray | None, x: np.ndarray,
     if layer.op != "conv":
         lo = lower(layer, x, workspace=workspace)
         Y = gemm(W, b, lo.X)
+    elif conv_groups(layer, np.shape(x)[0]) > 1:
+        Y, lo = _grouped_gemm(layer, W, b, x, row0, workspace)
     else:
         x = np.asarray(x, dtype=DTYPE)
-        kernel, stride, padding = _check_geometry(x.shape, *_conv_params(layer, x.ndim - 1))
+        kernel, stride, padding, extra = _conv_params(layer, x.shape)
+        x = _prepad(x, extra)
+        kernel, stride, padding = _check_geometry(x.shape, kernel, stride, padding)
         rows = x.shape[0] * math.prod(kernel)
         if W.shape[1] != rows:
             raise ValueError(f"layer {layer.name!r}: weight block has {W.shape[1]} columns, "
@@ -393,6 +427,51 @@ def lower_gemm(layer: Layer, W: np.ndarray, b: np.ndarray | None, x: np.ndarray,
     return Y, lo
 
 
+def _grouped_gemm(layer: Layer, W, b, x, row0: int, workspace):
+    """Product of a grouped conv's row block ``W`` (rows ``row0...``): one GEMM per group.
+
+    The layer's weight matrix has ``(C / groups) * prod(kernel)`` columns (torch's
+    ``weight.reshape(out, -1)``); output channel ``o`` belongs to group
+    ``o // (out / groups)`` and reads the lowered rows of that group's input
+    channels.  Only the channels of the groups the block touches are lowered; a
+    block of whole groups is one batched matmul, any other block one GEMM per
+    group.  The columns are those of the whole layer (:func:`lowered_layout`).
+    """
+    x = np.asarray(x, dtype=DTYPE)
+    C, out_ch = x.shape[0], layer.attrs["out"]
+    groups = conv_groups(layer, C)
+    cpg, opg = C // groups, out_ch // groups
+    kernel, stride, padding, extra = _conv_params(layer, x.shape)
+    x = _prepad(x, extra)
+    kernel, stride, padding = _check_geometry(x.shape, kernel, stride, padding)
+    K = math.prod(kernel)
+    rows = W.shape[0]
+    if W.shape[1] != cpg * K:
+        raise ValueError(f"layer {layer.name!r}: weight block has {W.shape[1]} columns, a group of "
+                         f"{groups} reads {cpg * K} lowered rows")
+    if not 0 <= row0 < out_ch:
+        raise ValueError(f"layer {layer.name!r}: row0={row0} outside its {out_ch} output channels")
+    valid = min(rows, out_ch - row0)
+    g0, g1 = row0 // opg, (row0 + valid - 1) // opg + 1
+    view, out, pitch, _ = _lowering_view(x[g0 * cpg:g1 * cpg], kernel, stride, padding, workspace,
+                                         layout_shape=x.shape)
+    L = math.prod(pitch)
+    X = _scratch(workspace, "X", (g1 - g0) * cpg * K * L).reshape((g1 - g0) * cpg * K, L)
+    np.copyto(X.reshape(view.shape), view)
+    Y = np.zeros((rows, L), dtype=DTYPE)
+    if row0 % opg == 0 and valid % opg == 0:
+        np.matmul(W[:valid].reshape(g1 - g0, opg, cpg * K), X.reshape(g1 - g0, cpg * K, L),
+                  out=Y[:valid].reshape(g1 - g0, opg, L))
+    else:
+        for g in range(g0, g1):
+            lo_r, hi_r = max(row0, g * opg) - row0, min(row0 + valid, (g + 1) * opg) - row0
+            Xg = X[(g - g0) * cpg * K:(g - g0 + 1) * cpg * K]
+            np.matmul(W[lo_r:hi_r], Xg, out=Y[lo_r:hi_r])
+    if b is not None:
+        Y += b[:, None]
+    return Y, Lowered(None, out, pitch)
+
+
 def linear_forward(layer: Layer, W: np.ndarray, b: np.ndarray, x: np.ndarray, *,
                    workspace: Workspace | None = None) -> np.ndarray:
     """Full linear layer on one process: lower, one GEMM, finish (tiled, see :func:`lower_gemm`)."""
@@ -403,18 +482,11 @@ def linear_forward(layer: Layer, W: np.ndarray, b: np.ndarray, x: np.ndarray, *,
 # ---------------------------------------------------------------- nonlinear ops
 
 def _pool_params(layer, x):
+    """``(kernel, stride, pads)`` of a pool, ``pads`` one ``(begin, end)`` per spatial axis."""
     nd = x.ndim - 1
     kernel = _attr_list(layer, "kernel", nd, 1)
-    return kernel, _attr_list(layer, "stride", nd, kernel), _attr_list(layer, "padding", nd, 0)
-
-
-def _pad(x, padding, fill):
-    if not any(padding):
-        return x
-    spatial = x.shape[1:]
-    xp = np.full((x.shape[0],) + tuple(s + 2 * p for s, p in zip(spatial, padding)), fill, dtype=x.dtype)
-    xp[(slice(None),) + tuple(slice(p, p + s) for s, p in zip(spatial, padding))] = x
-    return xp
+    return (kernel, _attr_list(layer, "stride", nd, kernel),
+            pad_pairs(layer.attrs.get("padding", 0), nd, layer.name))
 
 
 def _separable(x, kernel, stride, padding, ufunc, fill):
@@ -425,7 +497,7 @@ def _separable(x, kernel, stride, padding, ufunc, fill):
     passes read whole contiguous rows.  Always returns a new array.
     """
     nd = x.ndim - 1
-    x = _pad(x, padding, fill)
+    x = _prepad(x, padding, fill)
     result = None
     for a in range(nd):
         k, s = kernel[a], stride[a]
@@ -451,9 +523,9 @@ def avgpool(layer: Layer, x: np.ndarray) -> np.ndarray:
     """Average pooling; padded cells are excluded from the count unless ``count_include_pad``."""
     kernel, stride, padding = _pool_params(layer, x)
     total = _separable(x.astype(DTYPE, copy=False), kernel, stride, padding, np.add, 0)
-    if any(padding) and not layer.attrs.get("count_include_pad", False):
+    if any(b or e for b, e in padding) and not layer.attrs.get("count_include_pad", False):
         count = np.ones((1,) * x.ndim, dtype=DTYPE)
-        for a, (k, s, p) in enumerate(zip(kernel, stride, padding)):
+        for a, (k, s, (p, _)) in enumerate(zip(kernel, stride, padding)):
             n = x.shape[a + 1]
             start = np.arange(total.shape[a + 1]) * s - p
             valid = (np.minimum(start + k, n) - np.maximum(start, 0)).astype(DTYPE)
@@ -494,6 +566,13 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=0, keepdims=True)
 
 
+def hardsigmoid(x: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """``clip(alpha * x + beta, 0, 1)`` in float32."""
+    y = x * DTYPE(alpha)
+    y += DTYPE(beta)
+    return np.clip(y, 0, 1, out=y)
+
+
 def nonlinear(layer: Layer, inputs: list) -> np.ndarray:
     """Run a parameter-free op on the master; ``inputs`` are the input activations in order."""
     op, x = layer.op, inputs[0]
@@ -504,7 +583,8 @@ def nonlinear(layer: Layer, inputs: list) -> np.ndarray:
     if op == "avgpool":
         return avgpool(layer, x)
     if op == "gap":
-        return x.reshape(x.shape[0], -1).mean(axis=1, dtype=np.float64).astype(DTYPE)
+        y = x.reshape(x.shape[0], -1).mean(axis=1, dtype=np.float64).astype(DTYPE)
+        return y.reshape((x.shape[0],) + (1,) * (x.ndim - 1)) if layer.attrs.get("keepdims") else y
     if op == "lrn":
         return lrn(layer, x)
     if op == "flatten":
@@ -522,6 +602,25 @@ def nonlinear(layer: Layer, inputs: list) -> np.ndarray:
         return x * scale + shift
     if op == "identity":
         return x
+    if op == "clip":
+        return np.clip(x, DTYPE(layer.attrs.get("min", -np.inf)), DTYPE(layer.attrs.get("max", np.inf)))
+    if op == "gmp":
+        y = x.reshape(x.shape[0], -1).max(axis=1)
+        return y.reshape((x.shape[0],) + (1,) * (x.ndim - 1)) if layer.attrs.get("keepdims") else y
+    if op == "hardsigmoid":
+        return hardsigmoid(x, layer.attrs.get("alpha", 1 / 6), layer.attrs.get("beta", 0.5))
+    if op == "hardswish":
+        return x * hardsigmoid(x, 1 / 6, 0.5)
+    if op == "channel_shuffle":
+        g = layer.attrs["groups"]
+        return np.ascontiguousarray(x.reshape((g, x.shape[0] // g) + x.shape[1:]).swapaxes(0, 1)).reshape(x.shape)
+    if op == "pad":
+        pads = pad_pairs(layer.attrs["pads"], x.ndim, layer.name)
+        out = np.full(tuple(n + b + e for n, (b, e) in zip(x.shape, pads)), layer.attrs.get("value", 0.0), DTYPE)
+        out[tuple(slice(b, b + n) for n, (b, _) in zip(x.shape, pads))] = x
+        return out
+    if op == "slice":
+        return x[layer.attrs["start"]:layer.attrs["stop"]]
     raise ValueError(f"layer {layer.name!r}: no kernel for op {op!r}")
 
 

@@ -16,7 +16,8 @@ from typing import Callable
 
 LINEAR_OPS = ("conv", "dense")
 NONLINEAR_OPS = ("relu", "maxpool", "avgpool", "gap", "lrn", "flatten", "softmax",
-                 "concat", "add", "batchnorm", "identity")
+                 "concat", "add", "batchnorm", "identity", "clip", "gmp", "hardsigmoid",
+                 "hardswish", "channel_shuffle", "pad", "slice")
 ALL_OPS = LINEAR_OPS + NONLINEAR_OPS
 
 
@@ -129,7 +130,8 @@ class Model:
             if layer.op == "dense":
                 out[layer.name] = (layer.attrs["out"], math.prod(in_shape))
             else:
-                out[layer.name] = (layer.attrs["out"], in_shape[0] * math.prod(layer.attrs["kernel"]))
+                groups = conv_groups(layer, in_shape[0])
+                out[layer.name] = (layer.attrs["out"], in_shape[0] // groups * math.prod(layer.attrs["kernel"]))
         return out
 
     def readers(self) -> dict:
@@ -170,9 +172,10 @@ def _spatial_size(shape) -> int:
 
 
 def _window_out(size, kernel, stride, pad, name):
-    out = (size + 2 * pad - kernel) // stride + 1
+    begin, end = pad
+    out = (size + begin + end - kernel) // stride + 1
     if out < 1:
-        raise ValueError(f"layer {name!r}: window {kernel} (stride {stride}, pad {pad}) "
+        raise ValueError(f"layer {name!r}: window {kernel} (stride {stride}, pad {begin},{end}) "
                          f"does not fit input extent {size}")
     return out
 
@@ -181,20 +184,58 @@ def _expand(value, ndim):
     return [value] * ndim if isinstance(value, int) else list(value)
 
 
+def pad_pairs(value, nd: int, name: str = "?") -> list:
+    """``[(begin, end)] * nd`` from a padding attribute.
+
+    Accepted forms: an int (same on every side), a list of ``nd`` ints
+    (symmetric per axis) or a list of ``nd`` ``[begin, end]`` pairs.
+    """
+    if isinstance(value, int):
+        return [(value, value)] * nd
+    value = list(value)
+    if len(value) != nd:
+        raise ValueError(f"layer {name!r}: padding {value} needs {nd} entries (an int or a "
+                         f"[begin, end] pair per spatial axis)")
+    pairs = []
+    for v in value:
+        if isinstance(v, int):
+            pairs.append((v, v))
+        elif len(v) == 2 and all(isinstance(e, int) for e in v):
+            pairs.append((int(v[0]), int(v[1])))
+        else:
+            raise ValueError(f"layer {name!r}: padding entry {v!r} is neither an int nor a [begin, end] pair")
+    if any(min(p) < 0 for p in pairs):
+        raise ValueError(f"layer {name!r}: negative padding {value}")
+    return pairs
+
+
+def conv_groups(layer: Layer, in_channels: int) -> int:
+    """The ``groups`` of a conv layer, checked: it must divide the input and output channels."""
+    groups = int(layer.attrs.get("groups", 1))
+    out = layer.attrs["out"]
+    if groups < 1 or in_channels % groups or out % groups:
+        raise ValueError(f"conv {layer.name!r}: groups={groups} must divide its {in_channels} input "
+                         f"and {out} output channels")
+    return groups
+
+
 def infer_shape(layer: Layer, in_shapes: list) -> tuple:
     """Output shape of ``layer`` given its input shapes (no batch axis)."""
     a, op = layer.attrs, layer.op
     x = in_shapes[0] if in_shapes else None
     if op in ("conv", "maxpool", "avgpool"):
         nd = len(x) - 1
-        k, s, p = (_expand(a.get(key, d), nd) for key, d in
-                   (("kernel", 1), ("stride", 1 if op == "conv" else a["kernel"]), ("padding", 0)))
+        if op == "conv":
+            conv_groups(layer, x[0])
+        k, s = (_expand(a.get(key, d), nd) for key, d in
+                (("kernel", 1), ("stride", 1 if op == "conv" else a["kernel"])))
+        p = pad_pairs(a.get("padding", 0), nd, layer.name)
         spatial = tuple(_window_out(x[i + 1], k[i], s[i], p[i], layer.name) for i in range(nd))
         return ((a["out"] if op == "conv" else x[0]),) + spatial
     if op == "dense":
         return (a["out"],)
-    if op == "gap":
-        return (x[0],)
+    if op in ("gap", "gmp"):
+        return (x[0],) + ((1,) * (len(x) - 1) if a.get("keepdims") else ())
     if op == "flatten":
         return (math.prod(x),)
     if op == "concat":
@@ -206,7 +247,20 @@ def infer_shape(layer: Layer, in_shapes: list) -> tuple:
         if len({tuple(s) for s in in_shapes}) != 1:
             raise ValueError(f"add {layer.name!r}: input shapes {in_shapes} differ")
         return tuple(x)
-    return tuple(x)  # relu, lrn, softmax, batchnorm, identity keep the shape
+    if op == "channel_shuffle":
+        if x[0] % a["groups"]:
+            raise ValueError(f"channel_shuffle {layer.name!r}: groups={a['groups']} does not divide "
+                             f"{x[0]} channels")
+        return tuple(x)
+    if op == "pad":
+        pads = pad_pairs(a["pads"], len(x), layer.name)
+        return tuple(n + b + e for n, (b, e) in zip(x, pads))
+    if op == "slice":
+        start, stop = a["start"], a["stop"]
+        if not 0 <= start < stop <= x[0]:
+            raise ValueError(f"slice {layer.name!r}: channels {start}:{stop} outside 0:{x[0]}")
+        return (stop - start,) + tuple(x[1:])
+    return tuple(x)  # relu, lrn, softmax, batchnorm, identity, clip, hard-sigmoid/-swish keep the shape
 
 
 class GraphBuilder:
@@ -224,10 +278,13 @@ class GraphBuilder:
         self.layers.append(Layer(name, op, tuple(inputs), attrs))
         return name
 
-    def conv(self, x, out, kernel, stride=1, padding=0, name=None):
+    def conv(self, x, out, kernel, stride=1, padding=0, name=None, groups=1):
         nd = len(self.input_shape) - 1
-        return self._add("conv", [x], name, out=out, kernel=_expand(kernel, nd),
-                         stride=_expand(stride, nd), padding=_expand(padding, nd))
+        attrs = {"out": out, "kernel": _expand(kernel, nd), "stride": _expand(stride, nd),
+                 "padding": _expand(padding, nd)}
+        if groups != 1:
+            attrs["groups"] = groups
+        return self._add("conv", [x], name, **attrs)
 
     def dense(self, x, out, name=None):
         return self._add("dense", [x], name, out=out)
@@ -248,8 +305,36 @@ class GraphBuilder:
                          stride=_expand(stride, nd), padding=_expand(padding, nd),
                          count_include_pad=False)
 
-    def gap(self, x, name=None):
-        return self._add("gap", [x], name)
+    def gap(self, x, name=None, keepdims=False):
+        return self._add("gap", [x], name, **({"keepdims": True} if keepdims else {}))
+
+    def gmp(self, x, name=None, keepdims=False):
+        return self._add("gmp", [x], name, **({"keepdims": True} if keepdims else {}))
+
+    def clip(self, x, low, high, name=None):
+        return self._add("clip", [x], name, min=low, max=high)
+
+    def relu6(self, x, name=None):
+        return self.clip(x, 0.0, 6.0, name=name)
+
+    def hardsigmoid(self, x, alpha=1 / 6, beta=0.5, name=None):
+        """``clip(alpha * x + beta, 0, 1)``; the defaults are torch's (ONNX's alpha is 0.2)."""
+        return self._add("hardsigmoid", [x], name, alpha=alpha, beta=beta)
+
+    def hardswish(self, x, name=None):
+        return self._add("hardswish", [x], name)
+
+    def channel_shuffle(self, x, groups, name=None):
+        return self._add("channel_shuffle", [x], name, groups=groups)
+
+    def pad(self, x, pads, value=0.0, name=None):
+        """Constant padding; ``pads`` is one ``[begin, end]`` (or int) per axis, channel axis first."""
+        return self._add("pad", [x], name, pads=[list(p) if not isinstance(p, int) else p for p in pads],
+                         value=value)
+
+    def slice(self, x, start, stop, name=None):
+        """Channels ``start:stop`` of ``x``."""
+        return self._add("slice", [x], name, start=start, stop=stop)
 
     def lrn(self, x, size=5, alpha=1e-4, beta=0.75, k=2.0, name=None):
         return self._add("lrn", [x], name, size=size, alpha=alpha, beta=beta, k=k)
@@ -266,8 +351,8 @@ class GraphBuilder:
     def add(self, xs, name=None):
         return self._add("add", xs, name)
 
-    def conv_relu(self, x, out, kernel, stride=1, padding=0, name=None):
-        c = self.conv(x, out, kernel, stride, padding, name=name)
+    def conv_relu(self, x, out, kernel, stride=1, padding=0, name=None, groups=1):
+        c = self.conv(x, out, kernel, stride, padding, name=name, groups=groups)
         return self.relu(c, name=None if name is None else f"{name}_relu")
 
     def classifier(self, x, hidden, classes, first_index):
@@ -347,16 +432,21 @@ def lenet() -> Model:
 @register("alexnet")
 def alexnet() -> Model:
     """AlexNet (Krizhevsky et al. 2012) with LRN, single tower (no grouped convolutions)."""
-    b = GraphBuilder("alexnet", (3, 224, 224), "AlexNet with local response normalisation, single tower")
+    return _alexnet("alexnet", "AlexNet with local response normalisation, single tower", groups=1)
+
+
+def _alexnet(name: str, description: str, groups: int) -> Model:
+    """AlexNet with LRN on 3x224x224; conv2, conv4 and conv5 have ``groups`` (the paper's towers: 2)."""
+    b = GraphBuilder(name, (3, 224, 224), description)
     x = b.conv_relu("input", 96, 11, stride=4, padding=2, name="conv1")
     x = b.lrn(x, size=5, alpha=1e-4, beta=0.75, k=2.0, name="norm1")
     x = b.maxpool(x, 3, stride=2, name="pool1")
-    x = b.conv_relu(x, 256, 5, padding=2, name="conv2")
+    x = b.conv_relu(x, 256, 5, padding=2, name="conv2", groups=groups)
     x = b.lrn(x, size=5, alpha=1e-4, beta=0.75, k=2.0, name="norm2")
     x = b.maxpool(x, 3, stride=2, name="pool2")
     x = b.conv_relu(x, 384, 3, padding=1, name="conv3")
-    x = b.conv_relu(x, 384, 3, padding=1, name="conv4")
-    x = b.conv_relu(x, 256, 3, padding=1, name="conv5")
+    x = b.conv_relu(x, 384, 3, padding=1, name="conv4", groups=groups)
+    x = b.conv_relu(x, 256, 3, padding=1, name="conv5", groups=groups)
     x = b.maxpool(x, 3, stride=2, name="pool5")
     b.classifier(x, (4096, 4096), 1000, first_index=6)
     return b.build()
@@ -493,4 +583,97 @@ def inception_v3() -> Model:
     x = b.gap(x, name="avgpool")
     x = b.dense(x, 1000, name="fc")
     b.softmax(x, name="prob")
+    return b.build()
+
+
+@register("alexnet_2tower")
+def alexnet_2tower() -> Model:
+    """AlexNet as in the paper (Krizhevsky et al. 2012): two towers, i.e. conv2, conv4 and conv5 grouped by 2.
+
+    Same layers and 3x224x224 input as the single-tower ``alexnet``; conv3 and the
+    fully connected layers read both towers, as in the paper.
+    """
+    return _alexnet("alexnet_2tower", "AlexNet with LRN, two towers (groups=2 in conv2, conv4, conv5)", groups=2)
+
+
+@register("resnet18")
+def resnet18() -> Model:
+    """ResNet-18 (He et al. 2016) in torchvision's layout, BatchNorm folded into the convs (biases)."""
+    b = GraphBuilder("resnet18", (3, 224, 224), "ResNet-18 (torchvision layout, BatchNorm folded)")
+    x = b.conv_relu("input", 64, 7, stride=2, padding=3, name="conv1")
+    x = b.maxpool(x, 3, stride=2, padding=1, name="maxpool")
+    width = 64
+    for stage, out in enumerate((64, 128, 256, 512), 1):
+        for block in range(2):
+            name = f"layer{stage}_{block}"
+            stride = 2 if stage > 1 and block == 0 else 1
+            y = b.conv_relu(x, out, 3, stride=stride, padding=1, name=f"{name}_conv1")
+            y = b.conv(y, out, 3, padding=1, name=f"{name}_conv2")
+            skip = b.conv(x, out, 1, stride=stride, name=f"{name}_downsample") if stride != 1 or width != out else x
+            x = b.relu(b.add([y, skip], name=f"{name}_add"), name=f"{name}_relu")
+            width = out
+    x = b.gap(x, name="avgpool")
+    b.softmax(b.dense(x, 1000, name="fc"), name="prob")
+    return b.build()
+
+
+@register("mobilenet_v2")
+def mobilenet_v2() -> Model:
+    """MobileNetV2 (Sandler et al. 2018), width 1.0, torchvision's layout, BatchNorm folded.
+
+    Inverted residual blocks: 1x1 expansion + ReLU6, 3x3 depthwise conv (groups =
+    channels) + ReLU6, 1x1 linear projection, plus the input when shapes allow.
+    """
+    b = GraphBuilder("mobilenet_v2", (3, 224, 224), "MobileNetV2 1.0 (torchvision layout, BatchNorm folded)")
+    x = b.relu6(b.conv("input", 32, 3, stride=2, padding=1, name="features0"), name="features0_relu6")
+    width, index = 32, 1
+    for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                       (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):
+        for i in range(n):
+            name, stride, hidden = f"features{index}", s if i == 0 else 1, width * t
+            y = x
+            if t != 1:
+                y = b.relu6(b.conv(y, hidden, 1, name=f"{name}_expand"), name=f"{name}_expand_relu6")
+            y = b.conv(y, hidden, 3, stride=stride, padding=1, groups=hidden, name=f"{name}_dw")
+            y = b.conv(b.relu6(y, name=f"{name}_dw_relu6"), c, 1, name=f"{name}_project")
+            x = b.add([x, y], name=f"{name}_add") if stride == 1 and width == c else y
+            width, index = c, index + 1
+    x = b.relu6(b.conv(x, 1280, 1, name=f"features{index}"), name=f"features{index}_relu6")
+    x = b.gap(x, name="avgpool")
+    b.softmax(b.dense(x, 1000, name="classifier"), name="prob")
+    return b.build()
+
+
+@register("shufflenet_v2")
+def shufflenet_v2() -> Model:
+    """ShuffleNetV2 x1.0 (Ma et al. 2018), torchvision's layout, BatchNorm folded.
+
+    A stride-1 unit splits the channels in halves (``slice``), transforms the second
+    (1x1 + ReLU, 3x3 depthwise, 1x1 + ReLU), concatenates and shuffles with 2 groups;
+    a stride-2 unit transforms the whole input in two branches.
+    """
+    b = GraphBuilder("shufflenet_v2", (3, 224, 224), "ShuffleNetV2 x1.0 (torchvision layout, BatchNorm folded)")
+    x = b.conv_relu("input", 24, 3, stride=2, padding=1, name="conv1")
+    x = b.maxpool(x, 3, stride=2, padding=1, name="maxpool")
+    width = 24
+    for stage, (repeats, out) in enumerate(((4, 116), (8, 232), (4, 464)), 2):
+        half = out // 2
+        for i in range(repeats):
+            name = f"stage{stage}_{i}"
+            if i == 0:
+                left = b.conv(x, width, 3, stride=2, padding=1, groups=width, name=f"{name}_b1_dw")
+                left = b.conv_relu(left, half, 1, name=f"{name}_b1_pw")
+                right = x
+            else:
+                left = b.slice(x, 0, half, name=f"{name}_left")
+                right = b.slice(x, half, out, name=f"{name}_right")
+            stride = 2 if i == 0 else 1
+            right = b.conv_relu(right, half, 1, name=f"{name}_b2_pw1")
+            right = b.conv(right, half, 3, stride=stride, padding=1, groups=half, name=f"{name}_b2_dw")
+            right = b.conv_relu(right, half, 1, name=f"{name}_b2_pw2")
+            x = b.channel_shuffle(b.concat([left, right], name=f"{name}_concat"), 2, name=f"{name}_shuffle")
+            width = out
+    x = b.conv_relu(x, 1024, 1, name="conv5")
+    x = b.gap(x, name="avgpool")
+    b.softmax(b.dense(x, 1000, name="fc"), name="prob")
     return b.build()

@@ -20,7 +20,7 @@ from mpicdc.core.codes import (
     row_blocks_problem,
     split_rows,
 )
-from mpicdc.core.models import Model
+from mpicdc.core.models import Model, conv_groups
 from mpicdc.core.ranges import format_ranges
 
 _FIX = "build the plan for this model with make_plan (python -m mpicdc.prepare MODEL --workers N ...)"
@@ -92,6 +92,11 @@ class LayerPlan:
             raise ValueError(f"plan for layer {self.layer!r} gives blocks to ranks {list(self.ranks)}: it needs "
                              f"one distinct worker rank{top} for each of its {self.n} data blocks and parity "
                              f"blocks; {_FIX}")
+        groups = layer_groups(model, self.layer)
+        if groups > 1 and self.r:
+            raise ValueError(f"plan for layer {self.layer!r}: a grouped convolution (groups={groups}) cannot "
+                             f"have parity blocks: a parity block sums blocks that read different input "
+                             f"channels, so its rows are no product of the layer's input; {_FIX}")
         try:
             self.code_obj  # noqa: B018 -- builds the code (cached)
         except ValueError as exc:
@@ -173,10 +178,43 @@ def single_device_plan(model: Model) -> Plan:
     return Plan(model.name, 1, 0, 0, "none", ())
 
 
+def layer_groups(model: Model, name: str) -> int:
+    """``groups`` of linear layer ``name`` (1 for dense and ordinary convolutions)."""
+    layer = model.layer(name)
+    if layer.op != "conv" or layer.attrs.get("groups", 1) == 1:
+        return 1
+    return conv_groups(layer, model.shapes()[layer.inputs[0]][0])
+
+
+def grouped_choice(model: Model, name: str, n: int, r: int) -> str:
+    """Why a grouped convolution stays on the master (``""``: it may be split by whole groups).
+
+    A parity block sums data blocks that read different input channels, so it
+    costs as much as all of them and its encoded weights are no row block of
+    the layer: grouped layers are never coded.  Depthwise layers (one input
+    channel per group) are also too cheap per byte of input to send out.
+    Others are split over the ``n`` data workers by whole groups when the code
+    has no parity blocks and there are at least ``n`` groups.
+    """
+    groups = layer_groups(model, name)
+    if groups == 1:
+        return ""
+    if groups == model.shapes()[model.layer(name).inputs[0]][0]:
+        return "depthwise"
+    if r:
+        return "grouped, coded"
+    if groups < n:
+        return f"{groups} groups < {n} workers"
+    return ""
+
+
 def make_plan(model: Model, workers: int, parity: int | None = None, code: str = "none", *,
               keep_on_master=(), layer_workers: dict | None = None, speeds=None,
               min_rows_per_worker: int = 1) -> Plan:
     """Build a plan: every conv and dense layer split over the data workers, plus parity workers.
+
+    Grouped convolutions are split by whole groups, without parity, or stay on
+    the master (depthwise ones always): see :func:`grouped_choice`.
 
     Parameters
     ----------
@@ -215,10 +253,13 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
         bad = [x for x in ranks if not 1 <= x <= workers]
         if bad:
             raise ValueError(f"layer {name!r}: ranks {bad} are not data workers (1..{workers})")
-        if rows < len(ranks) * min_rows_per_worker:
+        if rows < len(ranks) * min_rows_per_worker or grouped_choice(model, name, len(ranks), r):
             continue
         layer_speeds = None if speeds is None else [speeds[x - 1] for x in ranks]
-        layers.append(LayerPlan(name, code, ranks + parity_ranks, _row_ranges(rows, len(ranks), layer_speeds)))
+        groups = layer_groups(model, name)   # units of whole groups (of rows // groups rows) or of rows
+        units, per = (groups, rows // groups) if groups > 1 else (rows, 1)
+        blocks = tuple((a * per, b * per) for a, b in _row_ranges(units, len(ranks), layer_speeds))
+        layers.append(LayerPlan(name, code, ranks + parity_ranks, blocks))
     plan = Plan(model.name, 1 + workers + r, workers, r, code, tuple(layers))
     plan.validate(model)  # codes built for each layer's block count now, not at run time
     return plan
@@ -260,7 +301,8 @@ def format_plan_table(plan: Plan, model: Model, rank_extra: dict | None = None, 
                       layer_extra: dict | None = None, layer_header: str = "") -> str:
     """The plan as a text table: one line per linear layer, then per-rank totals.
 
-    Columns: layer, weight shape (rows x cols), split (``n+r`` blocks or ``master``), the ranks
+    Columns: layer, weight shape (rows x cols), split (``n+r`` blocks, with the groups of a grouped
+    convolution split by whole groups, or ``master``, with why for a grouped one), the ranks
     (data ranks, then parity ranks after ``|``), code, rows per block (after padding) and MB
     (1e6 bytes, float32 weights plus bias) held by each rank computing a block.  The per-rank
     lines give role, number of blocks and MB; ``rank_extra`` (``{rank: text}``, headed by
@@ -278,12 +320,16 @@ def format_plan_table(plan: Plan, model: Model, rank_extra: dict | None = None, 
             blocks[rank] += 1
         tail = () if layer_extra is None else (layer_extra.get(name, ""),)
         if lp is None:
-            lines.append((name, f"{rows}x{cols}", "master", "0", "-", str(rows), _mb(4 * rows * (cols + 1))) + tail)
+            why = grouped_choice(model, name, plan.workers, plan.parity)
+            lines.append((name, f"{rows}x{cols}", f"master ({why})" if why else "master", "0", "-", str(rows),
+                          _mb(4 * rows * (cols + 1))) + tail)
             continue
         ranks = _rank_ranges(lp.ranks[:lp.n]) + (f" | {_rank_ranges(lp.ranks[lp.n:])}" if lp.r else "")
         sizes = sorted({stop - start for start, stop in lp.rows})
         block = str(lp.block_rows) if len(sizes) == 1 else f"{lp.block_rows} ({sizes[0]}-{sizes[-1]})"
-        lines.append((name, f"{rows}x{cols}", f"{lp.n}+{lp.r}", ranks, lp.code, block,
+        groups = layer_groups(model, name)
+        split = f"{lp.n}+{lp.r}" + (f" ({groups} groups)" if groups > 1 else "")
+        lines.append((name, f"{rows}x{cols}", split, ranks, lp.code, block,
                       _mb(4 * lp.block_rows * (cols + 1))) + tail)
     widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
     right = {1, 5, 6, 7}

@@ -166,7 +166,8 @@ def worker_loop(data: Channel, state: WorkerState, stop_event: threading.Event) 
             continue
         start = time.perf_counter()
         W, b = state.blocks[layer.name]
-        Y, lowered = lower_gemm(layer, W, b, wire.payload(buf, head.shape), workspace=workspace)
+        Y, lowered = lower_gemm(layer, W, b, wire.payload(buf, head.shape), workspace=workspace,
+                                row0=lp.rows[block][0] if block < lp.n else 0)  # grouped convs: own groups
         out = lowered.finish(Y)
         compute = time.perf_counter() - start
         modeled = 0.0

@@ -120,8 +120,10 @@ class SimConfig:
 def nonlinear_work(op: str, in_shapes: Sequence[tuple], out_shape: tuple, attrs: dict) -> tuple:
     """``(flops, bytes)`` of one nonlinear layer on the master (float32 roofline inputs).
 
-    Elementwise ops read and write each element once; pooling reads its window;
-    LRN sums ``size`` squares; views (flatten, identity) are free.
+    Elementwise ops read and write each element once (clip and hard-sigmoid 2
+    flops, hard-swish 4); pooling reads its window; LRN sums ``size`` squares;
+    channel shuffle, pad, slice and concat are copies; views (flatten,
+    identity) are free.
     """
     out = math.prod(out_shape)
     inn = sum(math.prod(s) for s in in_shapes)
@@ -135,9 +137,13 @@ def nonlinear_work(op: str, in_shapes: Sequence[tuple], out_shape: tuple, attrs:
         return 4.0 * out, 8.0 * out
     if op in ("batchnorm",):
         return 2.0 * out, 8.0 * out
-    if op == "concat":
-        return 0.0, 8.0 * out
-    return float(inn), 4.0 * (inn + out)  # relu, add, gap
+    if op in ("concat", "channel_shuffle", "pad", "slice"):
+        return 0.0, 8.0 * out   # copies
+    if op in ("clip", "hardsigmoid"):
+        return 2.0 * out, 8.0 * out
+    if op == "hardswish":
+        return 4.0 * out, 8.0 * out
+    return float(inn), 4.0 * (inn + out)  # relu, add (any number of inputs), gap, gmp
 
 
 @dataclass
