@@ -1,0 +1,189 @@
+"""A cluster of devices on one machine: network namespaces, shaped links, mpirun across them, faults.
+
+>>> with Cluster(5, rate="20mbit") as c:            # head (mpirun, master) + 5 devices
+...     job = c.launch(6, ["tiny", "--repeat", "20", "--check"])
+...     job.wait_for("request 3:")
+...     c.crash(2)                                    # SIGKILL the rank on device 2
+...     done = job.finish()
+
+``python -m mpicdc.cluster up N`` / ``down`` / ``status`` does the same from a shell.
+See docs/cluster.md.  Needs root (CAP_NET_ADMIN): :class:`ClusterUnavailable` says why not.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mpicdc.cluster import faults
+from mpicdc.cluster.netns import (
+    ClusterUnavailable,
+    Network,
+    check_available,
+    kill_netns,
+    teardown,
+)
+
+__all__ = ["Cluster", "ClusterJob", "ClusterUnavailable", "check_available", "teardown"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def mpirun_extra(net: Network) -> list:
+    """The mpirun options that run a job across the cluster's namespaces (design.md, measured)."""
+    return ["--prtemca", "plm_ssh_agent", net.agent,       # our agent instead of ssh
+            "--prtemca", "plm_ssh_no_tree_spawn", "1",     # every daemon started from the head
+            "--prtemca", "prte_if_include", net.cidr,
+            "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", net.cidr,
+            "--mca", "mpi_ft_propagator_with_rbcast", "true"]  # failures across nodes reach rank 0
+
+
+class Cluster(Network):
+    """:class:`~mpicdc.cluster.netns.Network` made on entry and always removed on exit, plus faults and jobs."""
+
+    def __enter__(self):
+        self.up()
+        return self
+
+    def __exit__(self, *exc):
+        self.down()
+
+    def down(self) -> None:
+        for job in list(getattr(self, "_jobs", [])):
+            job.kill()
+        super().down()
+
+    def kill_everything(self) -> None:
+        """SIGKILL every process in every namespace of the cluster (the namespaces stay)."""
+        for node in self.nodes:
+            kill_netns(node.netns)
+
+    def leftovers(self) -> dict:
+        """``{namespace: [pids]}`` of processes still inside the cluster's namespaces."""
+        from mpicdc.cluster.netns import netns_pids
+        return {n.netns: p for n in self.nodes if (p := netns_pids(n.netns))}
+
+    def mpirun_command(self, np_ranks: int, run_args: list) -> list:
+        from mpicdc.runtime.launch import mpirun_command
+        return mpirun_command(np_ranks, run_args, hostfile=self.hostfile, extra=mpirun_extra(self))
+
+    def launch(self, np_ranks: int, run_args: list, timeout: float = 120, env: dict | None = None) -> ClusterJob:
+        """Start ``mpicdc.launch`` (so the mpirun line of :meth:`mpirun_command` and the master's exit
+        code) from the head namespace; master on the head, worker i on device i-1.  Bounded: after
+        ``timeout`` seconds every process of the cluster is killed."""
+        if np_ranks > len(self.nodes):
+            raise ValueError(f"{np_ranks} ranks on {len(self.nodes)} nodes (head + {len(self.devices)} devices)")
+        launcher = [sys.executable, "-m", "mpicdc.launch", "-np", str(np_ranks), "--hostfile", self.hostfile,
+                    *(f"--mpirun-arg={a}" for a in mpirun_extra(self)), *run_args]
+        env = dict(os.environ if env is None else env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        job = ClusterJob(self, ["ip", "netns", "exec", self.head.netns, *launcher], env, timeout)
+        self._jobs = [*getattr(self, "_jobs", []), job]
+        return job
+
+    def crash(self, device) -> float:
+        return faults.crash(self, device)
+
+    def freeze(self, device) -> float:
+        return faults.freeze(self, device)
+
+    def thaw(self, device) -> float:
+        return faults.thaw(self, device)
+
+    def power_off(self, device) -> float:
+        return faults.power_off(self, device)
+
+    def link_cut(self, device) -> float:
+        return faults.link_cut(self, device)
+
+    def loud_death(self, device) -> float:
+        return faults.loud_death(self, device)
+
+    def link_restore(self, device) -> float:
+        return faults.link_restore(self, device)
+
+
+@dataclass
+class ClusterResult:
+    returncode: int
+    output: str
+    seconds: float
+    timed_out: bool
+    lines: list = field(default_factory=list)  # (monotonic time, line)
+
+    def explain(self) -> str:
+        return f"exit {self.returncode} after {self.seconds:.1f}s{' (TIMED OUT)' if self.timed_out else ''}\n" \
+               f"{self.output}"
+
+    def first(self, fragment: str) -> float | None:
+        """When the first line containing ``fragment`` was read (monotonic), or None."""
+        return next((t for t, line in self.lines if fragment in line), None)
+
+
+class ClusterJob:
+    """A job running from the head; its output (stdout and stderr) read by a thread, line by line, with the
+    time each line arrived (for measuring how soon the job notices a fault)."""
+
+    def __init__(self, cluster: Cluster, cmd: list, env: dict, timeout: float):
+        self.cluster, self.timed_out = cluster, False
+        self.start = time.monotonic()
+        self.proc = subprocess.Popen(cmd, cwd=str(cluster.state), env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+        self.lines: list = []
+        self._arrived = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._guard = threading.Timer(timeout, self._timeout)
+        self._guard.daemon = True
+        self._guard.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._arrived:
+                self.lines.append((time.monotonic(), line))
+                self._arrived.notify_all()
+        with self._arrived:
+            self.lines.append((time.monotonic(), None))  # end of output
+            self._arrived.notify_all()
+
+    def _timeout(self) -> None:
+        self.timed_out = True
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the launcher's group and every process in the cluster's namespaces."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.cluster.kill_everything()
+
+    def wait_for(self, fragment: str) -> float:
+        """Wait until a line contains ``fragment``; its arrival time (monotonic).  Raises if the job ends first."""
+        seen = 0
+        with self._arrived:
+            while True:
+                for at, line in self.lines[seen:]:
+                    if line is None:
+                        raise RuntimeError(f"the job ended before printing {fragment!r}\n{self.text}")
+                    if fragment in line:
+                        return at
+                seen = len(self.lines)
+                self._arrived.wait()
+
+    @property
+    def text(self) -> str:
+        return "".join(line for _, line in self.lines if line is not None)
+
+    def finish(self) -> ClusterResult:
+        """Wait for the end (bounded by the job's timeout), then stop the guard."""
+        self.proc.wait()
+        self._reader.join()
+        self._guard.cancel()
+        lines = [(t, line) for t, line in self.lines if line is not None]
+        return ClusterResult(self.proc.returncode, self.text, time.monotonic() - self.start, self.timed_out, lines)

@@ -1,0 +1,156 @@
+"""A cluster on one machine (network namespaces, shaped links) and the faults of real devices.
+
+Each job runs from the cluster's head namespace across 5 device namespaces (master on the head,
+tiny with sum parity 4+1) and is bounded: on timeout every process in the cluster is killed and
+the test fails.  Outcomes asserted are the ones measured (docs/cluster.md).
+"""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mpi_helpers import requires_mpi
+
+from mpicdc.cluster import Cluster, ClusterUnavailable, check_available
+from mpicdc.cluster.netns import list_links, list_netns
+from mpicdc.store import prepare_zoo
+
+pytestmark = [requires_mpi, pytest.mark.mpi, pytest.mark.cluster]
+
+try:
+    check_available()
+    UNAVAILABLE = None
+except ClusterUnavailable as exc:
+    UNAVAILABLE = str(exc)
+if UNAVAILABLE:
+    pytestmark.append(pytest.mark.skip(reason=f"no network namespaces here: {UNAVAILABLE}"))
+
+
+def _prefix(tag: str) -> str:
+    return f"t{tag}{random.randrange(10 ** 6)}"
+
+
+def _gone(prefix: str, pids=()) -> None:
+    """Nothing of the cluster is left: namespace, link or process."""
+    assert not [ns for ns in list_netns() if ns.startswith(prefix + "-")]
+    assert not [link for link in list_links() if link.startswith(prefix)]
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "processes outlived the cluster"
+
+
+def test_bring_up_three_devices_shaped_isolated_and_torn_down_without_trace():
+    prefix = _prefix("up")
+    with Cluster(3, rate="100mbit", prefix=prefix) as c:
+        # the agent mpirun calls starts a command in the device's namespace with the device's hostname
+        names = {}
+        for node in c.devices:
+            out = c.state / f"name-{node.name}"
+            assert subprocess.run([c.agent, node.address, f"hostname > {out}"], check=False).returncode == 0
+            end = time.monotonic() + 10
+            while not (out.exists() and out.read_text().strip()) and time.monotonic() < end:
+                time.sleep(0.05)
+            names[node.name] = out.read_text().strip()
+        assert len(set(names.values()) | {c.head.hostname}) == 4, names
+        # addresses reachable between namespaces (python sockets), no route out
+        server = subprocess.Popen(["ip", "netns", "exec", c.devices[0].netns, sys.executable, "-c",
+                                   (f"import socket; s = socket.create_server(('{c.devices[0].address}', 5555)); "
+                                    "print('up', flush=True); a, _ = s.accept(); a.sendall(b'hello')")],
+                                  stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == "up"
+        client = f"import socket; print(socket.create_connection(('{c.devices[0].address}', 5555), timeout=5).recv(5).decode())"
+        got = c.exec(1, [sys.executable, "-c", client], capture_output=True, text=True,
+                     timeout=20)
+        assert got.stdout.strip() == "hello", got.stderr
+        server.wait(timeout=10)
+        probe = ("import socket\ntry:\n socket.create_connection(('192.0.2.1', 53), timeout=2)\n"
+                 "except OSError as e: print(e.errno)")
+        out = c.exec("head", [sys.executable, "-c", probe], capture_output=True, text=True, timeout=20)
+        assert out.stdout.strip() == "101", out  # ENETUNREACH: no default route
+        assert "default" not in c.exec(2, ["ip", "route"], capture_output=True, text=True).stdout
+        # tbf on both ends of every link
+        for node in c.nodes:
+            assert "tbf" in subprocess.run(["tc", "qdisc", "show", "dev", node.veth], capture_output=True,
+                                           text=True, check=False).stdout
+            assert "tbf" in c.exec(node.name, ["tc", "qdisc", "show", "dev", "eth0"], capture_output=True,
+                                   text=True).stdout
+        # something left running inside: teardown must kill it
+        sleeper = subprocess.Popen(["ip", "netns", "exec", c.devices[2].netns, "sleep", "600"])
+        time.sleep(0.2)
+        inside = [pid for pids in c.leftovers().values() for pid in pids]
+        assert inside
+    sleeper.wait(timeout=10)
+    _gone(prefix, inside)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(prepare_zoo(tmp_path_factory.mktemp("shards"), "tiny", 4, 1, "sum"))
+
+
+def _run(tiny, fault, repeat=250, timeout=60, after=1.0, then=None):
+    """tiny on head + 5 devices, ``fault`` done to device 2 (rank 3) ``after`` s after the start line.
+    Returns (result, results json or None, seconds from fault to "rank 3 failed" or None, leftovers)."""
+    prefix = _prefix("f")
+    with Cluster(5, prefix=prefix) as c:
+        out = c.state / "run.json"
+        job = c.launch(6, ["tiny", "--weights", tiny, "--repeat", str(repeat), "--check", "-q", "--output", str(out)],
+                       timeout=timeout)
+        job.wait_for("on 6 ranks")
+        time.sleep(after)
+        at = getattr(c, fault)(2)
+        if then:
+            then(c)
+        done = job.finish()
+        results = json.loads(out.read_text()) if out.exists() else None
+        seen = done.first("rank 3 failed")
+        time.sleep(0.5)
+        left = c.leftovers()
+    _gone(prefix)
+    assert not done.timed_out, done.explain()
+    return done, results, None if seen is None else seen - at, left
+
+
+def _all_ok(done, results):
+    assert done.returncode == 0, done.explain()
+    assert results and all(r["ok"] for r in results["requests"]), done.explain()
+    assert "MATCHED" in done.output, done.explain()
+
+
+def test_crash_of_a_worker_at_a_random_moment_is_survived_and_matched(tiny):
+    done, results, _seen, left = _run(tiny, "crash", repeat=20, after=random.uniform(0.0, 0.3))
+    _all_ok(done, results)
+    assert len(results["requests"]) == 20
+    assert results["dead_ranks"] in ([], [3]), done.explain()  # [] when the crash came after the last request
+    assert not left, left
+
+
+def test_loud_death_of_a_device_ends_the_whole_job(tiny):
+    """Every process of the device killed, link up: PRRTE ends the job at once; the master never reports."""
+    done, _results, _seen, left = _run(tiny, "loud_death")
+    assert done.returncode == 1, done.explain()
+    assert "PRTE has lost communication with a remote daemon" in done.output, done.explain()
+    assert done.seconds < 30 and not left, (done.explain(), left)
+
+
+@pytest.mark.parametrize("fault", ["power_off", "link_cut"])
+def test_silent_loss_is_detected_in_about_two_seconds_and_survived(tiny, fault):
+    """Power-off or link cut: the detector reports rank 3 after ~2 s, every request is served and
+    matched; the runtime then ends the job when it next talks to the lost daemon (at job end)."""
+    done, results, seen, left = _run(tiny, fault)
+    _all_ok(done, results)
+    assert results["dead_ranks"] == [3], done.explain()
+    assert seen is not None and 1.0 < seen < 5.0, (seen, done.explain())
+    # a cut device's processes live on, cut off, until teardown (asserted gone by _run)
+    assert (all(ns.endswith("-d2") for ns in left) if fault == "link_cut" else not left), left
+
+
+def test_freeze_past_the_detector_then_thaw_is_survived(tiny):
+    done, results, seen, left = _run(tiny, "freeze", then=lambda c: (time.sleep(4), c.thaw(2)))
+    _all_ok(done, results)
+    assert results["dead_ranks"] == [3], done.explain()
+    assert seen is not None and 1.0 < seen < 5.0, (seen, done.explain())
+    assert not left, left
