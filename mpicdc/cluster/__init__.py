@@ -86,26 +86,10 @@ class Cluster(Network):
         self._jobs = [*getattr(self, "_jobs", []), job]
         return job
 
-    def crash(self, device) -> float:
-        return faults.crash(self, device)
-
-    def freeze(self, device) -> float:
-        return faults.freeze(self, device)
-
-    def thaw(self, device) -> float:
-        return faults.thaw(self, device)
-
-    def power_off(self, device) -> float:
-        return faults.power_off(self, device)
-
-    def link_cut(self, device) -> float:
-        return faults.link_cut(self, device)
-
-    def loud_death(self, device) -> float:
-        return faults.loud_death(self, device)
-
-    def link_restore(self, device) -> float:
-        return faults.link_restore(self, device)
+    # faults (see mpicdc.cluster.faults): each takes a device and returns when it took effect
+    crash, freeze, thaw = faults.crash, faults.freeze, faults.thaw
+    power_off, link_cut, loud_death, link_restore = faults.power_off, faults.link_cut, faults.loud_death, \
+        faults.link_restore
 
 
 @dataclass
