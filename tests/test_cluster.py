@@ -154,3 +154,23 @@ def test_freeze_past_the_detector_then_thaw_is_survived(tiny):
     assert results["dead_ranks"] == [3], done.explain()
     assert seen is not None and 1.0 < seen < 15.0, (seen, done.explain())  # the 2 s detector, with slack for a loaded machine
     assert not left, left
+
+
+def test_link_cut_on_a_20mbit_link_is_survived(tiny):
+    """A shaped link cut while sends to the device are in flight: the failed sends must never be
+    freed by the master (Open MPI 5.0 aborts the job when it reports on a freed send)."""
+    prefix = _prefix("cut")
+    with Cluster(5, rate="20mbit", prefix=prefix) as c:
+        out = c.state / "run.json"
+        job = c.launch(6, ["tiny", "--weights", tiny, "--repeat", "250", "--check", "-q", "--output", str(out)],
+                       timeout=90)
+        job.wait_for("on 6 ranks")
+        time.sleep(1.0)
+        c.link_cut(2)
+        done = job.finish()
+        results = json.loads(out.read_text()) if out.exists() else None
+    _gone(prefix)
+    assert not done.timed_out, done.explain()
+    assert "Send error after request freed" not in done.output, done.explain()
+    _all_ok(done, results)
+    assert results["dead_ranks"] == [3], done.explain()

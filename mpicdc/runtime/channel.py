@@ -91,11 +91,17 @@ class MPIChannel(Channel):
         return handle
 
     def _released(self, handle) -> bool:
-        """Test a send quietly; True once MPI has released the request (completed, even in error)."""
+        """Free a send that completed without error; True once MPI has released the request.
+
+        A send that failed (its peer was declared dead) is never freed: Open MPI may still
+        report on it later, and an error on a freed request aborts the whole job.
+        """
         try:
-            handle.Test()
+            if not handle.Get_status():  # looks without freeing
+                return False
+            handle.Test()  # completed: frees it
         except self._MPI.Exception:
-            pass
+            return False
         return handle == self._MPI.REQUEST_NULL
 
     def irecv(self, buf, source, tag):
@@ -117,8 +123,8 @@ class MPIChannel(Channel):
 
     def test(self, handle):
         try:
-            return handle.Test()
-        except self._MPI.Exception:  # failed: the caller may drop it; _inflight keeps it until released
+            return handle.Get_status()  # never frees: _inflight frees sends that completed cleanly
+        except self._MPI.Exception:  # failed: the caller may drop it; _inflight keeps it for good
             return True
 
     def probe(self, source, tag):

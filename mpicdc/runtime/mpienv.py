@@ -34,11 +34,6 @@ DETECTOR_DEFAULTS = {
     # resumes is told by ULFM that it was declared dead and aborts; its one line says so.
     # Segfaults (11), bus errors (7) and FPEs (8) still print Open MPI's stack trace.
     "OMPI_MCA_opal_signal": "7,8,11",
-    # TCP between ranks, also on one machine (as between Pis).  Open MPI 5.0's shared-memory
-    # transport aborts the master ("Send error after request freed") when a rank that ULFM
-    # declared dead (frozen past the detector's timeout) resumes; over TCP the job goes on.
-    # AlexNet's request latency on 6 local ranks is the same either way (76 vs 78 ms measured).
-    "OMPI_MCA_btl": "tcp,self",
 }
 
 # The flags that make a launch fault tolerant; ``mpicdc.runtime.launch`` adds them for you.
