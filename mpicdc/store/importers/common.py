@@ -277,18 +277,42 @@ class GraphState:
         name = self.add_linear("dense", [v.layer], hint, W, b, out=int(W_fw.shape[0]))
         return Value(name, (W_fw.shape[0],), None, None, True)
 
-    def conv(self, v: Value, W_torch: np.ndarray, b, stride, padding, hint: str, perm: tuple) -> Value:
-        """Convolution with a torch-layout weight ``(out, in, *kernel)``; runs in layout ``perm``."""
+    def conv(self, v: Value, W_torch: np.ndarray, b, stride, padding, hint: str, perm: tuple,
+             groups: int = 1) -> Value:
+        """Convolution with a torch-layout weight ``(out, in / groups, *kernel)``; runs in layout ``perm``.
+
+        ``padding`` holds one int or one ``[begin, end]`` pair per spatial axis.
+        """
+        v = self.unflatten(v)
         self.require_spatial(v, perm, hint)
         cin = self.shapes[v.layer][0]
-        if W_torch.ndim != len(self.shapes[v.layer]) + 1 or W_torch.shape[1] != cin:
-            raise WeightMismatchError(f"{self.source}: {hint}: kernel of shape {W_torch.shape} does not fit an "
-                                      f"input of shape {self.shapes[v.layer]} (channel-first)")
+        if W_torch.ndim != len(self.shapes[v.layer]) + 1 or W_torch.shape[1] * groups != cin:
+            raise WeightMismatchError(f"{self.source}: {hint}: kernel of shape {W_torch.shape} (groups={groups}) "
+                                      f"does not fit an input of shape {self.shapes[v.layer]} (channel-first)")
         W = W_torch.reshape(W_torch.shape[0], -1)
+        attrs = {} if groups == 1 else {"groups": int(groups)}
         name = self.add_linear("conv", [v.layer], hint, W, b, out=int(W_torch.shape[0]),
                                kernel=[int(k) for k in W_torch.shape[2:]], stride=[int(s) for s in stride],
-                               padding=[int(p) for p in padding])
+                               padding=[int(p) if np.ndim(p) == 0 else [int(e) for e in p] for p in padding],
+                               **attrs)
         return self.spatial(name, perm, fresh=True)
+
+    def layer(self, name: str) -> Optional[Layer]:
+        return next((layer for layer in reversed(self.layers) if layer.name == name), None)
+
+    def unflatten(self, v: Value) -> Value:
+        """A flat ``(C, 1, ..., 1)`` value computed by a global pool as a spatial ``(C, 1, ..., 1)`` value.
+
+        Global pools flatten by default (``gap`` feeding ``dense``); a 1x1 conv on their output
+        (DenseNet / SqueezeNet classifiers, squeeze-and-excitation) needs the pool with
+        ``keepdims``: it is added beside the flat one (which is pruned if nothing else reads it).
+        """
+        src = self.layer(v.layer) if v.is_flat else None
+        if src is None or src.op not in ("gap", "gmp") or src.attrs.get("keepdims") or len(v.shape) < 2 or \
+                any(d != 1 for d in v.shape[1:]) or v.index is not None:
+            return v
+        name = self.add(src.op, list(src.inputs), src.name + "_keepdims", keepdims=True)
+        return self.spatial(name, identity_perm(len(v.shape)))
 
     def affine(self, v: Value, scale: np.ndarray, shift: np.ndarray, hint: str, can_fold: bool) -> Value:
         """Per-channel ``x * scale + shift`` (scale/shift indexed by framework channel / feature).
