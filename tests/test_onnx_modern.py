@@ -282,3 +282,43 @@ def test_docs_list_every_supported_onnx_op_and_keras_layer():
         assert f"`{op}`" in text, f"docs/importers.md does not list ONNX op {op}"
     for cls in SUPPORTED_LAYERS:
         assert f"`{cls}`" in text, f"docs/importers.md does not list Keras layer {cls}"
+
+
+# ---------------------------------------------------------------- command-line comfort for non-zoo models
+
+def test_fix_commands_printed_for_an_imported_model_work_as_printed(tmp_path, monkeypatch, capsys):
+    """Issue 12 item 6: prepare an ONNX file that is not a zoo model, ask for another world size,
+    and run the prepare command the error prints (prepare only, no MPI)."""
+    import shlex
+
+    from mpicdc import store
+    from mpicdc.store.prepare_cli import build_parser, main
+    torch.manual_seed(11)
+    net, x = _random_bn(DenseBlock(), 12), photo(32, 32)
+    path = _export(torch, net, torch.from_numpy(x)[None], tmp_path / "tumor_net.onnx")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--workers", "2", "--source", path, "-q"]) == 0
+    def folders():
+        return [d for d in (tmp_path / "weights").iterdir() if d.is_dir()]
+
+    (first,) = folders()
+    m = store.open_manifest(first)
+    assert m.model.name == "tumor_net" and first.name.startswith("tumor_net-")
+    for world, what in ((5, "prepare shards for 5 ranks: "), (2, "prepare uncoded shards for 2 ranks: ")):
+        with pytest.raises(store.ShardError) as info:
+            store.check_world(m, world)
+        cmd = str(info.value).split(what, 1)[1]
+        argv = shlex.split(cmd)
+        assert argv[:3] == ["python", "-m", "mpicdc.prepare"] and "tumor_net" in argv, cmd
+        assert main(argv[3:] + ["-q"]) == 0, capsys.readouterr().err
+        made = [d for d in folders() if d != first and store.open_manifest(d).world_size == world]
+        assert len(made) == 1
+        again = store.open_manifest(made[0])
+        assert again.model == m.model and store.verify(made[0]) == []
+    # MODEL names the imported model; a weights-only file still needs a zoo architecture
+    assert main(["brain_net", "--workers", "2", "--source", path, "--dir", "named", "-q"]) == 0
+    assert store.open_manifest(tmp_path / "named").model.name == "brain_net"
+    np.savez(tmp_path / "w.npz", **{"conv1.weight": np.zeros((6, 1, 5, 5), np.float32)})
+    assert main(["brain_net", "--workers", "2", "--source", "w.npz", "--dir", "bad", "-q"]) == 2
+    assert "not a zoo model" in capsys.readouterr().err
+    assert "named after the file" in " ".join(build_parser().format_help().split())
