@@ -30,7 +30,7 @@ from typing import Optional
 
 import numpy as np
 
-from mpicdc.core.models import LINEAR_OPS, Layer, Model, get_model, infer_shape
+from mpicdc.core.models import LINEAR_OPS, Layer, Model, get_model, infer_shape, pad_pairs
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,33 @@ class GraphState:
 
     def layer(self, name: str) -> Optional[Layer]:
         return next((layer for layer in reversed(self.layers) if layer.name == name), None)
+
+    def fold_pad(self, v: Value, pads: list, ok_values: tuple) -> tuple:
+        """``(input, pads)`` with a constant ``pad`` layer absorbed into a window op's ``pads``.
+
+        Only when ``v`` is a fresh (read once) ``pad`` layer of spatial axes with a value in
+        ``ok_values`` (0 for a conv, -inf for a max pool); else ``(v, pads)`` unchanged.
+        """
+        src = self.layer(v.layer)
+        if src is None or src.op != "pad" or not v.fresh or src.attrs["value"] not in ok_values:
+            return v, pads
+        pp = pad_pairs(src.attrs["pads"], len(self.shapes[v.layer]), src.name)
+        if pp[0] != (0, 0):
+            return v, pads
+        mine = pad_pairs(pads, len(pads), src.name)
+        merged = [(b0 + b1, e0 + e1) for (b0, e0), (b1, e1) in zip(mine, pp[1:])]
+        return self.spatial(src.inputs[0], v.perm), [b if b == e else [b, e] for b, e in merged]
+
+    def pad(self, v: Value, begin: list, end: list, value: float, hint: str, fresh: bool) -> Value:
+        """Constant padding of framework axes (no batch): ``begin[i]``/``end[i]`` cells on axis ``i``."""
+        if v.is_flat:
+            raise UnsupportedOpError(f"{self.source}: {hint}: padding a flat tensor of shape {v.shape} is not "
+                                     f"supported")
+        m_pads = [None] * len(v.shape)
+        for i, p in enumerate(v.perm):   # framework axis i is mpicdc axis p
+            m_pads[p] = int(begin[i]) if begin[i] == end[i] else [int(begin[i]), int(end[i])]
+        name = self.add("pad", [v.layer], hint, pads=m_pads, value=float(value))
+        return self.spatial(name, v.perm, fresh=fresh)
 
     def unflatten(self, v: Value) -> Value:
         """A flat ``(C, 1, ..., 1)`` value computed by a global pool as a spatial ``(C, 1, ..., 1)`` value.

@@ -515,20 +515,6 @@ class _OnnxConverter:
                 ends[i] += extra
         return strides, [int(b) if b == e else [int(b), int(e)] for b, e in zip(begins, ends)]
 
-    def _fold_pad(self, v: Value, pads: list, ok_values: tuple) -> tuple:
-        """Absorb a constant ``pad`` layer (spatial axes only, read by this node only) into ``pads``."""
-        src = self.state.layer(v.layer)
-        if src is None or src.op != "pad" or not v.fresh or src.attrs["value"] not in ok_values:
-            return v, pads
-        from mpicdc.core.models import pad_pairs
-        pp = pad_pairs(src.attrs["pads"], len(v.shape), src.name)
-        if pp[0] != (0, 0):
-            return v, pads
-        mine = pad_pairs(pads, len(pads), src.name)
-        merged = [[b0 + b1, e0 + e1] for (b0, e0), (b1, e1) in zip(mine, pp[1:])]
-        inner = self.state.spatial(src.inputs[0], v.perm)
-        return inner, [b if b == e else [b, e] for b, e in merged]
-
     def _nchw(self, node, v: Value):
         self.state.require_spatial(v, identity_perm(len(v.shape)), self.where(node))
 
@@ -543,7 +529,7 @@ class _OnnxConverter:
         if list(W.shape[2:]) != kernel:
             raise ModelImportError(f"{self.where(node)}: kernel_shape {kernel} differs from weight shape {W.shape}")
         strides, pads = self._window(node, a, v, kernel)
-        v, pads = self._fold_pad(v, pads, (0.0,))
+        v, pads = self.state.fold_pad(v, pads, (0.0,))
         self.values[node.output[0]] = self.state.conv(v, W, b, strides, pads, self.linear_hint(node, 1),
                                                       identity_perm(len(v.shape)), groups=groups)
 
@@ -662,9 +648,9 @@ class _OnnxConverter:
         include = bool(a.get("count_include_pad", 0))
         strides, pads = self._window(node, a, v, kernel, overhang_ok=not (op == "avgpool" and include))
         if op == "maxpool":
-            v, pads = self._fold_pad(v, pads, (-math.inf,))
+            v, pads = self.state.fold_pad(v, pads, (-math.inf,))
         elif include:
-            v, pads = self._fold_pad(v, pads, (0.0,))
+            v, pads = self.state.fold_pad(v, pads, (0.0,))
         attrs = dict(kernel=kernel, stride=strides, padding=pads)
         if op == "avgpool":
             attrs["count_include_pad"] = include
@@ -900,13 +886,8 @@ class _OnnxConverter:
             raise self.unsupported(node, "padding the batch axis is not supported")
         if min(begin + end) < 0:
             raise self.unsupported(node, f"negative pads {pads} (cropping) are not supported")
-        if v.is_flat:
-            raise self.unsupported(node, f"padding a flat tensor of shape {v.shape} is not supported")
-        m_pads = [None] * len(v.shape)
-        for i, p in enumerate(v.perm):   # framework axis i + 1 is mpicdc axis p
-            m_pads[p] = begin[i + 1] if begin[i + 1] == end[i + 1] else [begin[i + 1], end[i + 1]]
-        name = self.state.add("pad", [v.layer], self.hint(node), pads=m_pads, value=value)
-        self.values[node.output[0]] = self.state.spatial(name, v.perm, fresh=self.foldable_out(node))
+        self.values[node.output[0]] = self.state.pad(v, begin[1:], end[1:], value, self.hint(node),
+                                                     fresh=self.foldable_out(node))
 
     def foldable_out(self, node) -> bool:
         """The node's output is read once (a following conv / pool may absorb it)."""
