@@ -138,22 +138,9 @@ class InceptionBlock(nn.Module):
         return self.fc(F.adaptive_max_pool2d(x, 1).flatten(1))
 
 
-def _random_bn(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-    return module.eval()
-
-
 def test_densenet_block_with_a_1x1_conv_classifier(tmp_path):
     torch.manual_seed(11)
-    net, x = _random_bn(DenseBlock(), 12), photo(32, 32)
+    net, x = _randomise(DenseBlock(), 12), photo(32, 32)
     model, _, _ = check(_export(torch, net, torch.from_numpy(x)[None], tmp_path / "dense.onnx"), x)
     gap = [layer for layer in model.layers if layer.op == "gap"]
     assert len(gap) == 1 and gap[0].attrs.get("keepdims") is True
@@ -162,7 +149,7 @@ def test_densenet_block_with_a_1x1_conv_classifier(tmp_path):
 
 def test_inception_block_with_asymmetric_pool_padding(tmp_path):
     torch.manual_seed(13)
-    net, x = _random_bn(InceptionBlock(), 14), photo(29, 31)
+    net, x = _randomise(InceptionBlock(), 14), photo(29, 31)
     model, _, _ = check(_export(torch, net, torch.from_numpy(x)[None], tmp_path / "inception.onnx"), x)
     pools = {layer.op: layer.attrs for layer in model.layers if layer.op in ("maxpool", "avgpool")}
     assert pools["maxpool"]["padding"] == [[0, 1], [0, 1]]          # the Pad nodes are folded
@@ -294,7 +281,7 @@ def test_fix_commands_printed_for_an_imported_model_work_as_printed(tmp_path, mo
     from mpicdc import store
     from mpicdc.store.prepare_cli import build_parser, main
     torch.manual_seed(11)
-    net, x = _random_bn(DenseBlock(), 12), photo(32, 32)
+    net, x = _randomise(DenseBlock(), 12), photo(32, 32)
     path = _export(torch, net, torch.from_numpy(x)[None], tmp_path / "tumor_net.onnx")
     monkeypatch.chdir(tmp_path)
     assert main(["--workers", "2", "--source", path, "-q"]) == 0

@@ -484,12 +484,24 @@ class _KerasConverter:
             return self._same_padding(cls, name, spatial, kernel, strides)
         raise self.unsupported(cls, name, f"padding={padding!r} is not supported")
 
-    def _conv(self, cls, name, c, v: Value) -> Value:
+    def _conv_input(self, cls, name, c, v: Value) -> tuple:
+        """``(perm, nd)`` of a conv-like layer's input, checked: spatial in the layer's layout, no dilation."""
         perm = self.perm(c, len(v.shape))
         self.state.require_spatial(v, perm, self.where(cls, name))
         nd = len(v.shape) - 1
         if any(d != 1 for d in _tuple(c.get("dilation_rate", 1), nd)):
             raise self.unsupported(cls, name, f"dilation_rate {c.get('dilation_rate')} is not supported")
+        return perm, nd
+
+    def _conv_window(self, cls, name, c, v: Value, ksize: list) -> tuple:
+        """``(input, strides, pads)`` of a conv-like layer, a ZeroPadding before it folded into ``pads``."""
+        strides = _tuple(c.get("strides", 1), len(ksize))
+        pads = self._padding(cls, name, c, v, ksize, strides)
+        v, pads = self.state.fold_pad(v, pads, (0.0,))
+        return v, strides, pads
+
+    def _conv(self, cls, name, c, v: Value) -> Value:
+        perm, nd = self._conv_input(cls, name, c, v)
         groups = int(c.get("groups", 1) or 1)
         w = self.arrays(name)
         if "kernel" not in w:
@@ -499,20 +511,13 @@ class _KerasConverter:
             raise WeightMismatchError(f"{self.where(cls, name)}: kernel of shape {kernel.shape} for a "
                                       f"{nd}-d convolution")
         W = kernel.transpose((nd + 1, nd) + tuple(range(nd)))
-        ksize = list(kernel.shape[:nd])
-        strides = _tuple(c.get("strides", 1), nd)
-        pads = self._padding(cls, name, c, v, ksize, strides)
-        v, pads = self.state.fold_pad(v, pads, (0.0,))
+        v, strides, pads = self._conv_window(cls, name, c, v, list(kernel.shape[:nd]))
         bias = w.get("bias") if c.get("use_bias", True) else None
         return self.state.conv(v, W, bias, strides, pads, name, perm, groups=groups)
 
     def _depthwise(self, cls, name, c, v: Value) -> Value:
         """DepthwiseConv (groups = channels, output ``c * multiplier + m``), SeparableConv = that + a 1x1 conv."""
-        perm = self.perm(c, len(v.shape))
-        self.state.require_spatial(v, perm, self.where(cls, name))
-        nd = len(v.shape) - 1
-        if any(d != 1 for d in _tuple(c.get("dilation_rate", 1), nd)):
-            raise self.unsupported(cls, name, f"dilation_rate {c.get('dilation_rate')} is not supported")
+        perm, nd = self._conv_input(cls, name, c, v)
         w = self.arrays(name)
         dk = w.get("depthwise_kernel", w.get("kernel") if cls.startswith("Depthwise") else None)
         if dk is None or np.ndim(dk) != nd + 2:
@@ -522,10 +527,7 @@ class _KerasConverter:
         cin, mult = dk.shape[nd], dk.shape[nd + 1]
         # (*k, cin, mult) -> torch (cin * mult, 1, *k), output channel c * mult + m as in TensorFlow
         W = dk.reshape(dk.shape[:nd] + (cin * mult,)).transpose((nd,) + tuple(range(nd)))[:, None]
-        ksize = list(dk.shape[:nd])
-        strides = _tuple(c.get("strides", 1), nd)
-        pads = self._padding(cls, name, c, v, ksize, strides)
-        v, pads = self.state.fold_pad(v, pads, (0.0,))
+        v, strides, pads = self._conv_window(cls, name, c, v, list(dk.shape[:nd]))
         bias = w.get("bias") if c.get("use_bias", True) else None
         separable = cls.startswith("Separable")
         out = self.state.conv(v, W, None if separable else bias, strides, pads,
