@@ -329,9 +329,7 @@ def _tiny_onnx(tmp_path, name, nodes, inits, in_shape, out_shape, opset=13):
 
 
 @pytest.mark.parametrize("case, attrs, message", [
-    ("grouped", dict(group=2), "grouped convolution"),
     ("dilated", dict(dilations=[2, 2]), "dilations"),
-    ("asymmetric", dict(pads=[0, 0, 1, 1]), "asymmetric padding"),
 ])
 def test_onnx_unsupported_conv_variants(tmp_path, case, attrs, message):
     from onnx import helper
@@ -456,6 +454,34 @@ def test_keras3_full_model_sequential_conv3d(tmp_path):
     assert_close(forward(imported, weights, x[0].transpose(3, 0, 1, 2)), _predict(model, x))
 
 
+def test_keras3_mobile_layers(tmp_path):
+    """DepthwiseConv2D (multiplier 2, strided 'same' = asymmetric), SeparableConv2D, ZeroPadding2D
+    (folded into the next convs, kept before a max pool), grouped Conv2D, even-kernel 'same' padding, Add."""
+    keras = _keras()
+    L = keras.layers
+    inp = keras.Input((11, 10, 4))
+    x = L.ZeroPadding2D(((0, 1), (2, 1)))(inp)
+    x = L.DepthwiseConv2D(3, strides=2, depth_multiplier=2, padding="same", activation="relu", name="dw")(x)
+    y = L.SeparableConv2D(8, 3, padding="same", name="sep")(x)
+    z = L.Conv2D(8, 2, padding="same", groups=4, name="grouped")(x)
+    x = L.Add()([y, z])
+    x = L.ZeroPadding2D(1)(x)
+    x = L.Conv2D(6, 3, name="after_pad")(x)
+    x = L.MaxPooling2D(2)(L.ZeroPadding2D(((1, 0), (0, 1)), name="kept_pad")(x))   # zeros can win: kept
+    out = L.Softmax()(L.Dense(5)(L.Flatten()(x)))
+    model = keras.Model(inp, out)
+    rng = _randomize_keras(model, 9)
+    x = rng.random((1, 11, 10, 4), dtype=np.float32)
+    model.save(tmp_path / "mobile.h5")
+    imported, weights = load_source(tmp_path / "mobile.h5")
+    by_name = {layer.name: layer for layer in imported.layers}
+    assert by_name["dw"].attrs["groups"] == 4 and by_name["dw"].attrs["out"] == 8
+    assert by_name["sep_depthwise"].attrs["groups"] == 8 and by_name["grouped"].attrs["groups"] == 4
+    assert by_name["after_pad"].attrs["padding"] == [1, 1] and by_name["dw"].attrs["padding"] == [[0, 2], [3, 2]]
+    assert [layer.name for layer in imported.layers if layer.op == "pad"] == ["kept_pad"]
+    assert_close(forward(imported, weights, x[0].transpose(2, 0, 1)), _predict(model, x))
+
+
 def test_keras3_weights_h5_onto_zoo_lenet_in_order(tmp_path):
     """Keras 3 ``.weights.h5`` with Keras's own layer names: matched in order; flatten columns permuted."""
     keras = _keras()
@@ -516,10 +542,10 @@ def test_keras_errors(tmp_path):
     leaky.save(tmp_path / "leaky.h5")
     with pytest.raises(UnsupportedOpError, match="'leaky'.*LeakyReLU"):
         load_source(tmp_path / "leaky.h5")
-    odd = keras.Sequential([keras.Input((5, 5, 1)), L.Conv2D(2, 2, padding="same", name="even_same")])
-    odd.save(tmp_path / "odd.h5")
-    with pytest.raises(UnsupportedOpError, match="even_same.*asymmetric"):
-        load_source(tmp_path / "odd.h5")
+    dilated = keras.Sequential([keras.Input((7, 7, 1)), L.Conv2D(2, 3, dilation_rate=2, name="dilated")])
+    dilated.save(tmp_path / "dilated.h5")
+    with pytest.raises(UnsupportedOpError, match="dilated.*dilation_rate"):
+        load_source(tmp_path / "dilated.h5")
     model, _ = keras_lenet(keras)
     model.save_weights(tmp_path / "lenet.weights.h5")
     with pytest.raises(ModelImportError, match="model_name"):

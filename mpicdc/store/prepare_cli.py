@@ -51,6 +51,9 @@ examples:
       --layer-workers fc6=1-3 --speeds 1,1,1,2
   # trained weights from a file instead of seeded random ones
   %(prog)s lenet --workers 3 --code sum --source lenet.onnx --dir /srv/lenet-shards
+  # a model that is not in the zoo: its graph comes from the file, its name from the file name
+  # (tumor_vgg16 here) or from MODEL
+  %(prog)s --workers 4 --source tumor_vgg16.onnx
   # then run it as prepare says, e.g. on this machine (any number of ranks):
   python -m mpicdc.launch -np 12 vgg16 --weights weights/vgg16-w10-p1-sum
   # what is in a prepared folder, and is every file intact?
@@ -88,8 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", metavar="MODEL",
-                   help=f"zoo model ({', '.join(model_names())}) or, with --source FILE, "
-                        "the name the importer should use")
+                   help=f"zoo model ({', '.join(model_names())}). With --source FILE: a zoo model puts the "
+                        "file's weights onto that architecture (needed for weights-only files); any other "
+                        "name is the name of the model imported from a file that holds its graph (ONNX, Keras "
+                        "full model). Without MODEL such a file's model is named after the file: "
+                        "tumor_vgg16.onnx -> tumor_vgg16 (the name in the folder, the manifest and the "
+                        "printed commands)")
     g = p.add_argument_group("plan")
     g.add_argument("-n", "--workers", type=int, metavar="N", help="data workers (ranks 1..N)")
     g.add_argument("-r", "--parity", type=int, metavar="R",
@@ -201,7 +208,24 @@ def _load_model(args):
     except ImportError as exc:
         raise UsageError(f"--source FILE needs mpicdc.store.importers, which cannot be imported here ({exc}); "
                          "use --source random") from None
-    return load_source(args.source, model_name=args.model)
+    from mpicdc.core.models import model_names
+    if args.model is None or args.model in model_names():
+        return load_source(args.source, model_name=args.model)
+    # not a zoo model: the name of the model the file's own graph describes
+    from dataclasses import replace
+
+    from mpicdc.store.importers import ModelImportError
+    from mpicdc.store.importers.common import sanitize_name
+    if sanitize_name(args.model) != args.model:
+        raise UsageError(f"MODEL {args.model!r}: a model name may hold only letters, digits, '_', '.' and '-'")
+    try:
+        model, weights = load_source(args.source)
+    except ModelImportError as exc:
+        if "weights only" not in str(exc):
+            raise
+        raise UsageError(f"{args.model!r} is not a zoo model ({', '.join(model_names())}) and {args.source} "
+                         f"holds weights only: name the zoo architecture they belong to") from None
+    return replace(model, name=args.model), weights
 
 
 def _plan_table(plan, model, args, rank_extra=None, extra_header="") -> str:

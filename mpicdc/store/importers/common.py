@@ -30,7 +30,7 @@ from typing import Optional
 
 import numpy as np
 
-from mpicdc.core.models import LINEAR_OPS, Layer, Model, get_model, infer_shape
+from mpicdc.core.models import LINEAR_OPS, Layer, Model, get_model, infer_shape, pad_pairs
 
 log = logging.getLogger(__name__)
 
@@ -277,18 +277,69 @@ class GraphState:
         name = self.add_linear("dense", [v.layer], hint, W, b, out=int(W_fw.shape[0]))
         return Value(name, (W_fw.shape[0],), None, None, True)
 
-    def conv(self, v: Value, W_torch: np.ndarray, b, stride, padding, hint: str, perm: tuple) -> Value:
-        """Convolution with a torch-layout weight ``(out, in, *kernel)``; runs in layout ``perm``."""
+    def conv(self, v: Value, W_torch: np.ndarray, b, stride, padding, hint: str, perm: tuple,
+             groups: int = 1) -> Value:
+        """Convolution with a torch-layout weight ``(out, in / groups, *kernel)``; runs in layout ``perm``.
+
+        ``padding`` holds one int or one ``[begin, end]`` pair per spatial axis.
+        """
+        v = self.unflatten(v)
         self.require_spatial(v, perm, hint)
         cin = self.shapes[v.layer][0]
-        if W_torch.ndim != len(self.shapes[v.layer]) + 1 or W_torch.shape[1] != cin:
-            raise WeightMismatchError(f"{self.source}: {hint}: kernel of shape {W_torch.shape} does not fit an "
-                                      f"input of shape {self.shapes[v.layer]} (channel-first)")
+        if W_torch.ndim != len(self.shapes[v.layer]) + 1 or W_torch.shape[1] * groups != cin:
+            raise WeightMismatchError(f"{self.source}: {hint}: kernel of shape {W_torch.shape} (groups={groups}) "
+                                      f"does not fit an input of shape {self.shapes[v.layer]} (channel-first)")
         W = W_torch.reshape(W_torch.shape[0], -1)
+        attrs = {} if groups == 1 else {"groups": int(groups)}
         name = self.add_linear("conv", [v.layer], hint, W, b, out=int(W_torch.shape[0]),
                                kernel=[int(k) for k in W_torch.shape[2:]], stride=[int(s) for s in stride],
-                               padding=[int(p) for p in padding])
+                               padding=[int(p) if np.ndim(p) == 0 else [int(e) for e in p] for p in padding],
+                               **attrs)
         return self.spatial(name, perm, fresh=True)
+
+    def layer(self, name: str) -> Optional[Layer]:
+        return next((layer for layer in reversed(self.layers) if layer.name == name), None)
+
+    def fold_pad(self, v: Value, pads: list, ok_values: tuple) -> tuple:
+        """``(input, pads)`` with a constant ``pad`` layer absorbed into a window op's ``pads``.
+
+        Only when ``v`` is a fresh (read once) ``pad`` layer of spatial axes with a value in
+        ``ok_values`` (0 for a conv, -inf for a max pool); else ``(v, pads)`` unchanged.
+        """
+        src = self.layer(v.layer)
+        if src is None or src.op != "pad" or not v.fresh or src.attrs["value"] not in ok_values:
+            return v, pads
+        pp = pad_pairs(src.attrs["pads"], len(self.shapes[v.layer]), src.name)
+        if pp[0] != (0, 0):
+            return v, pads
+        mine = pad_pairs(pads, len(pads), src.name)
+        merged = [(b0 + b1, e0 + e1) for (b0, e0), (b1, e1) in zip(mine, pp[1:])]
+        return self.spatial(src.inputs[0], v.perm), [b if b == e else [b, e] for b, e in merged]
+
+    def pad(self, v: Value, begin: list, end: list, value: float, hint: str, fresh: bool) -> Value:
+        """Constant padding of framework axes (no batch): ``begin[i]``/``end[i]`` cells on axis ``i``."""
+        if v.is_flat:
+            raise UnsupportedOpError(f"{self.source}: {hint}: padding a flat tensor of shape {v.shape} is not "
+                                     f"supported")
+        m_pads = [None] * len(v.shape)
+        for i, p in enumerate(v.perm):   # framework axis i is mpicdc axis p
+            m_pads[p] = int(begin[i]) if begin[i] == end[i] else [int(begin[i]), int(end[i])]
+        name = self.add("pad", [v.layer], hint, pads=m_pads, value=float(value))
+        return self.spatial(name, v.perm, fresh=fresh)
+
+    def unflatten(self, v: Value) -> Value:
+        """A flat ``(C, 1, ..., 1)`` value computed by a global pool as a spatial ``(C, 1, ..., 1)`` value.
+
+        Global pools flatten by default (``gap`` feeding ``dense``); a 1x1 conv on their output
+        (DenseNet / SqueezeNet classifiers, squeeze-and-excitation) needs the pool with
+        ``keepdims``: it is added beside the flat one (which is pruned if nothing else reads it).
+        """
+        src = self.layer(v.layer) if v.is_flat else None
+        if src is None or src.op not in ("gap", "gmp") or src.attrs.get("keepdims") or len(v.shape) < 2 or \
+                any(d != 1 for d in v.shape[1:]) or v.index is not None:
+            return v
+        name = self.add(src.op, list(src.inputs), src.name + "_keepdims", keepdims=True)
+        return self.spatial(name, identity_perm(len(v.shape)))
 
     def affine(self, v: Value, scale: np.ndarray, shift: np.ndarray, hint: str, can_fold: bool) -> Value:
         """Per-channel ``x * scale + shift`` (scale/shift indexed by framework channel / feature).

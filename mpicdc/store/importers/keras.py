@@ -49,7 +49,8 @@ SUPPORTED_LAYERS = ("InputLayer", "Conv1D", "Conv2D", "Conv3D", "Dense", "MaxPoo
                     "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D", "Flatten",
                     "Activation", "ReLU", "Softmax", "BatchNormalization", "Concatenate", "Add", "Dropout",
                     "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout",
-                    "GaussianNoise", "AlphaDropout")
+                    "GaussianNoise", "AlphaDropout", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D",
+                    "SeparableConv2D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D")
 _PASSTHROUGH = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout",
                 "GaussianNoise", "AlphaDropout")
 
@@ -380,6 +381,10 @@ class _KerasConverter:
         v = ins[0]
         if cls.startswith("Conv"):
             return self._activation(self._conv(cls, name, c, v), c.get("activation"), cls, name)
+        if cls.startswith(("DepthwiseConv", "SeparableConv")):
+            return self._activation(self._depthwise(cls, name, c, v), c.get("activation"), cls, name)
+        if cls.startswith("ZeroPadding"):
+            return self._zero_padding(cls, name, c, v)
         if cls == "Dense":
             w = self.arrays(name)
             if "kernel" not in w:
@@ -466,10 +471,8 @@ class _KerasConverter:
         pads = []
         for size, k, s in zip(spatial, kernel, strides):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-            if total % 2:
-                raise self.unsupported(cls, name, f"padding='same' needs asymmetric padding here (input {size}, "
-                                                  f"kernel {k}, stride {s}); mpicdc pads both sides equally")
-            pads.append(total // 2)
+            # TensorFlow puts the odd cell at the end
+            pads.append(total // 2 if total % 2 == 0 else [total // 2, total - total // 2])
         return pads
 
     def _padding(self, cls, name, c, v, kernel, strides) -> list:
@@ -481,14 +484,25 @@ class _KerasConverter:
             return self._same_padding(cls, name, spatial, kernel, strides)
         raise self.unsupported(cls, name, f"padding={padding!r} is not supported")
 
-    def _conv(self, cls, name, c, v: Value) -> Value:
+    def _conv_input(self, cls, name, c, v: Value) -> tuple:
+        """``(perm, nd)`` of a conv-like layer's input, checked: spatial in the layer's layout, no dilation."""
         perm = self.perm(c, len(v.shape))
         self.state.require_spatial(v, perm, self.where(cls, name))
         nd = len(v.shape) - 1
         if any(d != 1 for d in _tuple(c.get("dilation_rate", 1), nd)):
             raise self.unsupported(cls, name, f"dilation_rate {c.get('dilation_rate')} is not supported")
-        if int(c.get("groups", 1) or 1) != 1:
-            raise self.unsupported(cls, name, f"grouped convolution (groups={c.get('groups')}) is not supported")
+        return perm, nd
+
+    def _conv_window(self, cls, name, c, v: Value, ksize: list) -> tuple:
+        """``(input, strides, pads)`` of a conv-like layer, a ZeroPadding before it folded into ``pads``."""
+        strides = _tuple(c.get("strides", 1), len(ksize))
+        pads = self._padding(cls, name, c, v, ksize, strides)
+        v, pads = self.state.fold_pad(v, pads, (0.0,))
+        return v, strides, pads
+
+    def _conv(self, cls, name, c, v: Value) -> Value:
+        perm, nd = self._conv_input(cls, name, c, v)
+        groups = int(c.get("groups", 1) or 1)
         w = self.arrays(name)
         if "kernel" not in w:
             raise WeightMismatchError(f"{self.where(cls, name)}: no kernel in the file")
@@ -497,11 +511,50 @@ class _KerasConverter:
             raise WeightMismatchError(f"{self.where(cls, name)}: kernel of shape {kernel.shape} for a "
                                       f"{nd}-d convolution")
         W = kernel.transpose((nd + 1, nd) + tuple(range(nd)))
-        ksize = list(kernel.shape[:nd])
-        strides = _tuple(c.get("strides", 1), nd)
-        pads = self._padding(cls, name, c, v, ksize, strides)
+        v, strides, pads = self._conv_window(cls, name, c, v, list(kernel.shape[:nd]))
         bias = w.get("bias") if c.get("use_bias", True) else None
-        return self.state.conv(v, W, bias, strides, pads, name, perm)
+        return self.state.conv(v, W, bias, strides, pads, name, perm, groups=groups)
+
+    def _depthwise(self, cls, name, c, v: Value) -> Value:
+        """DepthwiseConv (groups = channels, output ``c * multiplier + m``), SeparableConv = that + a 1x1 conv."""
+        perm, nd = self._conv_input(cls, name, c, v)
+        w = self.arrays(name)
+        dk = w.get("depthwise_kernel", w.get("kernel") if cls.startswith("Depthwise") else None)
+        if dk is None or np.ndim(dk) != nd + 2:
+            raise WeightMismatchError(f"{self.where(cls, name)}: no depthwise kernel of rank {nd + 2} in the file "
+                                      f"(found {sorted(w)})")
+        dk = np.asarray(dk)
+        cin, mult = dk.shape[nd], dk.shape[nd + 1]
+        # (*k, cin, mult) -> torch (cin * mult, 1, *k), output channel c * mult + m as in TensorFlow
+        W = dk.reshape(dk.shape[:nd] + (cin * mult,)).transpose((nd,) + tuple(range(nd)))[:, None]
+        v, strides, pads = self._conv_window(cls, name, c, v, list(dk.shape[:nd]))
+        bias = w.get("bias") if c.get("use_bias", True) else None
+        separable = cls.startswith("Separable")
+        out = self.state.conv(v, W, None if separable else bias, strides, pads,
+                              f"{name}_depthwise" if separable else name, perm, groups=cin)
+        if not separable:
+            return out
+        pk = w.get("pointwise_kernel")
+        if pk is None:
+            raise WeightMismatchError(f"{self.where(cls, name)}: no pointwise_kernel in the file")
+        pk = np.asarray(pk)
+        Wp = pk.reshape(pk.shape[nd:]).T.reshape((pk.shape[-1], pk.shape[nd]) + (1,) * nd)
+        return self.state.conv(out, Wp, bias, [1] * nd, [0] * nd, name, perm)
+
+    def _zero_padding(self, cls, name, c, v: Value) -> Value:
+        perm = self.perm(c, len(v.shape))
+        self.state.require_spatial(v, perm, self.where(cls, name))
+        nd = len(v.shape) - 1
+        pad = c.get("padding", 1)
+        pad = [pad] * nd if isinstance(pad, int) else list(pad)
+        pairs = [(int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in pad]
+        if len(pairs) != nd:
+            raise self.unsupported(cls, name, f"padding {c.get('padding')} for {nd} spatial axes")
+        spatial = [i for i in range(len(v.shape)) if perm[i] != 0]   # framework spatial axes, in order
+        begin, end = [0] * len(v.shape), [0] * len(v.shape)
+        for i, (b, e) in zip(spatial, pairs):
+            begin[i], end[i] = b, e
+        return self.state.pad(v, begin, end, 0.0, name, fresh=self.uses.get(name, 0) == 1)
 
     def _pool(self, cls, name, c, v: Value) -> Value:
         perm = self.perm(c, len(v.shape))

@@ -29,10 +29,16 @@ from mpicdc.store.importers.common import (
 
 log = logging.getLogger(__name__)
 
-#: ONNX ops turned into mpicdc layers (or absorbed by one).
-SUPPORTED_OPS = ("Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "MaxPool", "AveragePool",
-                 "GlobalAveragePool", "ReduceMean", "LRN", "BatchNormalization", "Concat", "Flatten",
-                 "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Softmax", "Dropout", "Identity")
+#: ONNX ops turned into mpicdc layers (or absorbed by one): the ``op_*`` handlers of the converter,
+#: set at the end of this module so that the list cannot drift from the code (docs/importers.md
+#: is checked against it by tests/test_onnx_modern.py).
+SUPPORTED_OPS: tuple = ()
+#: op patterns recognised across several nodes (fused into one mpicdc layer).
+FUSED_PATTERNS = {
+    "LocalResponseNorm (torch dynamo export)": "Mul/Pow -> Reshape -> Pad -> AveragePool -> Squeeze -> Mul -> "
+                                               "Add -> Pow -> Div  =>  lrn",
+    "channel shuffle": "Reshape (1,g,C/g,*sp) -> Transpose (0,2,1,...) -> Reshape (1,C,*sp)  =>  channel_shuffle",
+}
 #: ops evaluated at import time when all their inputs are constants.
 CONSTANT_OPS = ("Constant", "Identity", "Cast", "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat",
                 "Reshape", "Slice", "Add", "Sub", "Mul", "Div", "ConstantOfShape", "Transpose", "Range")
@@ -105,6 +111,7 @@ class _OnnxConverter:
         self.producer: dict = {}
         self.skip: set = set()
         self.fused: dict = {}
+        self.batch_transposed: dict = {}
 
     # ------------------------------------------------------------ helpers
     def where(self, node) -> str:
@@ -253,6 +260,7 @@ class _OnnxConverter:
                 if outs is not None:
                     self.consts.update(zip(node.output, outs))
         self._find_lrn_patterns()
+        self._find_shuffle_patterns()
         self._setup_input()
         for node in g.node:
             if id(node) in self.skip:
@@ -410,19 +418,72 @@ class _OnnxConverter:
         return ([pow_, add, mul, squeeze, pool, pad, reshape, sq], x,
                 dict(size=size, alpha=alpha, beta=beta, k=k))
 
+    def _find_shuffle_patterns(self):
+        """``Reshape(1, g, C/g, *sp) -> Transpose(0, 2, 1, ...) -> Reshape(1, C, *sp)`` is a channel shuffle."""
+        for r2 in self.graph.node:
+            if r2.op_type != "Reshape" or len(r2.input) < 2 or r2.input[1] not in self.consts:
+                continue
+            tr = self._single(r2.input[0], ("Transpose",))
+            if tr is None:
+                continue
+            perm = list(_attrs(self.onnx, tr).get("perm", []))
+            if len(perm) < 4 or perm[:3] != [0, 2, 1] or perm[3:] != list(range(3, len(perm))):
+                continue
+            r1 = self._single(tr.input[0], ("Reshape",))
+            if r1 is None or len(r1.input) < 2 or r1.input[1] not in self.consts:
+                continue
+            self.skip.update((id(r1), id(tr)))
+            self.fused[id(r2)] = ("shuffle", r1.input[0], dict(split=self._target(r1), merged=self._target(r2)))
+
+    def _target(self, reshape) -> tuple:
+        """``(shape, allowzero)`` of a Reshape node with a constant shape."""
+        return ([int(d) for d in self.consts[reshape.input[1]].reshape(-1)],
+                int(_attrs(self.onnx, reshape).get("allowzero", 0)))
+
+    def _resolve_shape(self, node, current: tuple, target: tuple) -> list:
+        shape, allowzero = target
+        if not allowzero:
+            shape = [current[i] if d == 0 and i < len(current) else d for i, d in enumerate(shape)]
+        if shape.count(-1) > 1:
+            raise ModelImportError(f"{self.where(node)}: more than one -1 in shape {shape}")
+        if -1 in shape:
+            known = math.prod(d for d in shape if d != -1)
+            if known == 0 or math.prod(current) % known:
+                raise ModelImportError(f"{self.where(node)}: cannot reshape {current} to {shape}")
+            shape[shape.index(-1)] = math.prod(current) // known
+        return shape
+
     def _emit_fused(self, node):
         kind, x_name, attrs = self.fused[id(node)]
         v = self.values.get(x_name)
         if v is None:
             raise ModelImportError(f"{self.where(node)}: input {x_name!r} is not an activation")
-        self.state.require_spatial(v, identity_perm(len(v.shape)), f"{self.where(node)} (LocalResponseNorm)")
-        self.values[node.output[0]] = self.state.elementwise("lrn", v, self.hint(node) + "_lrn", **attrs)
+        if kind == "lrn":
+            self.state.require_spatial(v, identity_perm(len(v.shape)), f"{self.where(node)} (LocalResponseNorm)")
+            self.values[node.output[0]] = self.state.elementwise("lrn", v, self.hint(node) + "_lrn", **attrs)
+            return
+        what = f"{self.where(node)} (channel shuffle: Reshape-Transpose-Reshape)"
+        self.state.require_spatial(v, identity_perm(len(v.shape)), what)
+        full = (1,) + tuple(v.shape)
+        split = self._resolve_shape(node, full, attrs["split"])
+        merged = self._resolve_shape(node, tuple(split[:1] + split[2:3] + split[1:2] + split[3:]), attrs["merged"])
+        if split[0] != 1 or split[1] * split[2] != full[1] or tuple(split[3:]) != full[2:] or \
+                tuple(merged) != full:
+            raise self.unsupported(node, f"{what}: reshapes {split} and {merged} of a tensor of shape {full} are "
+                                         f"not a channel shuffle")
+        self.values[node.output[0]] = self.state.elementwise("channel_shuffle", v, self.hint(node) + "_shuffle",
+                                                             groups=int(split[1]))
 
     # ------------------------------------------------------------ window helpers
-    def _window(self, node, a, v: Value, kernel):
-        """Strides and symmetric pads of a Conv / pool node over input ``v`` (NCHW)."""
+    def _window(self, node, a, v: Value, kernel, overhang_ok: bool = True):
+        """Strides and pads (an int or a ``[begin, end]`` pair per axis) of a Conv / pool node over ``v`` (NCHW).
+
+        ``auto_pad`` SAME_UPPER / SAME_LOWER / VALID and explicit asymmetric ``pads`` are exact.
+        ``ceil_mode=1`` becomes extra end padding when ``overhang_ok`` (the padded cells never win a
+        max and are not counted by an average that excludes padding).
+        """
         nd = len(kernel)
-        strides = list(a.get("strides", [1] * nd))
+        strides = [int(x) for x in a.get("strides", [1] * nd)]
         if any(d != 1 for d in a.get("dilations", [1] * nd)):
             raise self.unsupported(node, f"dilations {list(a['dilations'])} are not supported (only 1)")
         auto_pad = _str(a.get("auto_pad", "NOTSET"))
@@ -437,40 +498,49 @@ class _OnnxConverter:
         elif auto_pad == "VALID":
             begins = ends = [0] * nd
         else:
-            pads = list(a.get("pads", [0] * 2 * nd))
+            pads = [int(x) for x in a.get("pads", [0] * 2 * nd)]
             begins, ends = pads[:nd], pads[nd:]
-        if list(begins) != list(ends):
-            raise self.unsupported(node, f"asymmetric padding (begin {list(begins)}, end {list(ends)}) is not "
-                                         f"supported; mpicdc pads both sides equally")
+        ends = list(ends)
         if a.get("ceil_mode", 0):
-            for size, k, s, p in zip(spatial, kernel, strides, begins):
-                if (size + 2 * p - k) % s:
-                    raise self.unsupported(node, "ceil_mode=1 changes the output size here; only floor "
-                                                 "rounding is supported")
-        return [int(s) for s in strides], [int(p) for p in begins]
+            for i, (size, k, s, b) in enumerate(zip(spatial, kernel, strides, begins)):
+                span = size + b + ends[i] - k
+                out = -(-span // s) + 1
+                if (out - 1) * s >= size + b:   # the last window would start in the end padding
+                    out -= 1
+                extra = max(0, (out - 1) * s + k - (size + b + ends[i]))
+                if extra and not overhang_ok:
+                    raise self.unsupported(node, "ceil_mode=1 with an average that counts the padding changes "
+                                                 "the divisor of the last windows; only floor rounding is "
+                                                 "supported here")
+                ends[i] += extra
+        return strides, [int(b) if b == e else [int(b), int(e)] for b, e in zip(begins, ends)]
 
     def _nchw(self, node, v: Value):
         self.state.require_spatial(v, identity_perm(len(v.shape)), self.where(node))
 
     # ------------------------------------------------------------ op handlers
     def op_Conv(self, node, a):
-        v = self.value(node)
+        v = self.state.unflatten(self.value(node))
         W = self.const(node, 1, "W")
         b = self.opt_const(node, 2)
-        if a.get("group", 1) != 1:
-            raise self.unsupported(node, f"grouped convolution (group={a['group']}) is not supported")
+        groups = int(a.get("group", 1))
         self._nchw(node, v)
         kernel = list(a.get("kernel_shape", W.shape[2:]))
         if list(W.shape[2:]) != kernel:
             raise ModelImportError(f"{self.where(node)}: kernel_shape {kernel} differs from weight shape {W.shape}")
         strides, pads = self._window(node, a, v, kernel)
+        v, pads = self.state.fold_pad(v, pads, (0.0,))
         self.values[node.output[0]] = self.state.conv(v, W, b, strides, pads, self.linear_hint(node, 1),
-                                                      identity_perm(len(v.shape)))
+                                                      identity_perm(len(v.shape)), groups=groups)
 
     def op_Gemm(self, node, a):
-        v = self.value(node)
         if a.get("transA", 0):
-            raise self.unsupported(node, "transA=1 is not supported")
+            v = self.batch_transposed.get(node.input[0])
+            if v is None:
+                raise self.unsupported(node, "transA=1 is supported only on Transpose(perm=[1, 0]) of the "
+                                             "(1, features) activation")
+        else:
+            v = self.value(node)
         B = self.const(node, 1, "B")
         C = self.opt_const(node, 2)
         if B.ndim != 2:
@@ -575,10 +645,15 @@ class _OnnxConverter:
         kernel = [int(k) for k in a["kernel_shape"]]
         if len(kernel) != len(v.shape) - 1:
             raise self.unsupported(node, f"kernel {kernel} does not fit input shape {v.shape}")
-        strides, pads = self._window(node, a, v, kernel)
+        include = bool(a.get("count_include_pad", 0))
+        strides, pads = self._window(node, a, v, kernel, overhang_ok=not (op == "avgpool" and include))
+        if op == "maxpool":
+            v, pads = self.state.fold_pad(v, pads, (-math.inf,))
+        elif include:
+            v, pads = self.state.fold_pad(v, pads, (0.0,))
         attrs = dict(kernel=kernel, stride=strides, padding=pads)
         if op == "avgpool":
-            attrs["count_include_pad"] = bool(a.get("count_include_pad", 0))
+            attrs["count_include_pad"] = include
         if op == "maxpool" and len(node.output) > 1 and node.output[1]:
             raise self.unsupported(node, "the Indices output of MaxPool is not supported")
         name = self.state.add(op, [v.layer], self.hint(node), **attrs)
@@ -590,8 +665,8 @@ class _OnnxConverter:
     def op_AveragePool(self, node, a):
         self._pool(node, a, "avgpool")
 
-    def _gap(self, node, v: Value, out_shape: tuple):
-        name = self.state.add("gap", [v.layer], self.hint(node))
+    def _gap(self, node, v: Value, out_shape: tuple, op: str = "gap"):
+        name = self.state.add(op, [v.layer], self.hint(node))
         self.values[node.output[0]] = Value(name, tuple(out_shape))
 
     def op_GlobalAveragePool(self, node, a):
@@ -599,21 +674,32 @@ class _OnnxConverter:
         self._nchw(node, v)
         self._gap(node, v, (v.shape[0],) + (1,) * (len(v.shape) - 1))
 
+    def op_GlobalMaxPool(self, node, a):
+        v = self.value(node)
+        self._nchw(node, v)
+        self._gap(node, v, (v.shape[0],) + (1,) * (len(v.shape) - 1), "gmp")
+
     def op_ReduceMean(self, node, a):
+        self._reduce(node, a, "gap")
+
+    def op_ReduceMax(self, node, a):
+        self._reduce(node, a, "gmp")
+
+    def _reduce(self, node, a, op):
         v = self.value(node)
         axes = a.get("axes")
         if axes is None and len(node.input) > 1 and node.input[1]:
             axes = [int(x) for x in self.const(node, 1, "axes")]
         if v.is_flat or axes is None:
-            raise self.unsupported(node, "only a mean over all spatial axes (global average pooling) is supported")
+            raise self.unsupported(node, "only a reduction over all spatial axes (global pooling) is supported")
         rank = len(v.shape) + 1
         fw_axes = sorted({int(ax) % rank - 1 for ax in axes})
         if -1 in fw_axes or sorted(v.perm[i] for i in fw_axes) != list(range(1, len(v.shape))):
-            raise self.unsupported(node, f"mean over axes {list(axes)} of a tensor of shape {(1,) + v.shape} is "
-                                         f"not a global average pooling")
+            raise self.unsupported(node, f"reduction over axes {list(axes)} of a tensor of shape {(1,) + v.shape} "
+                                         f"is not a global pooling")
         keep = a.get("keepdims", 1)
         out = tuple(1 if i in fw_axes else d for i, d in enumerate(v.shape) if keep or i not in fw_axes)
-        self._gap(node, v, out)
+        self._gap(node, v, out, op)
 
     def op_LRN(self, node, a):
         v = self.value(node)
@@ -684,18 +770,8 @@ class _OnnxConverter:
 
     def op_Reshape(self, node, a):
         v = self.value(node)
-        target = [int(d) for d in self.const(node, 1, "shape").reshape(-1)]
-        current = (1,) + tuple(v.shape)
-        if not a.get("allowzero", 0):
-            target = [current[i] if d == 0 and i < len(current) else d for i, d in enumerate(target)]
-        if target.count(-1) > 1:
-            raise ModelImportError(f"{self.where(node)}: more than one -1 in shape {target}")
-        if -1 in target:
-            known = math.prod(d for d in target if d != -1)
-            if known == 0 or math.prod(current) % known:
-                raise ModelImportError(f"{self.where(node)}: cannot reshape {current} to {target}")
-            target[target.index(-1)] = math.prod(current) // known
-        self._reshape_to(node, v, target)
+        self.const(node, 1, "shape")
+        self._reshape_to(node, v, self._resolve_shape(node, (1,) + tuple(v.shape), self._target(node)))
 
     def _axes(self, node, a):
         axes = a.get("axes")
@@ -728,6 +804,9 @@ class _OnnxConverter:
         v = self.value(node)
         rank = len(v.shape) + 1
         q = list(a.get("perm", list(range(rank))[::-1]))
+        if q == [1, 0] and v.is_flat and self._all_gemm_trans_a(node.output[0]):
+            self.batch_transposed[node.output[0]] = v  # Gemm(transA=1) undoes it
+            return
         if q[0] != 0:
             raise self.unsupported(node, f"transpose {q} moves the batch axis")
         q = [p - 1 for p in q[1:]]
@@ -739,6 +818,11 @@ class _OnnxConverter:
             return
         perm = tuple(v.perm[p] for p in q)
         self.values[node.output[0]] = Value(v.layer, tuple(v.shape[p] for p in q), perm, None, v.fresh)
+
+    def _all_gemm_trans_a(self, name: str) -> bool:
+        users = [n for n in self.graph.node if name in n.input]
+        return bool(users) and all(n.op_type == "Gemm" and n.input[0] == name and n.input[1] != name and
+                                   _attrs(self.onnx, n).get("transA", 0) for n in users)
 
     def op_Softmax(self, node, a):
         v = self.value(node)
@@ -756,6 +840,124 @@ class _OnnxConverter:
         self.state.channel_axis(v, fw_axis, self.where(node))
         self.values[node.output[0]] = self.state.elementwise("softmax", v, self.hint(node))
 
+    def op_Clip(self, node, a):
+        if self.opset < 11:
+            low, high = a.get("min"), a.get("max")
+        else:
+            low, high = (self.opt_const(node, i) for i in (1, 2))
+        bounds = {k: float(np.asarray(x).reshape(-1)[0]) for k, x in (("min", low), ("max", high)) if x is not None}
+        v = self.value(node)
+        if bounds == {"min": 0.0}:
+            self.values[node.output[0]] = self.state.elementwise("relu", v, self.hint(node))
+        else:
+            self.values[node.output[0]] = self.state.elementwise("clip", v, self.hint(node), **bounds)
+
+    def op_HardSigmoid(self, node, a):
+        self.values[node.output[0]] = self.state.elementwise(
+            "hardsigmoid", self.value(node), self.hint(node), alpha=float(a.get("alpha", 0.2)),
+            beta=float(a.get("beta", 0.5)))
+
+    def op_HardSwish(self, node, a):
+        self.values[node.output[0]] = self.state.elementwise("hardswish", self.value(node), self.hint(node))
+
+    def op_Sum(self, node, a):
+        if any(n in self.consts for n in node.input):
+            raise self.unsupported(node, "Sum with a constant input is not supported (only of activations)")
+        self._add_acts(node)
+
+    def op_Pad(self, node, a):
+        v = self.value(node)
+        mode = _str(a.get("mode", "constant"))
+        if mode != "constant":
+            raise self.unsupported(node, f"mode {mode!r} is not supported (only constant padding)")
+        rank = len(v.shape) + 1
+        if self.opset < 11:
+            pads, value, axes = list(a["pads"]), float(a.get("value", 0.0)), None
+        else:
+            pads = [int(x) for x in self.const(node, 1, "pads").reshape(-1)]
+            c = self.opt_const(node, 2)
+            value = float(c.reshape(-1)[0]) if c is not None and c.size else 0.0
+            axes = self.opt_const(node, 3)
+        axes = list(range(rank)) if axes is None else [int(ax) % rank for ax in np.asarray(axes).reshape(-1)]
+        begin, end = [0] * rank, [0] * rank
+        for ax, b, e in zip(axes, pads[:len(axes)], pads[len(axes):]):
+            begin[ax], end[ax] = int(b), int(e)
+        if begin[0] or end[0]:
+            raise self.unsupported(node, "padding the batch axis is not supported")
+        if min(begin + end) < 0:
+            raise self.unsupported(node, f"negative pads {pads} (cropping) are not supported")
+        self.values[node.output[0]] = self.state.pad(v, begin[1:], end[1:], value, self.hint(node),
+                                                     fresh=self.foldable_out(node))
+
+    def foldable_out(self, node) -> bool:
+        """The node's output is read once (a following conv / pool may absorb it)."""
+        return self.consumers.get(node.output[0], 0) == 1
+
+    def _channel_slices(self, node, v: Value, axis: int, bounds: list) -> None:
+        """Outputs of ``node`` as channel slices ``[start, stop)`` of ``v`` along framework ``axis``."""
+        self.state.channel_axis(v, axis, self.where(node))
+        if v.is_flat and v.index is not None:
+            raise self.unsupported(node, "slicing a flat tensor in non-channel-first order is not supported")
+        total = v.shape[axis % len(v.shape)]
+        for out, (start, stop) in zip(node.output, bounds):
+            if not out:
+                continue
+            if (start, stop) == (0, total):
+                self.values[out] = v.stale()
+                continue
+            hint = self.hint(node) if len(node.output) == 1 else f"{self.hint(node)}_{out}"
+            name = self.state.add("slice", [v.layer], hint, start=int(start), stop=int(stop))
+            shape = list(v.shape)
+            shape[axis % len(shape)] = stop - start
+            self.values[out] = Value(name, tuple(shape)) if v.is_flat else self.state.spatial(name, v.perm)
+
+    def op_Split(self, node, a):
+        v = self.value(node)
+        axis = int(a.get("axis", 0))
+        if axis % (len(v.shape) + 1) == 0:
+            raise self.unsupported(node, "splitting the batch axis is not supported")
+        fw_axis = axis % (len(v.shape) + 1) - 1
+        total, n = v.shape[fw_axis], len(node.output)
+        sizes = a.get("split")
+        if sizes is None and len(node.input) > 1 and node.input[1]:
+            sizes = self.const(node, 1, "split").reshape(-1)
+        if sizes is None:
+            parts = int(a.get("num_outputs", n))
+            step = -(-total // parts)
+            sizes = [min(step, total - i * step) for i in range(parts)]
+        sizes = [int(x) for x in sizes]
+        if sum(sizes) != total or len(sizes) != n:
+            raise ModelImportError(f"{self.where(node)}: split sizes {sizes} do not cover {total} entries "
+                                   f"into {n} outputs")
+        starts = np.cumsum([0] + sizes)
+        self._channel_slices(node, v, fw_axis, list(zip(starts[:-1], starts[1:])))
+
+    def op_Slice(self, node, a):
+        v = self.value(node)
+        rank = len(v.shape) + 1
+        if self.opset < 10:
+            starts, ends, axes, steps = a["starts"], a["ends"], a.get("axes"), None
+        else:
+            starts, ends = self.const(node, 1, "starts"), self.const(node, 2, "ends")
+            axes, steps = self.opt_const(node, 3), self.opt_const(node, 4)
+        starts, ends = [int(x) for x in np.reshape(starts, -1)], [int(x) for x in np.reshape(ends, -1)]
+        axes = list(range(len(starts))) if axes is None else [int(x) % rank for x in np.reshape(axes, -1)]
+        steps = [1] * len(starts) if steps is None else [int(x) for x in np.reshape(steps, -1)]
+        full = (1,) + tuple(v.shape)
+        cut = []
+        for ax, s0, e0, st in zip(axes, starts, ends, steps):
+            lo, hi, _ = slice(s0, e0, st).indices(full[ax])
+            if (lo, hi, st) != (0, full[ax], 1):
+                cut.append((ax, lo, hi, st))
+        if not cut:
+            self._passthrough(node)
+            return
+        if len(cut) > 1 or cut[0][0] == 0 or cut[0][3] != 1:
+            raise self.unsupported(node, f"slice of axes {[c[0] for c in cut]} with steps {[c[3] for c in cut]}: "
+                                         f"only a contiguous slice of the channel axis is supported")
+        ax, lo, hi, _ = cut[0]
+        self._channel_slices(node, v, ax - 1, [(lo, hi)])
+
     def _passthrough(self, node):
         self.values[node.output[0]] = self.value(node)
 
@@ -766,3 +968,6 @@ class _OnnxConverter:
 
     def op_Identity(self, node, a):
         self._passthrough(node)
+
+
+SUPPORTED_OPS = tuple(sorted(name[3:] for name in dir(_OnnxConverter) if name.startswith("op_")))
