@@ -207,7 +207,7 @@ def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config:
     bw = device.bandwidth_MBps * 1e6
 
     def distributed(layer, lp, in_shape, out_shape) -> _DistStep:
-        rows_total, cols = wshapes[layer.name]
+        _, cols = wshapes[layer.name]
         spatial = math.prod(out_shape[1:])
         block_rows = np.array([b - a for a, b in lp.rows] + [lp.block_rows] * lp.r, dtype=float)
         elems = lp.block_rows * spatial
