@@ -426,7 +426,7 @@ def main(argv=None) -> int:
         from mpicdc.core.faults import INJECT_HELP
         print(INJECT_HELP)
         return 0
-    from mpicdc.runtime.mpienv import launcher_rank
+    from mpicdc.runtime.mpienv import launcher_rank, report_exit_code
 
     rank = launcher_rank() or 0
     try:
@@ -437,7 +437,8 @@ def main(argv=None) -> int:
         if isinstance(exc, UsageError) and rank == 0:
             parser.print_usage(sys.stderr)
             print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
-        _write_exit_file(rank, code)
+        if rank == 0:
+            report_exit_code(code)
         return code
     _setup_logging(rank)
     return _run_job(args, rank)
@@ -467,15 +468,6 @@ def _check_args(args) -> None:
     except (UnknownModelError, ValueError) as exc:
         raise UsageError(str(exc)) from None
 
-
-def _write_exit_file(rank: int, code: int) -> None:
-    """Rank 0 tells the launcher its exit code (``mpirun`` itself returns 0 under ``mpicdc.launch``)."""
-    exit_file = os.environ.get("MPICDC_EXIT_FILE")
-    if exit_file and rank == 0:
-        try:
-            Path(exit_file).write_text(f"{code}\n")
-        except OSError:
-            pass
 
 
 def _run_job(args, rank: int) -> int:

@@ -30,9 +30,8 @@ import time
 from pathlib import Path
 
 from mpicdc._threads import THREAD_VARS
-from mpicdc.runtime.mpienv import FT_FLAGS
+from mpicdc.runtime.mpienv import EXIT_FILE_VAR, FT_FLAGS
 
-EXIT_FILE_VAR = "MPICDC_EXIT_FILE"
 SURVIVE_NONZERO_EXIT = ["--prtemca", "state_base_error_non_zero_exit", "0"]
 
 

@@ -189,10 +189,19 @@ def _expire(message: str, exit_code: int) -> None:
     if launcher_rank() not in (0, None):
         return
     print(f"mpicdc: {message}", file=sys.stderr, flush=True)
-    exit_file = os.environ.get("MPICDC_EXIT_FILE")
+    report_exit_code(exit_code)
+
+
+#: The launcher names a file here; rank 0 writes its exit code into it (``mpirun`` returns 0).
+EXIT_FILE_VAR = "MPICDC_EXIT_FILE"
+
+
+def report_exit_code(code: int) -> None:
+    """Rank 0 (the caller makes sure): leave the job's exit code for ``python -m mpicdc.launch``."""
+    exit_file = os.environ.get(EXIT_FILE_VAR)
     if exit_file:
         try:
             with open(exit_file, "w") as f:
-                f.write(f"{exit_code}\n")
+                f.write(f"{code}\n")
         except OSError:
             pass

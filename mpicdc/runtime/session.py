@@ -30,11 +30,13 @@ from mpicdc.runtime import wire
 from mpicdc.runtime.channel import Channel, PeerLost
 from mpicdc.runtime.comms import JobComms
 from mpicdc.runtime.master import Coordinator
+from mpicdc.runtime.mpienv import report_exit_code
 from mpicdc.runtime.worker import WorkerState, start_watchdog, worker_loop
 
 log = logging.getLogger(__name__)
 
 _TEXT_BYTES = 4096
+_GO = "go"  # rank 0's verdict when every rank started (start-up texts are never empty)
 
 
 class StartupError(RuntimeError):
@@ -145,7 +147,11 @@ def _text_of(buf: np.ndarray) -> str:
 
 
 def _gather_texts(ctrl: Channel, ranks: list, timeout_s: float) -> tuple:
-    """Receive one text from each of ``ranks`` within ``timeout_s``: ``({rank: text}, [ranks lost or late])``."""
+    """Receive one text from each of ``ranks`` within ``timeout_s``: ``({rank: text}, [ranks lost or late])``.
+
+    Every start-up text is non-empty, so a receive that completed in error (its buffer still
+    zero, whatever size the library reported) counts as lost.
+    """
     bufs, handles = {}, {}
     for rank in ranks:
         bufs[rank] = np.zeros(_TEXT_BYTES, dtype=np.uint8)
@@ -157,7 +163,7 @@ def _gather_texts(ctrl: Channel, ranks: list, timeout_s: float) -> tuple:
     while len(texts) < len(handles) and time.monotonic() < end:
         waiting = [r for r in handles if r not in texts]
         for i, nbytes in ctrl.testsome([handles[r] for r in waiting]):
-            texts[waiting[i]] = _text_of(bufs[waiting[i]]) if nbytes >= 0 else None
+            texts[waiting[i]] = _text_of(bufs[waiting[i]]) or None
         time.sleep(1e-3)
     got = {r: text for r, text in texts.items() if text is not None}
     return got, sorted(set(ranks) - set(got))
@@ -178,7 +184,7 @@ def _send_texts(ctrl: Channel, ranks: list, text: str) -> None:
 
 
 def _from_master(ctrl: Channel, timeout_s: float, what: str) -> str:
-    """Worker: the next start-up text from rank 0 (``""`` = go on, ``"!..."`` = the job cannot start)."""
+    """Worker: the next start-up text from rank 0 (``"!..."`` = the job cannot start)."""
     got, _ = _gather_texts(ctrl, [0], timeout_s)
     if 0 not in got:
         raise StartupError(f"rank {ctrl.rank} heard nothing from the master within {timeout_s:g} s ({what})")
@@ -269,7 +275,7 @@ def _start(config: RunConfig, comms: JobComms):
     if rank != 0:
         _send_texts(ctrl, [0], f"{os.getpid()} {socket.gethostname()}\n{error}")
         verdict = _from_master(ctrl, 2 * timeout, "the start-up verdict")
-        if verdict:
+        if verdict.startswith("!"):
             raise StartupError(verdict[1:])
         return loaded
     texts, missing = _gather_texts(ctrl, workers, timeout)
@@ -280,7 +286,7 @@ def _start(config: RunConfig, comms: JobComms):
         if pid.isdigit():
             comms.processes[r] = (host, int(pid))
     failure = _startup_failure(reports, missing, timeout)
-    _send_texts(ctrl, [r for r in workers if r not in missing], "!" + failure if failure else "")
+    _send_texts(ctrl, [r for r in workers if r not in missing], "!" + failure if failure else _GO)
     if failure:
         raise StartupError(failure)
     return loaded
@@ -320,13 +326,8 @@ def end_process(code: int, *, world, ulfm: bool, hung: bool = False) -> None:
     that).  Without ULFM, all ranks finalize normally, unless a rank is hung, in
     which case the master aborts the job (which works without ULFM).
     """
-    exit_file = os.environ.get("MPICDC_EXIT_FILE")
-    if exit_file and world.Get_rank() == 0:
-        try:
-            with open(exit_file, "w") as f:
-                f.write(f"{code}\n")
-        except OSError:
-            pass
+    if world.Get_rank() == 0:
+        report_exit_code(code)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
