@@ -215,7 +215,6 @@ class Coordinator:
         self.late_checks: dict = {}    # (request, layer index) -> _LateCheck
         self.flags: list = []          # the current request's IntegrityFlags
         self.late_pool: list = []
-        self.sends: list = []
         self.arrivals: list = []
         self.next_request = 0
 
@@ -378,7 +377,7 @@ class Coordinator:
             buf = wire.reply_buffer(lp.block_rows, cols)
             try:
                 handle = self.data.irecv(buf, rank, tag)
-                self.sends.append(self.data.isend(job, rank, wire.TAG_JOB))
+                self.data.isend(job, rank, wire.TAG_JOB)  # the channel keeps the request until released
             except PeerLost:
                 self._mark_dead(rank)
                 continue
@@ -422,7 +421,6 @@ class Coordinator:
             self.late_pool = [(p, n) for p, n in self.late_pool if id(p) not in finished]
             waiting = {(p.request, p.layer_index) for p, _ in self.late_pool}
             self.late_checks = {k: v for k, v in self.late_checks.items() if k in waiting}
-        self.sends = [s for s in self.sends if not self.data.test(s)]
 
     def _judge(self, p: _Pending, nbytes: int, layer_name: str, current: bool) -> str:
         """Status of one completed receive: a usable reply, a skip, a bad reply or a lost rank.
@@ -506,13 +504,13 @@ class Coordinator:
         Returns the ranks that did not acknowledge in time (hung or dead).
         """
         stop = wire.message(wire.Header(wire.STOP))
-        waiting, sends = {}, []
+        waiting = {}
         for rank in range(1, self.ctrl.size):
             if rank in self.dead:
                 continue
             ack = np.zeros(wire.HEADER_BYTES, dtype=np.uint8)
             try:
-                sends.append(self.ctrl.isend(stop, rank, wire.TAG_CTRL))
+                self.ctrl.isend(stop, rank, wire.TAG_CTRL)
                 waiting[rank] = self.ctrl.irecv(ack, rank, wire.TAG_CTRL)
             except PeerLost:
                 continue
