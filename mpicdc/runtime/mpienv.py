@@ -54,6 +54,8 @@ def import_mpi():
 
 def init_mpi(timeout_s: float = 60.0):
     """:func:`import_mpi` under a :class:`Deadline`: a rank killed inside ``MPI_Init`` ends the job, not hangs it."""
+    if "mpi4py.MPI" in sys.modules:  # already initialised: no watchdog process to fork
+        return import_mpi()
     deadline = Deadline(timeout_s, f"MPI did not start within {timeout_s:g} s: a rank died or cannot be reached "
                                    "during MPI_Init")
     try:
