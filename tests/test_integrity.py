@@ -176,3 +176,17 @@ def _datasets(f):
     found = []
     f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
     return found
+
+
+@requires_mpi
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_bench_strict_measures_every_mode_on_real_ranks(capsys):
+    """``bench strict`` runs off/opportunistic/strict jobs and reports strict's own check wait."""
+    from mpicdc.bench import strict
+
+    assert strict.main(["--model", "tiny", "--rounds", "1", "--requests", "3"]) == 0
+    out = capsys.readouterr().out
+    for mode in strict.MODES:
+        assert f"\n{mode} " in out, out
+    assert "strict mode waited" in out and "% of its request time" in out, out
