@@ -3,7 +3,7 @@
 Ops: grouped and depthwise convolutions (2-D, 3-D, any row block), asymmetric
 pads, ReLU6 (clip), hard-sigmoid, hard-swish, global max pooling, channel
 shuffle, constant Pad, channel slices, N-input add, a conv on the 1x1 output
-of a global pool.  Models: ``resnet18``, ``mobilenet_v2``, ``shufflenet_v2``
+of a global pool.  Models: ``resnet18``, ``resnet50``, ``mobilenet_v2``, ``shufflenet_v2``
 and ``alexnet_2tower``, each against a twin written here with ``torch.nn``
 modules (torchvision is not used): convolutions followed by BatchNorm with
 random running statistics (eval mode), which the test folds into the mpicdc
@@ -328,6 +328,38 @@ class ResNet18(Twin):
         return self.rec("prob", F.softmax(self.run("fc", x), dim=1))
 
 
+class ResNet50(Twin):
+    """torchvision's resnet50 (v1.5) written out: Bottleneck blocks, expansion 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv("conv1", 3, 64, 7, 2, 3)
+        self.plan, cin = [], 64
+        for stage, (repeats, mid) in enumerate(((3, 64), (4, 128), (6, 256), (3, 512)), 1):
+            for block in range(repeats):
+                name, stride = f"layer{stage}_{block}", 2 if stage > 1 and block == 0 else 1
+                self.conv(f"{name}_conv1", cin, mid, 1)
+                self.conv(f"{name}_conv2", mid, mid, 3, stride, 1)
+                self.conv(f"{name}_conv3", mid, 4 * mid, 1)
+                if stride != 1 or cin != 4 * mid:
+                    self.conv(f"{name}_downsample", cin, 4 * mid, 1, stride)
+                self.plan.append(name)
+                cin = 4 * mid
+        self.dense("fc", 2048, 1000)
+
+    def forward(self, x):
+        x = self.rec("conv1_relu", F.relu(self.run("conv1", x)))
+        x = self.rec("maxpool", F.max_pool2d(x, 3, 2, 1))
+        for name in self.plan:
+            y = self.rec(f"{name}_conv1_relu", F.relu(self.run(f"{name}_conv1", x)))
+            y = self.rec(f"{name}_conv2_relu", F.relu(self.run(f"{name}_conv2", y)))
+            y = self.run(f"{name}_conv3", y)
+            skip = self.run(f"{name}_downsample", x) if f"{name}_downsample" in self.m else x
+            x = self.rec(f"{name}_relu", F.relu(self.rec(f"{name}_add", y + skip)))
+        x = self.rec("avgpool", F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.rec("prob", F.softmax(self.run("fc", x), dim=1))
+
+
 class MobileNetV2(Twin):
     def __init__(self):
         super().__init__()
@@ -427,7 +459,7 @@ class AlexNet2Tower(Twin):
         return self.rec("prob", F.softmax(self.run("fc8", x), dim=1))
 
 
-TWINS = {"resnet18": ResNet18, "mobilenet_v2": MobileNetV2, "shufflenet_v2": ShuffleNetV2,
+TWINS = {"resnet18": ResNet18, "resnet50": ResNet50, "mobilenet_v2": MobileNetV2, "shufflenet_v2": ShuffleNetV2,
          "alexnet_2tower": AlexNet2Tower}
 
 

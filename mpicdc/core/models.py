@@ -617,6 +617,33 @@ def resnet18() -> Model:
     return b.build()
 
 
+@register("resnet50")
+def resnet50() -> Model:
+    """ResNet-50 (He et al. 2016) in torchvision's layout (v1.5: stride in the 3x3 conv), BatchNorm folded.
+
+    Bottleneck blocks: 1x1 reduce + ReLU, 3x3 (stride) + ReLU, 1x1 expand (4x), plus the
+    input (through a 1x1 strided projection when the shape changes), then ReLU.
+    """
+    b = GraphBuilder("resnet50", (3, 224, 224), "ResNet-50 v1.5 (torchvision layout, BatchNorm folded)")
+    x = b.conv_relu("input", 64, 7, stride=2, padding=3, name="conv1")
+    x = b.maxpool(x, 3, stride=2, padding=1, name="maxpool")
+    width = 64
+    for stage, (repeats, mid) in enumerate(((3, 64), (4, 128), (6, 256), (3, 512)), 1):
+        out = 4 * mid
+        for block in range(repeats):
+            name = f"layer{stage}_{block}"
+            stride = 2 if stage > 1 and block == 0 else 1
+            y = b.conv_relu(x, mid, 1, name=f"{name}_conv1")
+            y = b.conv_relu(y, mid, 3, stride=stride, padding=1, name=f"{name}_conv2")
+            y = b.conv(y, out, 1, name=f"{name}_conv3")
+            skip = b.conv(x, out, 1, stride=stride, name=f"{name}_downsample") if stride != 1 or width != out else x
+            x = b.relu(b.add([y, skip], name=f"{name}_add"), name=f"{name}_relu")
+            width = out
+    x = b.gap(x, name="avgpool")
+    b.softmax(b.dense(x, 1000, name="fc"), name="prob")
+    return b.build()
+
+
 @register("mobilenet_v2")
 def mobilenet_v2() -> Model:
     """MobileNetV2 (Sandler et al. 2018), width 1.0, torchvision's layout, BatchNorm folded.
