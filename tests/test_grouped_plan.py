@@ -20,7 +20,7 @@ from test_protocol import Cluster
 from mpicdc import store
 from mpicdc.core import grouped
 from mpicdc.core.models import GraphBuilder, get_model
-from mpicdc.core.plan import LayerPlan, format_plan_table, make_plan
+from mpicdc.core.plan import format_plan_table, make_plan
 
 
 def small_grouped_model():

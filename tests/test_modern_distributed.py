@@ -28,13 +28,14 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime is the reference")
 pytest.importorskip("onnxscript", reason="torch.onnx.export (dynamo exporter) needs onnxscript")
 nn = torch.nn
 
-from mpicdc import store  # noqa: E402
-from mpicdc.store.importers import load_onnx  # noqa: E402
-from mpicdc.store.prepare_cli import main as prepare_main  # noqa: E402
 from test_importers import _export  # noqa: E402
 from test_modern_cnn import TWINS, _randomise  # noqa: E402
 from test_onnx_modern import photo, run_ort  # noqa: E402
 from test_reference import rel_err  # noqa: E402
+
+from mpicdc import store  # noqa: E402
+from mpicdc.store.importers import load_onnx  # noqa: E402
+from mpicdc.store.prepare_cli import main as prepare_main  # noqa: E402
 
 pytestmark = [requires_mpi, pytest.mark.mpi, pytest.mark.slow]
 

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from mpicdc.core import grouped
 from mpicdc.core.codes import (
     Code,
     make_code,
@@ -20,7 +21,6 @@ from mpicdc.core.codes import (
     row_blocks_problem,
     split_rows,
 )
-from mpicdc.core import grouped
 from mpicdc.core.grouped import layer_groups
 from mpicdc.core.models import Model
 from mpicdc.core.ranges import format_ranges

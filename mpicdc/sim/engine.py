@@ -204,11 +204,9 @@ class _StepExecutor(LayerExecutor):
 
 
 def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config: SimConfig) -> list:
-    wshapes = model.weight_shapes()
     bw = device.bandwidth_MBps * 1e6
 
     def distributed(layer, lp, in_shape, out_shape) -> _DistStep:
-        _, cols = wshapes[layer.name]
         spatial = math.prod(out_shape[1:])
         block_rows = np.array([b - a for a, b in lp.rows] + [lp.block_rows] * lp.r, dtype=float)
         block_cols = np.array([stored_cols(model, lp, i) for i in range(lp.n + lp.r)], dtype=float)  # grouped parity
