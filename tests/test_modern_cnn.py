@@ -3,7 +3,7 @@
 Ops: grouped and depthwise convolutions (2-D, 3-D, any row block), asymmetric
 pads, ReLU6 (clip), hard-sigmoid, hard-swish, global max pooling, channel
 shuffle, constant Pad, channel slices, N-input add, a conv on the 1x1 output
-of a global pool.  Models: ``resnet18``, ``mobilenet_v2``, ``shufflenet_v2``
+of a global pool.  Models: ``resnet18``, ``resnet50``, ``mobilenet_v2``, ``shufflenet_v2``
 and ``alexnet_2tower``, each against a twin written here with ``torch.nn``
 modules (torchvision is not used): convolutions followed by BatchNorm with
 random running statistics (eval mode), which the test folds into the mpicdc
@@ -300,32 +300,52 @@ def _randomise(twin: Twin, seed: int):
     return twin.eval()
 
 
-class ResNet18(Twin):
-    def __init__(self):
+class ResNetTwin(Twin):
+    """torchvision's ResNet written out: basic blocks (two 3x3) or bottlenecks (1x1, 3x3, 1x1 to 4x, v1.5)."""
+
+    def __init__(self, stages, bottleneck: bool):
         super().__init__()
         self.conv("conv1", 3, 64, 7, 2, 3)
         self.plan, cin = [], 64
-        for stage, out in enumerate((64, 128, 256, 512), 1):
-            for block in range(2):
+        for stage, (repeats, width) in enumerate(stages, 1):
+            out = 4 * width if bottleneck else width
+            for block in range(repeats):
                 name, stride = f"layer{stage}_{block}", 2 if stage > 1 and block == 0 else 1
-                self.conv(f"{name}_conv1", cin, out, 3, stride, 1)
-                self.conv(f"{name}_conv2", out, out, 3, 1, 1)
+                if bottleneck:
+                    self.conv(f"{name}_conv1", cin, width, 1)
+                    self.conv(f"{name}_conv2", width, width, 3, stride, 1)
+                    self.conv(f"{name}_conv3", width, out, 1)
+                else:
+                    self.conv(f"{name}_conv1", cin, out, 3, stride, 1)
+                    self.conv(f"{name}_conv2", out, out, 3, 1, 1)
                 if stride != 1 or cin != out:
                     self.conv(f"{name}_downsample", cin, out, 1, stride)
                 self.plan.append(name)
                 cin = out
-        self.dense("fc", 512, 1000)
+        self.dense("fc", cin, 1000)
 
     def forward(self, x):
         x = self.rec("conv1_relu", F.relu(self.run("conv1", x)))
         x = self.rec("maxpool", F.max_pool2d(x, 3, 2, 1))
         for name in self.plan:
             y = self.rec(f"{name}_conv1_relu", F.relu(self.run(f"{name}_conv1", x)))
-            y = self.run(f"{name}_conv2", y)
+            if f"{name}_conv3" in self.m:
+                y = self.rec(f"{name}_conv2_relu", F.relu(self.run(f"{name}_conv2", y)))
+                y = self.run(f"{name}_conv3", y)
+            else:
+                y = self.run(f"{name}_conv2", y)
             skip = self.run(f"{name}_downsample", x) if f"{name}_downsample" in self.m else x
             x = self.rec(f"{name}_relu", F.relu(self.rec(f"{name}_add", y + skip)))
         x = self.rec("avgpool", F.adaptive_avg_pool2d(x, 1).flatten(1))
         return self.rec("prob", F.softmax(self.run("fc", x), dim=1))
+
+
+def ResNet18():  # noqa: N802 -- a twin class like the others
+    return ResNetTwin(((2, 64), (2, 128), (2, 256), (2, 512)), bottleneck=False)
+
+
+def ResNet50():  # noqa: N802
+    return ResNetTwin(((3, 64), (4, 128), (6, 256), (3, 512)), bottleneck=True)
 
 
 class MobileNetV2(Twin):
@@ -427,7 +447,7 @@ class AlexNet2Tower(Twin):
         return self.rec("prob", F.softmax(self.run("fc8", x), dim=1))
 
 
-TWINS = {"resnet18": ResNet18, "mobilenet_v2": MobileNetV2, "shufflenet_v2": ShuffleNetV2,
+TWINS = {"resnet18": ResNet18, "resnet50": ResNet50, "mobilenet_v2": MobileNetV2, "shufflenet_v2": ShuffleNetV2,
          "alexnet_2tower": AlexNet2Tower}
 
 

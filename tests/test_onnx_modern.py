@@ -1,7 +1,7 @@
 """ONNX import of modern CNNs (issue 12): torch exports checked against onnxruntime on a real photo.
 
-The zoo twins of tests/test_modern_cnn.py (resnet18, mobilenet_v2, shufflenet_v2,
-alexnet_2tower; convs followed by BatchNorm with random statistics) are exported with
+The zoo twins of tests/test_modern_cnn.py (resnet18, resnet50 (marked slow), mobilenet_v2,
+shufflenet_v2, alexnet_2tower; convs followed by BatchNorm with random statistics) are exported with
 ``torch.onnx.export`` (the default dynamo exporter), imported with :func:`load_onnx` and run
 with the serial reference; so are a DenseNet-style block with a 1x1-conv classifier on the
 global pool and an Inception-style block whose pools pad asymmetrically (begin 0, end 1),
@@ -79,7 +79,8 @@ def ops(model) -> list:
 
 # ---------------------------------------------------------------- the zoo twins
 
-@pytest.mark.parametrize("name", sorted(TWINS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "resnet50" else n
+                                  for n in sorted(TWINS)])   # resnet50: a 100 MB file, 25 s
 def test_zoo_twin_exported_to_onnx_matches_onnxruntime(name, tmp_path):
     torch.manual_seed(7)
     twin = _randomise(TWINS[name](), seed=8)

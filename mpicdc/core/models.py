@@ -596,25 +596,56 @@ def alexnet_2tower() -> Model:
     return _alexnet("alexnet_2tower", "AlexNet with LRN, two towers (groups=2 in conv2, conv4, conv5)", groups=2)
 
 
-@register("resnet18")
-def resnet18() -> Model:
-    """ResNet-18 (He et al. 2016) in torchvision's layout, BatchNorm folded into the convs (biases)."""
-    b = GraphBuilder("resnet18", (3, 224, 224), "ResNet-18 (torchvision layout, BatchNorm folded)")
+def _resnet(name: str, description: str, stages, residual) -> Model:
+    """A ResNet on 3x224x224 in torchvision's layout, BatchNorm folded into the convs (biases).
+
+    Stem (7x7/2 conv + ReLU, 3x3/2 max pool), then per stage ``(repeats, width)`` blocks
+    ``relu(residual(x) + skip(x))`` (the first block of stages 2+ has stride 2; ``skip`` is
+    a 1x1 strided conv when the shape changes, else ``x``), global pool, fc 1000, softmax.
+    ``residual(b, x, width, stride, name)`` adds a block's convs and returns ``(y, out channels)``.
+    """
+    b = GraphBuilder(name, (3, 224, 224), description)
     x = b.conv_relu("input", 64, 7, stride=2, padding=3, name="conv1")
     x = b.maxpool(x, 3, stride=2, padding=1, name="maxpool")
-    width = 64
-    for stage, out in enumerate((64, 128, 256, 512), 1):
-        for block in range(2):
+    channels = 64
+    for stage, (repeats, width) in enumerate(stages, 1):
+        for block in range(repeats):
             name = f"layer{stage}_{block}"
             stride = 2 if stage > 1 and block == 0 else 1
-            y = b.conv_relu(x, out, 3, stride=stride, padding=1, name=f"{name}_conv1")
-            y = b.conv(y, out, 3, padding=1, name=f"{name}_conv2")
-            skip = b.conv(x, out, 1, stride=stride, name=f"{name}_downsample") if stride != 1 or width != out else x
+            y, out = residual(b, x, width, stride, name)
+            skip = b.conv(x, out, 1, stride=stride, name=f"{name}_downsample") if stride != 1 or channels != out else x
             x = b.relu(b.add([y, skip], name=f"{name}_add"), name=f"{name}_relu")
-            width = out
+            channels = out
     x = b.gap(x, name="avgpool")
     b.softmax(b.dense(x, 1000, name="fc"), name="prob")
     return b.build()
+
+
+def _basic_block(b, x, width, stride, name):
+    """ResNet-18/34: 3x3 (stride) + ReLU, 3x3."""
+    y = b.conv_relu(x, width, 3, stride=stride, padding=1, name=f"{name}_conv1")
+    return b.conv(y, width, 3, padding=1, name=f"{name}_conv2"), width
+
+
+def _bottleneck(b, x, width, stride, name):
+    """ResNet-50 v1.5: 1x1 reduce + ReLU, 3x3 (stride) + ReLU, 1x1 expand to 4x width."""
+    y = b.conv_relu(x, width, 1, name=f"{name}_conv1")
+    y = b.conv_relu(y, width, 3, stride=stride, padding=1, name=f"{name}_conv2")
+    return b.conv(y, 4 * width, 1, name=f"{name}_conv3"), 4 * width
+
+
+@register("resnet18")
+def resnet18() -> Model:
+    """ResNet-18 (He et al. 2016) in torchvision's layout, BatchNorm folded into the convs (biases)."""
+    return _resnet("resnet18", "ResNet-18 (torchvision layout, BatchNorm folded)",
+                   ((2, 64), (2, 128), (2, 256), (2, 512)), _basic_block)
+
+
+@register("resnet50")
+def resnet50() -> Model:
+    """ResNet-50 (He et al. 2016) in torchvision's layout (v1.5: stride in the 3x3 conv), BatchNorm folded."""
+    return _resnet("resnet50", "ResNet-50 v1.5 (torchvision layout, BatchNorm folded)",
+                   ((3, 64), (4, 128), (6, 256), (3, 512)), _bottleneck)
 
 
 @register("mobilenet_v2")

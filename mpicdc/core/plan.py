@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from mpicdc.core import grouped
 from mpicdc.core.codes import (
     Code,
     make_code,
@@ -20,7 +21,8 @@ from mpicdc.core.codes import (
     row_blocks_problem,
     split_rows,
 )
-from mpicdc.core.models import Model, conv_groups
+from mpicdc.core.grouped import layer_groups
+from mpicdc.core.models import Model
 from mpicdc.core.ranges import format_ranges
 
 _FIX = "build the plan for this model with make_plan (python -m mpicdc.prepare MODEL --workers N ...)"
@@ -92,11 +94,6 @@ class LayerPlan:
             raise ValueError(f"plan for layer {self.layer!r} gives blocks to ranks {list(self.ranks)}: it needs "
                              f"one distinct worker rank{top} for each of its {self.n} data blocks and parity "
                              f"blocks; {_FIX}")
-        groups = layer_groups(model, self.layer)
-        if groups > 1 and self.r:
-            raise ValueError(f"plan for layer {self.layer!r}: a grouped convolution (groups={groups}) cannot "
-                             f"have parity blocks: a parity block sums blocks that read different input "
-                             f"channels, so its rows are no product of the layer's input; {_FIX}")
         try:
             self.code_obj  # noqa: B018 -- builds the code (cached)
         except ValueError as exc:
@@ -178,32 +175,21 @@ def single_device_plan(model: Model) -> Plan:
     return Plan(model.name, 1, 0, 0, "none", ())
 
 
-def layer_groups(model: Model, name: str) -> int:
-    """``groups`` of linear layer ``name`` (1 for dense and ordinary convolutions)."""
-    layer = model.layer(name)
-    if layer.op != "conv" or layer.attrs.get("groups", 1) == 1:
-        return 1
-    return conv_groups(layer, model.shapes()[layer.inputs[0]][0])
-
-
 def grouped_choice(model: Model, name: str, n: int, r: int) -> str:
-    """Why a grouped convolution stays on the master (``""``: it may be split by whole groups).
+    """Why a grouped convolution cannot be distributed (``""``: it may be).
 
-    A parity block sums data blocks that read different input channels, so it
-    costs as much as all of them and its encoded weights are no row block of
-    the layer: grouped layers are never coded.  Depthwise layers (one input
-    channel per group) are also too cheap per byte of input to send out.
-    Others are split over the ``n`` data workers by whole groups when the code
-    has no parity blocks and there are at least ``n`` groups.
+    Depthwise layers (one input channel per group) stay on the master: too cheap per
+    byte of input to send out.  Without parity workers, other grouped layers are
+    split over the ``n`` data workers by whole groups when there are at least ``n``
+    groups.  With parity workers :func:`mpicdc.core.grouped.choose` picks the
+    protection (code, 2MR or master) by cost.
     """
     groups = layer_groups(model, name)
     if groups == 1:
         return ""
-    if groups == model.shapes()[model.layer(name).inputs[0]][0]:
+    if grouped.is_depthwise(model, name):
         return "depthwise"
-    if r:
-        return "grouped, coded"
-    if groups < n:
+    if not r and groups < n:
         return f"{groups} groups < {n} workers"
     return ""
 
@@ -213,8 +199,10 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
               min_rows_per_worker: int = 1) -> Plan:
     """Build a plan: every conv and dense layer split over the data workers, plus parity workers.
 
-    Grouped convolutions are split by whole groups, without parity, or stay on
-    the master (depthwise ones always): see :func:`grouped_choice`.
+    Grouped convolutions are split by whole groups; with parity workers each is coded,
+    replicated (2MR) or kept on the master, whichever costs least
+    (:func:`mpicdc.core.grouped.choose`); depthwise ones stay on the master
+    (:func:`grouped_choice`).
 
     Parameters
     ----------
@@ -257,6 +245,11 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
             continue
         layer_speeds = None if speeds is None else [speeds[x - 1] for x in ranks]
         groups = layer_groups(model, name)   # units of whole groups (of rows // groups rows) or of rows
+        if groups > 1 and r:
+            pick = grouped.choose(grouped.options(model, name, ranks, parity_ranks, code, layer_speeds))
+            if pick.kind != "master":
+                layers.append(LayerPlan(name, pick.code, pick.ranks, pick.rows))
+            continue
         units, per = (groups, rows // groups) if groups > 1 else (rows, 1)
         blocks = tuple((a * per, b * per) for a, b in _row_ranges(units, len(ranks), layer_speeds))
         layers.append(LayerPlan(name, code, ranks + parity_ranks, blocks))
@@ -287,8 +280,8 @@ def rank_bytes(plan: Plan, model: Model) -> dict:
         if lp is None:
             totals[0] += 4 * rows * (cols + 1)
         else:
-            for rank in lp.ranks:
-                totals[rank] += 4 * lp.block_rows * (cols + 1)
+            for block, rank in enumerate(lp.ranks):
+                totals[rank] += 4 * lp.block_rows * (grouped.stored_cols(model, lp, block) + 1)
     return totals
 
 
@@ -320,7 +313,8 @@ def format_plan_table(plan: Plan, model: Model, rank_extra: dict | None = None, 
             blocks[rank] += 1
         tail = () if layer_extra is None else (layer_extra.get(name, ""),)
         if lp is None:
-            why = grouped_choice(model, name, plan.workers, plan.parity)
+            why = grouped_choice(model, name, plan.workers, plan.parity) or (
+                "cheapest" if layer_groups(model, name) > 1 and plan.parity else "")
             lines.append((name, f"{rows}x{cols}", f"master ({why})" if why else "master", "0", "-", str(rows),
                           _mb(4 * rows * (cols + 1))) + tail)
             continue
@@ -342,6 +336,8 @@ def format_plan_table(plan: Plan, model: Model, rank_extra: dict | None = None, 
            f"(1 master + {plan.workers} data + {plan.parity} parity workers), code {plan.code}",
            "", fmt(head), fmt(tuple("-" * w for w in widths))]
     out += [fmt(row) for row in lines]
+    choices = grouped.format_choices(plan, model)
+    out += [""] + choices if choices else []
     extra = rank_extra or {}
     out += ["", f"{'rank':>4}  {'role':<6}  {'blocks':>6}  {'MB':>9}  {extra_header}".rstrip(),
             f"{'-' * 4}  {'-' * 6}  {'-' * 6}  {'-' * 9}  {'-' * len(extra_header)}".rstrip()]

@@ -27,6 +27,7 @@ import numpy as np
 
 from mpicdc.core import integrity as checks
 from mpicdc.core.graph import walk
+from mpicdc.core.grouped import stored_cols
 from mpicdc.core.kernels import LocalExecutor, check_input
 from mpicdc.runtime import wire
 from mpicdc.runtime.channel import Channel, PeerLost
@@ -209,6 +210,8 @@ class Coordinator:
         self.linear_index = {layer.name: i for i, layer in enumerate(model.linear_layers)}
         self.tags = wire.ReplyTags(len(self.linear_index), data.tag_ub)
         self.accumulation = {name: cols for name, (_, cols) in model.weight_shapes().items()}
+        for lp in plan.layers:  # a grouped layer's embedded parity sums one slab of cols per data block
+            self.accumulation[lp.layer] = max(stored_cols(model, lp, b) for b in range(lp.n + lp.r))
         self.dead: set = set()
         self.silent: set = set()
         self.quarantined: set = set()  # ranks located sending wrong values: never used again

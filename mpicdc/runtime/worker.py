@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpicdc.core.faults import corrupt_block
-from mpicdc.core.kernels import Workspace, lower_gemm
+from mpicdc.core.grouped import block_gemm
+from mpicdc.core.kernels import Workspace
 from mpicdc.runtime import wire
 from mpicdc.runtime.channel import Channel, PeerLost
 
@@ -166,8 +167,8 @@ def worker_loop(data: Channel, state: WorkerState, stop_event: threading.Event) 
             continue
         start = time.perf_counter()
         W, b = state.blocks[layer.name]
-        Y, lowered = lower_gemm(layer, W, b, wire.payload(buf, head.shape), workspace=workspace,
-                                row0=lp.rows[block][0] if block < lp.n else 0)  # grouped convs: own groups
+        Y, lowered = block_gemm(layer, lp, block, W, b, wire.payload(buf, head.shape),  # grouped: own channels
+                                workspace=workspace)
         out = lowered.finish(Y)
         compute = time.perf_counter() - start
         modeled = 0.0

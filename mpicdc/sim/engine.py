@@ -66,6 +66,7 @@ from mpicdc.core.faults import (
     parse_injections,
 )
 from mpicdc.core.graph import LayerExecutor, walk
+from mpicdc.core.grouped import stored_cols
 from mpicdc.core.models import Model, get_model, model_names
 from mpicdc.sim.devices import DEFAULT_DEVICE, DeviceModel, device_names, get_device
 
@@ -203,13 +204,12 @@ class _StepExecutor(LayerExecutor):
 
 
 def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config: SimConfig) -> list:
-    wshapes = model.weight_shapes()
     bw = device.bandwidth_MBps * 1e6
 
     def distributed(layer, lp, in_shape, out_shape) -> _DistStep:
-        _, cols = wshapes[layer.name]
         spatial = math.prod(out_shape[1:])
         block_rows = np.array([b - a for a, b in lp.rows] + [lp.block_rows] * lp.r, dtype=float)
+        block_cols = np.array([stored_cols(model, lp, i) for i in range(lp.n + lp.r)], dtype=float)  # grouped parity
         elems = lp.block_rows * spatial
         dec_flops, dec_bytes = 2.0 * lp.n * elems, 4.0 * (lp.n + 1) * elems
         return _DistStep(
@@ -217,7 +217,7 @@ def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config:
             latency=device.latency_s,
             send=4.0 * math.prod(in_shape) / bw,
             reply=4.0 * block_rows * spatial / bw,
-            compute=np.asarray(device.gemm_time(block_rows, cols, spatial), dtype=float),
+            compute=np.asarray(device.gemm_time(block_rows, block_cols, spatial), dtype=float),
             decode_cost=config.decode_scale * float(master.compute_time(dec_flops, dec_bytes)),
             rule=lp.code_obj.decodability(config.verify))
 

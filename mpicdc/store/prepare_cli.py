@@ -20,7 +20,9 @@ Cut a model's weights into one HDF5 file per MPI rank, with parity blocks comput
 Rank 0 is the master, ranks 1..N the data workers, N+1..N+R the parity workers, so the shards
 run on a world of 1+N+R ranks (-np 1+N+R; the launch lines are printed at the end). Every conv
 and fc layer is split by output rows over the data workers; parity workers hold encoded blocks (e.g. the sum of all data blocks)
-so the master can rebuild the reply of a worker that is slow or dead. Output: manifest.h5 and
+so the master can rebuild the reply of a worker that is slow or dead. A grouped convolution is split by whole
+groups and protected the cheapest way: coded, replicated (2MR) or computed by the master (depthwise ones);
+--dry-run and --show print each option's cost (docs/codes.md). Output: manifest.h5 and
 rank-NNN.h5 (one per rank) in OUT/<model>-<plan tag>/ (default weights/), or exactly in --dir.
 Each device needs manifest.h5 and its own rank file only."""
 

@@ -44,6 +44,7 @@ from urllib.parse import quote
 import h5py
 import numpy as np
 
+from mpicdc.core import grouped
 from mpicdc.core.codes import parse_code_spec
 from mpicdc.core.models import Model, get_model
 from mpicdc.core.plan import Plan, make_plan, rank_role
@@ -260,8 +261,15 @@ class _Block:
         if self.kind == "data":
             return (f"data block {self.index} of {self.n} of layer {self.layer} ({m}x{cols}): rows "
                     f"{self.rows[0]}:{self.rows[1]}, code {self.code}, zero-padded to {self.block_rows} rows on load")
-        return (f"parity block {self.index - self.n} (block {self.index}) of layer {self.layer} ({m}x{cols}): "
-                f"sum_i P[{self.index - self.n}, i] * (data block i zero-padded to {self.block_rows} rows), "
+        j = self.index - self.n
+        if self.cols != cols:   # a grouped convolution: data blocks read different input channels
+            return (f"parity block {j} (block {self.index}) of grouped layer {self.layer} ({m}x{cols}): its "
+                    f"block-diagonal embedding, slabs P[{j}, i] * (data block i zero-padded to {self.block_rows} "
+                    f"rows) side by side ({cols} columns each) for every i with P[{j}, i] != 0, each computed "
+                    f"against data block i's input channels; code {self.code}, coefficients in attribute "
+                    f"'coefficients', computed in float64")
+        return (f"parity block {j} (block {self.index}) of layer {self.layer} ({m}x{cols}): "
+                f"sum_i P[{j}, i] * (data block i zero-padded to {self.block_rows} rows), "
                 f"code {self.code}, coefficients in attribute 'coefficients', computed in float64")
 
 
@@ -285,7 +293,7 @@ def _layout(model: Model, plan: Plan, rank: int) -> list:
                               lp.code, lp.n, lp.r, tuple(lp.ranks)))
         else:
             out.append(_Block(layer.name, layer.op, "parity", i, (0, lp.block_rows), lp.block_rows, lp.block_rows,
-                              cols, lp.code, lp.n, lp.r, tuple(lp.ranks)))
+                              grouped.stored_cols(model, lp, i), lp.code, lp.n, lp.r, tuple(lp.ranks)))
     return out
 
 
@@ -374,18 +382,20 @@ def _padded_rows(A: np.ndarray, start: int, stop: int, r0: int, r1: int) -> np.n
     return out
 
 
-def _write_parity(lp, code, A: np.ndarray, writers: list) -> None:
+def _write_parity(lp, code, A: np.ndarray, writers: list, embedded: bool = False) -> None:
     """Encode the parity blocks of ``A`` (weights or biases) chunk by chunk into ``writers``.
 
     Each step encodes ``k`` rows of every data block in float64 (``code.encode``), so the float64
-    temporaries stay within :data:`ENCODE_BYTES` whatever the size of the layer.
+    temporaries stay within :data:`ENCODE_BYTES` whatever the size of the layer.  ``embedded``:
+    the weights of a grouped convolution, whose parity blocks are block-diagonal embeddings
+    (:func:`mpicdc.core.grouped.embed`), not sums.
     """
     row_bytes = 8 * max(1, math.prod(A.shape[1:]))
-    k = max(1, ENCODE_BYTES // (row_bytes * (lp.n + lp.r)))
+    k = max(1, ENCODE_BYTES // (row_bytes * (lp.n + lp.r * (lp.n if embedded else 1))))
     for r0 in range(0, lp.block_rows, k):
         r1 = min(r0 + k, lp.block_rows)
         parts = [_padded_rows(A, start, stop, r0, r1) for start, stop in lp.rows]
-        encoded = code.encode(parts)
+        encoded = [grouped.embed(code, j, parts) for j in range(lp.r)] if embedded else code.encode(parts)
         del parts
         for writer, block in zip(writers, encoded):
             writer.write(np.asarray(block).astype(F32))
@@ -754,14 +764,16 @@ def _write_layer(files: dict, blocks: list, lp, W: np.ndarray, b: np.ndarray, ba
                        "description": blk.describe(W.shape)})
         if blk.kind == "parity":
             g.attrs["coefficients"] = np.asarray(lp.code_obj.parity[blk.index - lp.n], np.float64)
-            parity_groups[blk.index] = g
+            parity_groups[blk.index] = g, blk.cols
         else:
             start, stop = blk.rows
             _write_rows(_DatasetWriter(g, "W", (blk.stored_rows, blk.cols), bar), W[start:stop])
             _write_rows(_DatasetWriter(g, "b", (blk.stored_rows,), bar), b[start:stop])
     if parity_groups:
-        groups = [parity_groups[i] for i in range(lp.n, lp.n + lp.r)]
-        _write_parity(lp, lp.code_obj, W, [_DatasetWriter(g, "W", (lp.block_rows, W.shape[1]), bar) for g in groups])
+        groups, cols = zip(*(parity_groups[i] for i in range(lp.n, lp.n + lp.r)))
+        embedded = any(c != W.shape[1] for c in cols)   # a grouped convolution (same values for 2MR copies)
+        _write_parity(lp, lp.code_obj, W, [_DatasetWriter(g, "W", (lp.block_rows, c), bar) for g, c in zip(groups, cols)],
+                      embedded)
         _write_parity(lp, lp.code_obj, b, [_DatasetWriter(g, "b", (lp.block_rows,), bar) for g in groups])
 
 
@@ -1178,9 +1190,17 @@ def _parity_problems(manifest: Manifest, ranks: set, fix: str) -> list:
         code = lp.code_obj
         for part, name in ((0, "W"), (1, "b")):
             data = [pair[part] for pair in pairs[:lp.n]]
-            again = code.encode(data)
-            scale = np.abs(code.parity) @ np.abs(np.stack(data).reshape(lp.n, -1))
+            if part == 0 and any(pair[0].shape != data[0].shape for pair in pairs[lp.n:]):  # grouped: embedded
+                again = [grouped.embed(code, j, data) for j in range(lp.r)]
+                scale = [np.abs(x).reshape(-1) for x in again]   # one term per element: |P[j, i] W_i|
+            else:
+                again = code.encode(data)
+                scale = np.abs(code.parity) @ np.abs(np.stack(data).reshape(lp.n, -1))
             for j, (stored, fresh) in enumerate(zip((pair[part] for pair in pairs[lp.n:]), again)):
+                if stored.shape != fresh.shape:
+                    problems.append(f"{manifest.path(lp.ranks[lp.n + j])}: layer {lp.layer!r}: parity block "
+                                    f"{lp.n + j} has shape {stored.shape}, its encoding {fresh.shape}; {fix}")
+                    break
                 diff = np.abs(stored.astype(np.float64) - fresh).reshape(-1)
                 bad = diff > 4 * 2.0 ** -24 * scale[j]
                 if np.any(bad):
