@@ -69,6 +69,8 @@ class Journal:
 
     def __init__(self, path: str | None):
         self._file = open(path, "a", encoding="utf-8") if path else None
+        if self._file is not None and _ends_torn(path):  # a master killed mid-line: end that line first
+            self._file.write("\n")
 
     def _write(self, record: dict) -> None:
         if self._file is None:
@@ -99,6 +101,16 @@ class Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _ends_torn(path: str) -> bool:
+    """Whether the file's last line lacks its newline."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 @dataclass
