@@ -244,14 +244,15 @@ def supervise(cfg: SuperviseConfig, run_argv: list) -> int:
     devices = read_hostfile(cfg.hostfile) if cfg.hostfile else ["localhost"] * cfg.np
     with tempfile.TemporaryDirectory(prefix="mpicdc-supervise-") as tmp:
         journal = args.journal or str(Path(tmp) / "journal.jsonl")
-        attempts = _attempts(cfg, args, run_argv, wanted, devices, journal, Path(tmp))
-        if isinstance(attempts, int):  # an exit code: stopped, gave up, or could not start
-            return attempts
-        return _finish(args, wanted, attempts, journal)
+        attempts, stop = _attempts(cfg, args, run_argv, wanted, devices, journal, Path(tmp))
+        if stop is not None and stop != GAVE_UP:  # stopped by a signal, or could not start
+            return stop
+        code = _finish(args, wanted, attempts, journal)  # the summary and output, also of a partial run
+        return GAVE_UP if stop == GAVE_UP else code
 
 
 def _attempts(cfg, args, run_argv, wanted, devices, journal, tmp: Path):
-    """Run attempts until every id is answered; the list of attempts, or an exit code to return now."""
+    """Run attempts until every id is answered: ``(attempts, None)``, or ``(attempts, exit code)`` when it stops short."""
     attempts: list = []
     first_world = min(cfg.np, len(devices))
     weights, note = args.weights, "weights as given"
@@ -259,14 +260,14 @@ def _attempts(cfg, args, run_argv, wanted, devices, journal, tmp: Path):
         done = read_journal(journal).answered
         left = [i for i in wanted if i not in done]
         if not left:
-            return attempts
+            return attempts, None
         use = devices[:min(cfg.np, len(devices))]
         if attempts and len(use) != len(attempts[-1].hosts):
             try:
                 weights, note = plan_for(len(use), args, cfg.plans, first_world)
             except GiveUp as exc:
                 say(f"giving up: {exc}; {len(left)} request(s) unanswered: {ids_text(left)}")
-                return GAVE_UP
+                return attempts, GAVE_UP
         attempt = Attempt(len(attempts) + 1, use, weights, note, left)
         attempts.append(attempt)
         argv = run_argv if attempt.number == 1 else without_option(run_argv, "--inject")
@@ -295,17 +296,17 @@ def _attempts(cfg, args, run_argv, wanted, devices, journal, tmp: Path):
         still = [i for i in left if i not in state.answered]
         if end.signal:
             say(f"stopped by signal {end.signal}; {len(still)} request(s) unanswered")
-            return end.code
+            return attempts, end.code
         if not still:
-            return attempts
+            return attempts, None
         if attempt.number == 1 and end.reported == 2 and not mine:
             say("the job could not start (exit 2, see above); nothing to relaunch")
-            return 2
+            return attempts, 2
         attempt.reason = _why(end, attempt, len(still), cfg.attempt_timeout_s)
         if attempt.number > cfg.relaunches:
             say(f"attempt {attempt.number} ended: {attempt.reason}; giving up after {cfg.relaunches} relaunch(es): "
                 f"{len(still)} of {len(wanted)} request(s) unanswered: {ids_text(still)}")
-            return GAVE_UP
+            return attempts, GAVE_UP
         lost = [use[r] for r in attempt.lost_ranks if 0 < r < len(use)]
         devices = list(devices)
         for host in lost:  # one slot of the host that ran each lost rank
@@ -352,9 +353,9 @@ def _finish(args, wanted: list, attempts: list, journal: str) -> int:
     from mpicdc.run import CHECK_RTOL
 
     state = read_journal(journal)
-    answers = [state.answers[i] for i in wanted]
+    answers = [state.answers[i] for i in wanted if i in state.answers]
     late = lateness(wanted, journal)
-    latencies = [a["latency_ms"] for a in answers]
+    latencies = [a["latency_ms"] for a in answers] or [float("nan")]
     recoveries = []
     for before, after in zip(attempts, attempts[1:]):
         recoveries.append({"after_attempt": before.number, "why": before.reason,
