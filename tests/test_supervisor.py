@@ -15,7 +15,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from mpi_helpers import LiveJob, requires_mpi, run_bounded
+from mpi_helpers import ROOT, LiveJob, requires_mpi, run_bounded
 
 from mpicdc.core.kernels import default_input, forward
 from mpicdc.core.models import get_model
@@ -123,3 +123,57 @@ def test_supervised_run_checks_its_options_before_launching(tmp_path):
     job = run_bounded([sys.executable, "-m", "mpicdc.launch", "--supervise", "tiny", "--output", "x.h5"],
                       tmp_path, 60)
     assert job.returncode == 2 and "a supervised run writes JSON" in job.stderr, job.explain()
+
+
+def _cluster_unavailable() -> str | None:
+    from mpicdc.cluster import ClusterUnavailable, check_available
+    try:
+        check_available()
+    except ClusterUnavailable as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.cluster
+def test_loud_node_death_on_the_cluster_relaunches_on_the_reachable_devices(tiny, reference, tmp_path):
+    """Device 2 (rank 3) of a head + 5 device cluster dies loudly (PRRTE ends the whole job, mpirun
+    returns 0) and stays off the network: the probe finds it unreachable, the supervisor relaunches on
+    the head + 4 devices with shards cut on the spot (3 workers + 1 parity) and answers everything."""
+    why = _cluster_unavailable()
+    if why:
+        pytest.skip(f"no network namespaces here: {why}")
+    import random
+
+    from mpicdc.cluster import Cluster, ClusterJob, mpirun_extra
+    from mpicdc.cluster.netns import list_links, list_netns
+
+    n, prefix = 150, f"tsup{random.randrange(10 ** 6)}"
+    journal, out = tmp_path / "journal.jsonl", tmp_path / "out.json"
+    with Cluster(5, prefix=prefix) as c:
+        cmd = ["ip", "netns", "exec", c.head.netns, sys.executable, "-m", "mpicdc.launch", "--supervise",
+               "--probe-timeout", "1", "-np", "6", "--hostfile", c.hostfile,
+               *(f"--mpirun-arg={a}" for a in mpirun_extra(c)),
+               "tiny", "--weights", tiny, "--repeat", str(n), "--check", "-q", "--journal", str(journal),
+               "--output", str(out)]
+        env = dict(__import__("os").environ, PYTHONPATH=str(ROOT))
+        job = ClusterJob(c, cmd, env, timeout=150)
+        c._jobs = [*getattr(c, "_jobs", []), job]
+        job.wait_for("on 6 ranks")
+        end = time.monotonic() + 60
+        while len(read_journal(journal).answered) < 10 and time.monotonic() < end:
+            time.sleep(0.02)
+        c.loud_death(2)
+        c.link_cut(2)  # it does not come back
+        done = job.finish()
+        left = c.leftovers()
+        gone_addr = c.node(2).address
+    assert not [ns for ns in list_netns() if ns.startswith(prefix + "-")]
+    assert not [link for link in list_links() if link.startswith(prefix)]
+    assert not done.timed_out and done.returncode == 0, done.explain()
+    assert "PRTE has lost communication with a remote daemon" in done.output, done.explain()
+    assert (f"dropped: {gone_addr} unreachable; relaunch 1/3 on 5 rank(s)") in done.output, done.explain()
+    assert not {ns: p for ns, p in left.items() if not ns.endswith("-d2")}, left
+    results = json.loads(out.read_text())
+    assert [a["ranks"] for a in results["attempts"]] == [6, 5], results["attempts"]
+    assert "w3-p1-sum cut on the spot" in results["attempts"][1]["plan"]
+    assert_every_request_answered_once(journal, results, n, reference, done.explain())
