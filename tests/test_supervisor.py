@@ -84,6 +84,24 @@ def test_master_killed_mid_run_is_relaunched_and_every_request_answered_once(tin
     assert f"request {i} answered {seconds:.2f} s after its first submission" in done.stdout, done.stdout
 
 
+def test_frozen_master_is_ended_by_the_stall_deadline_and_relaunched(tiny, reference, tmp_path):
+    """SIGSTOP to rank 0: nothing fails, nothing is answered; after --stall-timeout the attempt is
+    ended (the stopped master SIGKILLed with its job) and the rest replayed."""
+    n, journal = 80, tmp_path / "journal.jsonl"
+    job = LiveJob(6, ["tiny", "--weights", tiny, "--repeat", str(n), "--check", "-q", "--journal", str(journal)],
+                  tmp_path, timeout=150, launcher_args=["--supervise", "--stall-timeout", "10"])
+    job.wait_for("mpicdc: tiny on 6 ranks")
+    end = time.monotonic() + 60
+    while len(read_journal(journal).answered) < 10 and time.monotonic() < end:
+        time.sleep(0.02)
+    job.signal_rank(0, signal.SIGSTOP)
+    done = job.finish()
+    assert done.returncode == 0, done.stdout
+    assert "made no progress for 10 s; ending it" in done.stdout, done.stdout
+    assert "attempt 1 ended: it answered nothing for 10 s (--stall-timeout)" in done.stdout, done.stdout
+    assert_every_request_answered_once(journal, done.results, n, reference, done.stdout)
+
+
 def _supervised(args, tmp_path, timeout=120):
     out = tmp_path / "out.json"
     cmd = [sys.executable, "-m", "mpicdc.launch", "--supervise", *args, "--output", str(out)]

@@ -111,7 +111,7 @@ def run(cmd: list, np_ranks: int, hostfile: str | None = None, *, grace_s: float
 
 
 def run_once(cmd: list, np_ranks: int, hostfile: str | None = None, *, grace_s: float = 10.0,
-             deadline_s: float | None = None) -> JobEnd:
+             deadline_s: float | None = None, progress=None) -> JobEnd:
     """Run an ``mpirun`` line; say how it ended.
 
     Bounded whatever the ranks do: once the master has reported its exit code, the
@@ -119,7 +119,8 @@ def run_once(cmd: list, np_ranks: int, hostfile: str | None = None, *, grace_s: 
     worker would otherwise keep ``mpirun`` waiting forever).  SIGTERM, SIGINT and
     SIGHUP are passed on to the job, which is killed if it has not ended ``grace_s``
     later.  With ``deadline_s`` the job is ended (SIGTERM, SIGKILL ``grace_s`` later)
-    once it has run that long.
+    once it has run that long; with ``progress`` too (a callable polled every 0.1 s), that long
+    since the value ``progress()`` returns last changed (a stall deadline).
     """
     with tempfile.TemporaryDirectory(prefix="mpicdc-") as tmp:
         exit_file = Path(tmp) / "exit-code"
@@ -128,7 +129,7 @@ def run_once(cmd: list, np_ranks: int, hostfile: str | None = None, *, grace_s: 
         job = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_end_with_parent)
         stop = _Forwarder(job)
         try:
-            timed_out = _supervise(job, exit_file, stop, grace_s, deadline_s)
+            timed_out = _supervise(job, exit_file, stop, grace_s, deadline_s, progress)
         finally:
             stop.restore()
         text = exit_file.read_text().strip() if exit_file.exists() else ""
@@ -173,18 +174,22 @@ def _signal_group(job: subprocess.Popen, sig: int) -> None:
 
 
 def _supervise(job: subprocess.Popen, exit_file: Path, stop: _Forwarder, grace_s: float,
-               deadline_s: float | None = None) -> bool:
+               deadline_s: float | None = None, progress=None) -> bool:
     """Wait for the job; kill its process group when it outlives the master's report or a signal by
     ``grace_s``, or its deadline (SIGTERM, then SIGKILL ``grace_s`` later).  True if the deadline passed."""
     reported, expired = None, None
     end_by = None if deadline_s is None else time.monotonic() + deadline_s
+    seen = progress() if progress else None
     while job.poll() is None:
         now = time.monotonic()
+        if progress is not None and expired is None and (value := progress()) != seen:
+            seen, end_by = value, now + deadline_s
         if reported is None and exit_file.exists():
             reported = now
         if expired is None and end_by is not None and now > end_by:
             expired = now
-            print(f"mpicdc.launch: the job ran past its deadline of {deadline_s:g} s; ending it",
+            print(f"mpicdc.launch: the job made no progress for {deadline_s:g} s; ending it" if progress else
+                  f"mpicdc.launch: the job ran past its deadline of {deadline_s:g} s; ending it",
                   file=sys.stderr, flush=True)
             _signal_group(job, signal.SIGTERM)
         if expired is not None and now - expired > grace_s:
@@ -229,8 +234,10 @@ def main(argv=None) -> int:
                           "only the unanswered requests; exit 0 only when every request was answered, 5 when "
                           "some were not after the last relaunch")
     sup.add_argument("--relaunches", type=int, default=3, metavar="R", help="at most R relaunches (default 3)")
-    sup.add_argument("--attempt-timeout", type=float, default=600.0, metavar="S",
-                     help="each attempt is ended after S seconds (default 600)")
+    sup.add_argument("--stall-timeout", type=float, default=300.0, metavar="S",
+                     help="an attempt that answers no request for S seconds (from its launch or its last "
+                          "answer) is ended and relaunched (default 300; more than start-up plus the slowest "
+                          "request)")
     sup.add_argument("--plan", action="append", default=[], metavar="DIR",
                      help="a weights folder prepared in advance for fewer ranks, repeatable; without one, random "
                           "weights are cut on the spot for the new world size")
@@ -254,11 +261,15 @@ def main(argv=None) -> int:
         return 0
     if args.supervise:
         from mpicdc.runtime.supervisor import SuperviseConfig, supervise
-        if args.relaunches < 0 or not args.attempt_timeout > 0 or not args.probe_timeout > 0:
-            p.error("--relaunches must be >= 0, --attempt-timeout and --probe-timeout > 0")
-        return supervise(SuperviseConfig(args.np, args.hostfile, args.mpirun, tuple(args.mpirun_arg),
-                                         args.relaunches, args.attempt_timeout, tuple(args.plan),
-                                         args.probe_port, args.probe_timeout), run_args)
+        if args.relaunches < 0 or not args.stall_timeout > 0 or not args.probe_timeout > 0:
+            p.error("--relaunches must be >= 0, --stall-timeout and --probe-timeout > 0")
+        try:
+            return supervise(SuperviseConfig(args.np, args.hostfile, args.mpirun, tuple(args.mpirun_arg),
+                                             args.relaunches, args.stall_timeout, tuple(args.plan),
+                                             args.probe_port, args.probe_timeout), run_args)
+        except KeyboardInterrupt:  # between attempts (during an attempt the signal goes to the job)
+            print("mpicdc.supervise: interrupted", file=sys.stderr, flush=True)
+            return 130
     return run(cmd, args.np, args.hostfile)
 
 

@@ -8,8 +8,8 @@ takes over:
 1. every attempt runs with ``--journal`` (one fsynced line per answered request, see
    :mod:`mpicdc.runtime.journal`) and ``--request-ids`` set to the requests not yet answered;
 2. an attempt ends *normally* when the journal holds every one of its requests as answered; any
-   other end (no exit code from the master, a non-zero code, requests missing, its deadline
-   passed) is abnormal;
+   other end (no exit code from the master, a non-zero code, requests missing, no answer for
+   ``--stall-timeout`` seconds) is abnormal;
 3. then the devices still usable are found: hostfile hosts that fail a short TCP probe are
    dropped (a refused connection counts as alive: the host answered), as is the device of every
    rank the master reported lost; on one machine every host is reachable;
@@ -18,7 +18,7 @@ takes over:
    (:func:`mpicdc.store.ensure_prepared`, only for random weights: imported weights cannot be
    re-cut without their source, so they need ``--plan``);
 5. the job is relaunched with the unanswered ids, at most ``--relaunches`` times, each attempt
-   bounded by ``--attempt-timeout``.  One line per relaunch says why, on which hosts, how many
+   ended when it answers nothing for ``--stall-timeout`` seconds.  One line per relaunch says why, on which hosts, how many
    requests are left.
 
 Exit code: 0 when every request was answered (and matched with ``--check``), 1 when all were
@@ -56,7 +56,7 @@ class SuperviseConfig:
     mpirun: str | None = None
     mpirun_args: tuple = ()
     relaunches: int = 3
-    attempt_timeout_s: float = 600.0
+    stall_timeout_s: float = 300.0
     plans: tuple = ()
     probe_port: int = 22
     probe_timeout_s: float = 2.0
@@ -213,9 +213,9 @@ class Attempt:
                 "ended": self.ended, "summary": (self.document or {}).get("summary")}
 
 
-def _why(end, attempt: Attempt, left: int, deadline_s: float) -> str:
+def _why(end, attempt: Attempt, left: int, stall_s: float) -> str:
     if end.timed_out:
-        return f"it ran past its deadline of {deadline_s:g} s"
+        return f"it answered nothing for {stall_s:g} s (--stall-timeout)"
     if end.reported is None:
         return (f"the master died or the runtime ended the job (no exit code from the master; mpirun returned "
                 f"{end.mpirun_code})")
@@ -278,7 +278,7 @@ def _attempts(cfg, args, run_argv, wanted, devices, journal, tmp: Path):
         cmd = mpirun_command(len(use), argv, hostfile, cfg.mpirun, extra=list(cfg.mpirun_args))
         runs_before = len(read_journal(journal).runs)
         attempt.launched = time.time()
-        end = run_once(cmd, len(use), hostfile, deadline_s=cfg.attempt_timeout_s)
+        end = run_once(cmd, len(use), hostfile, deadline_s=cfg.stall_timeout_s, progress=lambda: _size(journal))
         attempt.ended, attempt.code = time.time(), end.code
         if args.output and Path(args.output).exists():
             try:
@@ -302,7 +302,7 @@ def _attempts(cfg, args, run_argv, wanted, devices, journal, tmp: Path):
         if attempt.number == 1 and end.reported == 2 and not mine:
             say("the job could not start (exit 2, see above); nothing to relaunch")
             return attempts, 2
-        attempt.reason = _why(end, attempt, len(still), cfg.attempt_timeout_s)
+        attempt.reason = _why(end, attempt, len(still), cfg.stall_timeout_s)
         if attempt.number > cfg.relaunches:
             say(f"attempt {attempt.number} ended: {attempt.reason}; giving up after {cfg.relaunches} relaunch(es): "
                 f"{len(still)} of {len(wanted)} request(s) unanswered: {ids_text(still)}")
@@ -319,6 +319,14 @@ def _attempts(cfg, args, run_argv, wanted, devices, journal, tmp: Path):
         say(f"attempt {attempt.number} ended: {attempt.reason}; {len(wanted) - len(still)}/{len(wanted)} requests "
             f"answered{dropped}; relaunch {attempt.number}/{cfg.relaunches} on {after} rank(s) "
             f"({_hosts_text(devices[:after])}), {len(still)} request(s) left")
+
+
+def _size(path: str) -> int:
+    """The journal's size: it grows with every answer (the stall deadline's measure of progress)."""
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0
 
 
 def _hosts_text(hosts: list) -> str:
