@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -85,7 +86,7 @@ def test_hostfile_slots_in_rank_order_and_back(tmp_path):
     devices = read_hostfile(str(src))
     assert devices == ["10.0.0.1", "10.0.0.10", "10.0.0.10", "10.0.0.11"]
     out = write_hostfile(devices[:1] + devices[2:], tmp_path / "h2")
-    assert open(out).read() == "10.0.0.1 slots=1\n10.0.0.10 slots=1\n10.0.0.11 slots=1\n"
+    assert Path(out).read_text() == "10.0.0.1 slots=1\n10.0.0.10 slots=1\n10.0.0.11 slots=1\n"
 
 
 def test_probe_tells_a_refusing_host_from_a_silent_one():

@@ -55,17 +55,28 @@ def assert_every_request_answered_once(journal, results, n, reference, text):
                                    rtol=0, atol=RTOL * float(np.max(np.abs(reference))))
 
 
-def test_master_killed_mid_run_is_relaunched_and_every_request_answered_once(tiny, reference, tmp_path):
-    n = 120
+def wait_answered(journal, count: int, timeout: float = 60) -> int:
+    """Wait (bounded) until the journal holds ``count`` answers; how many it holds then."""
+    end = time.monotonic() + timeout
+    while len(read_journal(journal).answered) < count and time.monotonic() < end:
+        time.sleep(0.02)
+    return len(read_journal(journal).answered)
+
+
+def live_supervised(tiny, tmp_path, n: int, supervisor_args: list, answered: int) -> tuple:
+    """tiny under ``launch --supervise`` in the background, once ``answered`` requests are in its journal."""
     journal = tmp_path / "journal.jsonl"
     job = LiveJob(6, ["tiny", "--weights", tiny, "--repeat", str(n), "--check", "-q", "--journal", str(journal)],
-                  tmp_path, timeout=150, launcher_args=["--supervise", "--relaunches", "2"])
+                  tmp_path, timeout=150, launcher_args=["--supervise", *supervisor_args])
     job.wait_for("mpicdc: tiny on 6 ranks")
-    end = time.monotonic() + 60
-    while len(read_journal(journal).answered) < 20 and time.monotonic() < end:
-        time.sleep(0.02)
-    killed_with = len(read_journal(journal).answered)
-    assert 20 <= killed_with < n, f"answered {killed_with} before the kill\n{''.join(job.lines)}"
+    done = wait_answered(journal, answered)
+    assert answered <= done < n, f"answered {done} before the fault\n{''.join(job.lines)}"
+    return job, journal, done
+
+
+def test_master_killed_mid_run_is_relaunched_and_every_request_answered_once(tiny, reference, tmp_path):
+    n = 120
+    job, journal, killed_with = live_supervised(tiny, tmp_path, n, ["--relaunches", "2"], 20)
     job.signal_rank(0, signal.SIGKILL)
     killed_at = time.time()
     done = job.finish()
@@ -87,19 +98,26 @@ def test_master_killed_mid_run_is_relaunched_and_every_request_answered_once(tin
 def test_frozen_master_is_ended_by_the_stall_deadline_and_relaunched(tiny, reference, tmp_path):
     """SIGSTOP to rank 0: nothing fails, nothing is answered; after --stall-timeout the attempt is
     ended (the stopped master SIGKILLed with its job) and the rest replayed."""
-    n, journal = 80, tmp_path / "journal.jsonl"
-    job = LiveJob(6, ["tiny", "--weights", tiny, "--repeat", str(n), "--check", "-q", "--journal", str(journal)],
-                  tmp_path, timeout=150, launcher_args=["--supervise", "--stall-timeout", "10"])
-    job.wait_for("mpicdc: tiny on 6 ranks")
-    end = time.monotonic() + 60
-    while len(read_journal(journal).answered) < 10 and time.monotonic() < end:
-        time.sleep(0.02)
+    n = 80
+    job, journal, _ = live_supervised(tiny, tmp_path, n, ["--stall-timeout", "10"], 10)
     job.signal_rank(0, signal.SIGSTOP)
     done = job.finish()
     assert done.returncode == 0, done.stdout
     assert "made no progress for 10 s; ending it" in done.stdout, done.stdout
     assert "attempt 1 ended: it answered nothing for 10 s (--stall-timeout)" in done.stdout, done.stdout
     assert_every_request_answered_once(journal, done.results, n, reference, done.stdout)
+
+
+def test_sigterm_to_the_supervisor_ends_the_job_keeps_the_answers_and_relaunches_nothing(tiny, tmp_path):
+    n = 2000
+    job, journal, _ = live_supervised(tiny, tmp_path, n, [], 10)
+    job.proc.send_signal(signal.SIGTERM)
+    done = job.finish()
+    assert done.returncode == 143, done.stdout
+    assert "relaunch" not in done.stdout and "stopped by signal 15" in done.stdout, done.stdout
+    answered = read_journal(journal).answered
+    assert 10 <= len(answered) < n and len(read_journal(journal).runs) == 1, done.stdout
+    assert [r["request"] for r in done.results["requests"]] == sorted(answered), done.stdout  # nothing lost
 
 
 def _supervised(args, tmp_path, timeout=120):
@@ -118,7 +136,8 @@ def test_losses_beyond_tolerance_relaunch_on_fewer_ranks_with_a_plan_cut_on_the_
                        "--inject", "crash:2@3", "--inject", "crash:3@3", "--journal", str(journal)], tmp_path)
     assert job.returncode == 0, job.explain()
     assert ("attempt 1 ended: losses beyond the code's tolerance (exit 4, ranks lost: [2, 3]); 3/10 requests "
-            "answered; without the devices of lost ranks [2, 3]; relaunch 1/3 on 4 rank(s)") in job.stderr, job.explain()
+            "answered; without the devices of lost ranks [2, 3]; relaunch 1/3 on 4 rank(s)") in job.stderr, \
+        job.explain()
     attempts = job.results["attempts"]
     assert [a["ranks"] for a in attempts] == [6, 4], attempts
     assert attempts[1]["ids"] == "3-9" and "w2-p1-sum cut on the spot" in attempts[1]["plan"], attempts
@@ -134,7 +153,8 @@ def test_gives_up_with_exit_5_when_no_relaunch_is_left(tiny, tmp_path):
     assert "giving up after 0 relaunch(es): 3 of 6 request(s) unanswered: 3-5" in job.stderr, job.explain()
     assert read_journal(journal).answered == {0, 1, 2}
     summary = job.results["summary"]  # the answers it has are kept in the output
-    assert (summary["requests"], summary["ok"]) == (6, 3) and [r["request"] for r in job.results["requests"]] == [0, 1, 2]
+    assert (summary["requests"], summary["ok"]) == (6, 3)
+    assert [r["request"] for r in job.results["requests"]] == [0, 1, 2]
 
 
 def test_supervised_run_checks_its_options_before_launching(tmp_path):
@@ -177,9 +197,7 @@ def test_loud_node_death_on_the_cluster_relaunches_on_the_reachable_devices(tiny
         job = ClusterJob(c, cmd, env, timeout=150)
         c._jobs = [*getattr(c, "_jobs", []), job]
         job.wait_for("on 6 ranks")
-        end = time.monotonic() + 60
-        while len(read_journal(journal).answered) < 10 and time.monotonic() < end:
-            time.sleep(0.02)
+        assert wait_answered(journal, 10) >= 10, job.text
         c.loud_death(2)
         c.link_cut(2)  # it does not come back
         done = job.finish()

@@ -68,7 +68,7 @@ class Journal:
     ``Journal(None)`` writes nothing, so the run calls it unconditionally."""
 
     def __init__(self, path: str | None):
-        self._file = open(path, "a", encoding="utf-8") if path else None
+        self._file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 - kept open, closed by close()
         if self._file is not None and _ends_torn(path):  # a master killed mid-line: end that line first
             self._file.write("\n")
 

@@ -18,8 +18,8 @@ takes over:
    (:func:`mpicdc.store.ensure_prepared`, only for random weights: imported weights cannot be
    re-cut without their source, so they need ``--plan``);
 5. the job is relaunched with the unanswered ids, at most ``--relaunches`` times, each attempt
-   ended when it answers nothing for ``--stall-timeout`` seconds.  One line per relaunch says why, on which hosts, how many
-   requests are left.
+   ended when it answers nothing for ``--stall-timeout`` seconds.  One line per relaunch says
+   why, on which hosts, how many requests are left.
 
 Exit code: 0 when every request was answered (and matched with ``--check``), 1 when all were
 answered but a check failed, 2 when the first attempt could not start (bad options, weights),
@@ -245,14 +245,14 @@ def supervise(cfg: SuperviseConfig, run_argv: list) -> int:
     with tempfile.TemporaryDirectory(prefix="mpicdc-supervise-") as tmp:
         journal = args.journal or str(Path(tmp) / "journal.jsonl")
         attempts, stop = _attempts(cfg, args, run_argv, wanted, devices, journal, Path(tmp))
-        if stop is not None and stop != GAVE_UP:  # stopped by a signal, or could not start
+        if stop is not None and not read_journal(journal).answered:  # could not start, or stopped at once
             return stop
         code = _finish(args, wanted, attempts, journal)  # the summary and output, also of a partial run
-        return GAVE_UP if stop == GAVE_UP else code
+        return code if stop is None else stop
 
 
 def _attempts(cfg, args, run_argv, wanted, devices, journal, tmp: Path):
-    """Run attempts until every id is answered: ``(attempts, None)``, or ``(attempts, exit code)`` when it stops short."""
+    """Run attempts until every id is answered: ``(attempts, None)``; ``(attempts, exit code)`` if it stops short."""
     attempts: list = []
     first_world = min(cfg.np, len(devices))
     weights, note = args.weights, "weights as given"
@@ -365,7 +365,7 @@ def _finish(args, wanted: list, attempts: list, journal: str) -> int:
     late = lateness(wanted, journal)
     latencies = [a["latency_ms"] for a in answers] or [float("nan")]
     recoveries = []
-    for before, after in zip(attempts, attempts[1:]):
+    for before, after in zip(attempts, attempts[1:]):  # noqa: RUF007 - itertools.pairwise needs Python 3.10
         recoveries.append({"after_attempt": before.number, "why": before.reason,
                            "ready_s": None if after.ready is None else after.ready - before.ended,
                            "first_answer_s": None if after.first_answer is None else after.first_answer - before.ended})
