@@ -135,3 +135,16 @@ def test_lateness_counts_only_the_request_in_flight_when_a_run_died(tmp_path):
     assert set(late) == {2, 3}
     assert late[2] == pytest.approx(110.4 - 101.0)
     assert late[3] == pytest.approx(120.5 - (110.8 - 0.3))
+
+
+def test_run_refuses_bad_ids_and_a_missing_journal_before_starting_mpi(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    for option, value, said in (("--request-ids", "2,2", "appears twice"), ("--request-ids", "3-1", "runs backwards"),
+                                ("--skip-answered", str(tmp_path / "none.jsonl"), "no such journal file")):
+        done = subprocess.run([sys.executable, "-m", "mpicdc.run", "tiny", option, value], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2 and said in done.stderr, (option, value, done.stderr)
