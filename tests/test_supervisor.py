@@ -161,6 +161,10 @@ def test_supervised_run_checks_its_options_before_launching(tmp_path):
     job = run_bounded([sys.executable, "-m", "mpicdc.launch", "--supervise", "tiny", "--output", "x.h5"],
                       tmp_path, 60)
     assert job.returncode == 2 and "a supervised run writes JSON" in job.stderr, job.explain()
+    (tmp_path / "hosts").write_text("localhost slots=2\n")
+    job = run_bounded([sys.executable, "-m", "mpicdc.launch", "--supervise", "-np", "3", "--hostfile", "hosts",
+                       "tiny"], tmp_path, 60)
+    assert job.returncode == 2 and "-np 3 but the hostfile hosts lists 2 slot(s)" in job.stderr, job.explain()
 
 
 def _cluster_unavailable() -> str | None:

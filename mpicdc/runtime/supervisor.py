@@ -79,11 +79,11 @@ def read_hostfile(path: str) -> list:
         words = line.split("#", 1)[0].split()
         if not words:
             continue
-        slots = next((int(w.split("=", 1)[1]) for w in words[1:] if w.startswith(("slots=", "max_slots="))
+        slots = next((int(w.split("=", 1)[1]) for w in words[1:] if w.startswith("slots=")
                       and w.split("=", 1)[1].isdigit()), 1)
         devices += [words[0]] * slots
     if not devices:
-        raise GiveUp(f"hostfile {path} lists no host")
+        raise GiveUp("it lists no host")
     return devices
 
 
@@ -241,7 +241,14 @@ def supervise(cfg: SuperviseConfig, run_argv: list) -> int:
     if not wanted:
         say("every request is already answered; nothing to run")
         return 0
-    devices = read_hostfile(cfg.hostfile) if cfg.hostfile else ["localhost"] * cfg.np
+    try:
+        devices = read_hostfile(cfg.hostfile) if cfg.hostfile else ["localhost"] * cfg.np
+    except (OSError, ValueError, GiveUp) as exc:
+        say(f"error: --hostfile {cfg.hostfile}: {exc}")
+        return 2
+    if len(devices) < cfg.np:
+        say(f"error: -np {cfg.np} but the hostfile {cfg.hostfile} lists {len(devices)} slot(s); one rank per slot")
+        return 2
     with tempfile.TemporaryDirectory(prefix="mpicdc-supervise-") as tmp:
         journal = args.journal or str(Path(tmp) / "journal.jsonl")
         attempts, stop = _attempts(cfg, args, run_argv, wanted, devices, journal, Path(tmp))
