@@ -64,6 +64,8 @@ def test_request_ids_keep_order_and_skip_answered(tmp_path):
     assert request_ids(4, "7,2-3") == [7, 2, 3]
     with pytest.raises(ValueError, match="appears twice"):
         request_ids(1, "1,1")
+    with pytest.raises(ValueError, match="cannot write there"):
+        Journal(str(tmp_path / "no-such-folder" / "j.jsonl"))
     with pytest.raises(ValueError, match="no such journal"):
         request_ids(3, None, str(tmp_path / "missing.jsonl"))
     path = tmp_path / "j.jsonl"

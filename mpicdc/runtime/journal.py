@@ -68,7 +68,10 @@ class Journal:
     ``Journal(None)`` writes nothing, so the run calls it unconditionally."""
 
     def __init__(self, path: str | None):
-        self._file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 - kept open, closed by close()
+        try:
+            self._file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise ValueError(f"--journal {path}: cannot write there ({exc.strerror or exc})") from None
         if self._file is not None and _ends_torn(path):  # a master killed mid-line: end that line first
             self._file.write("\n")
 
