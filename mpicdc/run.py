@@ -74,7 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parity workers for mds/replication codes")
     p.add_argument("--no-prepare", action="store_true",
                    help="fail instead of preparing a missing default weight directory")
-    p.add_argument("--repeat", type=int, default=1, metavar="K", help="number of requests (default 1)")
+    p.add_argument("--repeat", type=int, default=1, metavar="K", help="number of requests, ids 0..K-1 (default 1)")
+    p.add_argument("--request-ids", metavar="IDS", help="serve only these request ids, in this order, e.g. "
+                                                      "3,7-9 (a replay keeps the ids; default 0..K-1)")
+    p.add_argument("--skip-answered", metavar="JOURNAL", help="drop the ids this --journal file holds as answered")
+    p.add_argument("--journal", metavar="FILE", help="append one JSON line per answered request (id, time, ok, "
+                                                     "top-k, output), fsynced, for a process watching the run; "
+                                                     "see docs/running.md")
     p.add_argument("--input", metavar="FILE", help=".npy array or image file (default: a deterministic "
                                                     "random input)")
     p.add_argument("--pixels", choices=("unit", "byte"), default="unit",
@@ -323,6 +329,7 @@ def _print_request(r, check, top_k, lost: set) -> None:
 def master_main(args, session) -> int:
     """Rank 0: run the requests, print and write the results; returns the exit code."""
     from mpicdc.core.kernels import forward
+    from mpicdc.runtime.journal import Journal, request_ids
     from mpicdc.store import reference_weights
 
     model = session.model
@@ -341,8 +348,12 @@ def master_main(args, session) -> int:
     kind = session.plan.code.partition(":")[0]
     rtol = CHECK_RTOL.get(kind, CHECK_RTOL["mds"])
     results, checks, exit_code = [], {}, 0
-    for _ in range(args.repeat):
+    ids = request_ids(args.repeat, args.request_ids, args.skip_answered)
+    journal = Journal(args.journal)
+    journal.start(session.plan.world_size, session.plan.tag, ids)
+    for rid in ids:
         r = session.infer(x)
+        r.request = rid  # the run's request id (the coordinator counts the requests of this job)
         if r.ok and not np.all(np.isfinite(r.output)):  # never a silent wrong answer
             r.error = f"request {r.request} produced {int(np.sum(~np.isfinite(r.output)))} non-finite output value(s)"
             r.output = None
@@ -353,6 +364,7 @@ def master_main(args, session) -> int:
                 exit_code = 1
         if not r.ok:
             exit_code = 1
+        journal.answer(rid, r, args.top_k, checks.get(rid))
         lost = session.dead | session.silent | session.coordinator.quarantined
         if not args.quiet:
             _print_request(r, checks.get(r.request), args.top_k, lost)
@@ -361,6 +373,8 @@ def master_main(args, session) -> int:
                   "serve further requests", file=sys.stderr, flush=True)
             exit_code = 4
             break
+    journal.end(exit_code, session.dead | session.silent | session.coordinator.quarantined)
+    journal.close()
     summary = _summary(results)
     if "mean_ms" in summary:
         print(f"summary: {summary['ok']}/{summary['requests']} requests ok; latency mean "
@@ -460,6 +474,9 @@ def _check_args(args) -> None:
         for option, value in (("--layer-timeout", args.layer_timeout), ("--startup-timeout", args.startup_timeout)):
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{option} must be a positive number of seconds, got {value}")
+        if args.request_ids is not None or args.skip_answered is not None:
+            from mpicdc.runtime.journal import request_ids
+            request_ids(args.repeat, args.request_ids, args.skip_answered)
         if args.inject:
             from mpicdc.core.faults import parse_injections
             injections = parse_injections(args.inject)

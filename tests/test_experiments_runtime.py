@@ -98,7 +98,7 @@ def test_recovery_quick(shared):
     run_experiment("recovery", out, shared / "weights")
     assert (out / "recovery.png").stat().st_size > 10_000
     reqs = rows(out / "requests.csv")
-    for system in ("CDC+1", "restart"):
+    for system in ("CDC+1", "restart", "supervised"):
         mine = sorted(int(r["request"]) for r in reqs if r["system"] == system)
         assert mine == list(range(5)), (system, mine)      # every request served, the killed one included
     for r in reqs:
@@ -110,6 +110,9 @@ def test_recovery_quick(shared):
     assert all(num(parts[k]) > 0 for k in ("detect_ms", "teardown_ms", "relaunch_reload_ms", "recompute_ms",
                                             "reshard_ms", "cdc_kill_request_ms"))
     assert abs(total - num(parts["restart_total_ms"])) < 1.0
+    # the supervised restart: the killed request was submitted before its job ended, answered after the relaunch
+    assert num(parts["supervised_late_ms"]) > num(parts["supervised_first_answer_ms"]) > \
+        num(parts["supervised_ready_ms"]) > 0
 
 
 def test_simval_quick(shared):
