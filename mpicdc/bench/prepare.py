@@ -9,7 +9,9 @@ file of that kind), so the report also gives what preparing adds on top of it.
   ``peak <= overhead + 1.5 x largest layer``.
 * A weight file (``--source FILE``, or ``--onnx``: the ``--model`` zoo model written as an ONNX
   file with its random weights in a temporary folder): the target is
-  ``peak <= overhead + file size + 2 x largest layer`` (issue 12: importer memory).
+  ``peak <= overhead + file size + 2 x largest layer`` (issue 12: importer memory).  It is meant
+  for files of tens of MB and more: prepare's own working set (parity encoded in steps of up to
+  16 MB of float64, HDF5 buffers) is about 10-20 MB whatever the file.
 """
 from __future__ import annotations
 
