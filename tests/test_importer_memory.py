@@ -149,11 +149,16 @@ def test_imported_weights_are_the_written_weights(tmp_path):
     assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs))
 
 
-def test_gemm_alpha_and_transposed_b_from_disk(tmp_path):
-    """Gemm(alpha=0.5, transB=0) with a 300 kB B read lazily: W is float32(float64(B.T) * alpha), bit for bit."""
+@pytest.mark.parametrize("via_identity", [False, True])
+def test_gemm_alpha_and_transposed_b_from_disk(tmp_path, via_identity):
+    """Gemm(alpha=0.5, transB=0) with a 300 kB B read lazily (directly, or through an Identity node as
+    exporters write tied weights): W is float32(float64(B.T) * alpha), bit for bit."""
     B = RNG.standard_normal((300, 256)).astype(np.float32)
     C = RNG.standard_normal(256).astype(np.float32)
-    nodes = [helper.make_node("Gemm", ["x", "B", "C"], ["y"], alpha=0.5, beta=2.0, name="fc")]
+    nodes = [helper.make_node("Gemm", ["x", "B_tied" if via_identity else "B", "C"], ["y"], alpha=0.5, beta=2.0,
+                              name="fc")]
+    if via_identity:
+        nodes.insert(0, helper.make_node("Identity", ["B"], ["B_tied"]))
     graph = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 300])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
                               [numpy_helper.from_array(B, "B"), numpy_helper.from_array(C, "C")])

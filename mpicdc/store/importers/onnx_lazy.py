@@ -102,18 +102,18 @@ class Constants(MutableMapping):
     def __contains__(self, name) -> bool:
         return name in self._arrays or name in self._refs
 
-    def __iter__(self):
+    def __iter__(self):            # a name is in one of the two dicts, never both
         yield from self._arrays
-        yield from (n for n in self._refs if n not in self._arrays)
+        yield from self._refs
 
     def __len__(self) -> int:
-        return len(self._arrays) + sum(1 for n in self._refs if n not in self._arrays)
+        return len(self._arrays) + len(self._refs)
 
     def alias(self, new: str, old: str) -> bool:
         """Bind ``new`` to the same on-disk tensor as ``old`` (an ``Identity`` of an initializer); False if
         ``old`` is not on disk."""
         ref = self._refs.get(old)
-        if ref is None or old in self._arrays:
+        if ref is None:
             return False
         self._arrays.pop(new, None)
         self._refs[new] = ref
