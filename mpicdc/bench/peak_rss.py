@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     atexit.register(write)            # runs after sys.exit() too
     if mode == "-c":
         sys.argv = ["-c"] + argv[3:]
-        exec(compile(target, "<peak_rss -c>", "exec"), {"__name__": "__main__"})
+        exec(compile(target, "<peak_rss -c>", "exec"), {"__name__": "__main__"})  # noqa: S102 -- as python -c
     else:
         sys.argv = [target] + argv[3:]
         runpy.run_module(target, run_name="__main__", alter_sys=True)

@@ -19,7 +19,6 @@ from typing import Optional
 import numpy as np
 
 from mpicdc.store.importers.common import (
-    DTYPE,
     GraphState,
     ModelImportError,
     UnsupportedOpError,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
 
 import numpy as np
 
@@ -29,10 +28,10 @@ def _window(attrs: dict, nd: int, name: str, pool: bool = False) -> dict:
     s = attrs.get("stride", kernel if pool else 1)
     strides = [int(s)] * nd if np.ndim(s) == 0 else [int(x) for x in s]
     pairs = pad_pairs(attrs.get("padding", 0), nd, name)
-    return dict(kernel_shape=kernel, strides=strides, pads=[b for b, _ in pairs] + [e for _, e in pairs])
+    return {"kernel_shape": kernel, "strides": strides, "pads": [b for b, _ in pairs] + [e for _, e in pairs]}
 
 
-def save_onnx(path, model: Model, weights: Optional[dict] = None, *, seed: int = 0, opset: int = 13) -> str:
+def save_onnx(path, model: Model, weights: dict | None = None, *, seed: int = 0, opset: int = 13) -> str:
     """Write ``model`` to ``path`` as an ONNX graph; returns the path.  Local.
 
     ``weights`` is ``{layer: (W, b)}`` in the GEMM layout; ``None`` uses the zoo's seeded random
@@ -115,7 +114,6 @@ def save_onnx(path, model: Model, weights: Optional[dict] = None, *, seed: int =
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1] + list(model.input_shape))],
                               [helper.make_tensor_value_info(model.output, TensorProto.FLOAT, out_shape)], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="mpicdc")
-    del inits, nodes
     target = os.fspath(path)
     onnx.save(proto, target)
     return target
