@@ -9,7 +9,6 @@ under 2 GB; layers are made (or taken from ``weights``) one at a time.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -118,9 +117,3 @@ def save_onnx(path, model: Model, weights: dict | None = None, *, seed: int = 0,
     onnx.save(proto, target)
     return target
 
-
-def largest_layer_bytes(model: Model) -> tuple:
-    """``(layer name, bytes)`` of the model's largest float32 weight matrix."""
-    shapes = model.weight_shapes()
-    name = max(shapes, key=lambda k: math.prod(shapes[k]))
-    return name, 4 * math.prod(shapes[name])
