@@ -209,7 +209,7 @@ def _read_weights_only(f, source: str, model, kind: str, data_format: str) -> di
                 entries.append(e)
     if not entries:
         raise ModelImportError(f"{source}: no layer with weights found")
-    return bind_weights(model, entries, source)
+    return bind_weights(model, entries, source, consume=True)
 
 
 # ---------------------------------------------------------------- full models

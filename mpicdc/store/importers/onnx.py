@@ -19,13 +19,14 @@ from typing import Optional
 import numpy as np
 
 from mpicdc.store.importers.common import (
-    DTYPE,
     GraphState,
     ModelImportError,
     UnsupportedOpError,
     Value,
     identity_perm,
+    scaled_rows,
 )
+from mpicdc.store.importers.onnx_lazy import Constants, read_onnx
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +78,15 @@ def load_onnx(path, *, input_shape: Optional[tuple] = None, name: Optional[str] 
     source = os.fspath(path)
     if not os.path.isfile(source):
         raise FileNotFoundError(f"no such ONNX file: {source}")
-    try:
-        proto = onnx.load(source, load_external_data=True)
-    except Exception as exc:  # DecodeError, OSError, ... from protobuf
+    try:   # large initializers stay on disk until their layer is converted (onnx_lazy.py)
+        proto, refs = read_onnx(onnx, source)
+    except Exception as exc:  # MalformedOnnx, DecodeError, OSError, ... from protobuf
         raise ModelImportError(f"{source}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     if not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise ModelImportError(f"{source}: not an ONNX model (no graph nodes found)")
     if name is None:
         name = os.path.splitext(os.path.basename(source))[0]
-    return _OnnxConverter(onnx, proto, source, name, input_shape).run()
+    return _OnnxConverter(onnx, proto, source, name, input_shape, refs).run()
 
 
 def _attrs(onnx, node) -> dict:
@@ -97,7 +98,7 @@ def _str(value) -> str:
 
 
 class _OnnxConverter:
-    def __init__(self, onnx, proto, source, name, input_shape):
+    def __init__(self, onnx, proto, source, name, input_shape, refs=None):
         self.onnx = onnx
         self.proto = proto
         self.graph = proto.graph
@@ -105,7 +106,7 @@ class _OnnxConverter:
         self.state = GraphState(source, name)
         self.input_shape = input_shape
         self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
-        self.consts: dict = {}
+        self.consts = Constants(refs)     # initializers left on disk are read when used, not kept
         self.values: dict = {}
         self.consumers: dict = {}
         self.producer: dict = {}
@@ -162,15 +163,17 @@ class _OnnxConverter:
     def eval_const(self, node) -> Optional[list]:
         """Outputs of ``node`` if it is computable at import time, else None."""
         op, a = node.op_type, _attrs(self.onnx, node)
-        ins = [self.consts.get(n) if n else None for n in node.input]
-        present = [x for n, x in zip(node.input, ins) if n]
         if op == "Constant":
             return [self._constant_attr(node, a)]
         if op == "Shape" and node.input[0] in self.values:
             shape = np.array((1,) + tuple(self.values[node.input[0]].shape), np.int64)
             return [shape[a.get("start", 0): a.get("end", len(shape))]]
-        if op not in CONSTANT_OPS or any(x is None for x in present):
-            return None
+        if op not in CONSTANT_OPS or any(n and n not in self.consts for n in node.input):
+            return None   # checked before reading: a weight on disk is read only by the layer that uses it
+        if op == "Identity" and self.consts.alias(node.output[0], node.input[0]):
+            return []     # the output names the same tensor on disk
+        ins = [self.consts.get(n) if n else None for n in node.input]
+        present = [x for n, x in zip(node.input, ins) if n]
         if op == "Identity":
             return [ins[0]]
         if op == "Cast":
@@ -243,7 +246,8 @@ class _OnnxConverter:
         nh = self.onnx.numpy_helper
         g = self.graph
         for init in g.initializer:
-            self.consts[init.name] = nh.to_array(init)
+            if init.name not in self.consts:
+                self.consts[init.name] = nh.to_array(init)
         for node in g.node:
             for n in node.input:
                 if n:
@@ -545,15 +549,16 @@ class _OnnxConverter:
         C = self.opt_const(node, 2)
         if B.ndim != 2:
             raise self.unsupported(node, f"B of shape {B.shape} is not a matrix")
-        W = B.T if not a.get("transB", 0) else B  # (out, in)
-        W = np.asarray(W, np.float64) * a.get("alpha", 1.0)
+        # (out, in), float32 C-ordered; alpha applied in float64 a few rows at a time (no full float64 copy)
+        W = scaled_rows(B.T if not a.get("transB", 0) else B, float(a.get("alpha", 1.0)))
+        del B
         b = None
         if C is not None:
             C = np.asarray(C, np.float64) * a.get("beta", 1.0)
             if C.size not in (1, W.shape[0]):
                 raise self.unsupported(node, f"bias C of shape {C.shape} is not per output")
             b = np.broadcast_to(C.reshape(-1), (W.shape[0],))
-        self.values[node.output[0]] = self.state.dense(v, W.astype(DTYPE), b, self.linear_hint(node, 1))
+        self.values[node.output[0]] = self.state.dense(v, W, b, self.linear_hint(node, 1))
 
     def op_MatMul(self, node, a):
         if node.input[0] in self.consts:
