@@ -1,0 +1,277 @@
+"""Healing with spare ranks: a lost rank's blocks move to a spare and the code's tolerance comes back.
+
+In-process cases run the real master, worker and spare loops over the fake network (the
+``Cluster`` of test_protocol.py, with spare threads) on real ``tiny`` shards; every output is
+compared with the serial fault-free reference (``Cluster.infer``).  A second loss after healing
+must cost no request: that is what "full tolerance" means.  The real mpiexec jobs are at the end.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+from mpi_helpers import requires_mpi, run_job
+from test_protocol import cluster  # noqa: F401 - a fixture
+
+from mpicdc import store
+from mpicdc.core.faults import parse_injections
+from mpicdc.core.models import get_model
+from mpicdc.core.plan import make_plan
+from mpicdc.runtime.healing import plan_ranks, reassign
+
+LIMIT = 200  # requests a test serves at most while waiting for a takeover (tiny: milliseconds each)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    made = {}
+
+    def get(code, n, r):
+        if (code, n, r) not in made:
+            made[code, n, r] = store.prepare_zoo(tmp_path_factory.mktemp("shards"), "tiny", n, r, code)
+        return made[code, n, r]
+    return get
+
+
+def serve_until(c, done, limit=LIMIT) -> list:
+    """Serve requests (each must succeed and match the reference) until ``done()``; returns the results."""
+    results = []
+    for _ in range(limit):
+        r = c.infer()
+        assert r.ok, r.error
+        results.append(r)
+        if done():
+            return results
+    pytest.fail(f"not done after {limit} requests; takeovers: {[t.to_dict() for t in c.master.healer.takeovers]}")
+
+
+def healed(c, count=1):
+    return lambda: sum(t.outcome == "healed" for t in c.master.healer.takeovers) >= count
+
+
+def test_reassign_moves_every_block_of_a_rank_and_refuses_a_rank_already_in_the_plan():
+    plan = make_plan(get_model("tiny"), 4, 1, "sum")
+    moved = reassign(plan, 2, 6)
+    assert plan_ranks(moved) == {1, 3, 4, 5, 6}
+    for before, after in zip(plan.layers, moved.layers):
+        assert after.ranks == tuple(6 if r == 2 else r for r in before.ranks) and after.rows == before.rows
+    assert moved.rank_blocks(6) == [(lp, b) for lp, b in moved.rank_blocks(6)]
+    assert [b for _, b in moved.rank_blocks(6)] == [b for _, b in plan.rank_blocks(2)]
+    with pytest.raises(ValueError, match="rank 3 already computes blocks"):
+        reassign(plan, 2, 3)
+
+
+def test_a_dead_rank_is_replaced_and_a_second_loss_costs_no_request(shards, cluster):  # noqa: F811
+    c = cluster(shards("sum", 4, 1), spares=1)
+    assert c.infer().ok
+    c.kill(2)
+    serve_until(c, healed(c))
+    t = c.master.healer.takeovers[0]
+    assert (t.logical, t.replaced, t.spare, t.reason) == (2, 2, 6, "dead")
+    assert 6 in plan_ranks(c.master.plan) and 2 not in plan_ranks(c.master.plan)
+    assert c.master.can_serve()
+    serve_until(c, lambda: any(a.rank == 6 and a.status == "reply" for a in c.master.arrivals))
+    c.kill(3)  # sum parity tolerates one loss: with the spare in, this one too
+    for _ in range(3):
+        r = c.infer()
+        assert r.ok, r.error
+    assert c.master.healer.pool == []
+    c.close()
+
+
+def test_requests_during_the_takeover_are_decoded_without_waiting_for_the_spare(shards, cluster):  # noqa: F811
+    """The spare's load blocks until released: requests in between must be served (decoded), not wait."""
+    directory = shards("sum", 4, 1)
+    release, loading = threading.Event(), threading.Event()
+
+    def slow_load(rank):
+        loading.set()
+        assert release.wait(30), "the test never released the spare"
+        return store.load_rank(directory, rank)
+
+    c = cluster(directory, spares=1, load=slow_load)
+    c.kill(1)
+    serve_until(c, loading.is_set)
+    for _ in range(5):  # the spare is stuck loading: these are decoded around rank 1
+        r = c.infer()
+        assert r.ok, r.error
+        assert all(1 in rec.missing_ranks for rec in r.layers)
+    assert c.master.healer.takeovers[0].outcome == "pending"
+    release.set()
+    serve_until(c, healed(c))
+    c.kill(4)  # the parity rank: still within tolerance once the spare is in
+    assert c.infer().ok
+    c.close()
+
+
+def test_a_silent_rank_is_replaced(shards, cluster):  # noqa: F811
+    c = cluster(shards("sum", 4, 1), spares=1, max_outstanding=4)
+    c.data.hold(3)  # rank 3 stalls: nothing reaches it
+    serve_until(c, lambda: 3 in c.master.silent)
+    serve_until(c, healed(c))
+    assert c.master.healer.takeovers[0].reason == "silent"
+    c.kill(1)  # a second loss while rank 3 is still stalled
+    for _ in range(3):
+        r = c.infer()
+        assert r.ok, r.error
+    c.data.release(3)
+    c.close()
+
+
+def test_mds_two_spares_replace_two_losses_then_two_more_cost_nothing(shards, cluster):  # noqa: F811
+    c = cluster(shards("mds", 3, 2), spares=2)
+    c.kill(1)
+    c.kill(4)
+    serve_until(c, healed(c, 2))
+    assert sorted((t.logical, t.spare) for t in c.master.healer.takeovers) in ([(1, 6), (4, 7)], [(1, 7), (4, 6)])
+    c.kill(2)
+    c.kill(5)
+    for _ in range(3):
+        r = c.infer()
+        assert r.ok, r.error
+    c.close()
+
+
+def test_a_quarantined_rank_is_replaced(shards, cluster):  # noqa: F811
+    c = cluster(shards("mds", 3, 2), spares=1, integrity="strict",
+                injections=parse_injections(["corrupt:2@1=scale"]))
+    serve_until(c, healed(c))
+    t = c.master.healer.takeovers[0]
+    assert (t.logical, t.reason) == (2, "quarantined") and 2 in c.master.quarantined
+    c.kill(1)  # with rank 2 quarantined this would be the code's last loss; the spare makes it two
+    c.kill(3)
+    for _ in range(3):
+        r = c.infer()
+        assert r.ok, r.error
+    c.close()
+
+
+def test_a_spare_that_took_over_and_dies_is_replaced_by_the_next_spare(shards, cluster):  # noqa: F811
+    c = cluster(shards("sum", 4, 1), spares=2)
+    c.kill(2)
+    serve_until(c, healed(c))
+    first = c.master.healer.takeovers[0].spare
+    c.kill(first)
+    serve_until(c, healed(c, 2))
+    second = c.master.healer.takeovers[1]
+    assert (second.logical, second.replaced, second.reason) == (2, first, "dead") and second.spare != first
+    c.kill(4)
+    assert c.infer().ok
+    c.close()
+
+
+def test_an_idle_spare_that_dies_leaves_the_pool(shards, cluster):  # noqa: F811
+    c = cluster(shards("sum", 4, 1), spares=2)
+    c.kill(6)
+    assert c.infer().ok
+    assert c.master.healer.pool == [7]
+    c.kill(1)
+    serve_until(c, healed(c))
+    assert [(t.spare, t.outcome) for t in c.master.healer.takeovers] == [(7, "healed")]
+    c.close()
+
+
+def test_a_spare_lost_while_loading_gives_way_to_the_next(shards, cluster):  # noqa: F811
+    directory = shards("sum", 4, 1)
+    release, loading = threading.Event(), threading.Event()
+
+    def load(rank):
+        loading.set()
+        release.wait(30)
+        return store.load_rank(directory, rank)
+
+    c = cluster(directory, spares=2, load=load)
+    c.kill(3)
+    serve_until(c, loading.is_set)
+    c.kill(c.master.healer.takeovers[0].spare)
+    release.set()
+    serve_until(c, healed(c))
+    assert [t.outcome for t in c.master.healer.takeovers] == ["spare lost", "healed"]
+    c.close()
+
+
+def test_a_spare_that_cannot_load_refuses_and_the_rank_stays_decoded_around(shards, cluster):  # noqa: F811
+    def load(rank):
+        raise store.ShardError(f"rank-{rank:03d}.h5: no such file on this device")
+
+    c = cluster(shards("sum", 4, 1), spares=1, load=load)
+    c.kill(2)
+    serve_until(c, lambda: c.master.healer.takeovers and c.master.healer.takeovers[0].outcome != "pending")
+    assert c.master.healer.takeovers[0].outcome == "refused" and c.master.healer.pool == []
+    for _ in range(2):  # tolerance reduced, not lost: the job goes on decoding around rank 2
+        r = c.infer()
+        assert r.ok, r.error
+    assert c.close() == []  # the refusing spare still stops when asked
+
+
+# ---------------------------------------------------------------- real mpiexec jobs
+
+def _takeovers(job) -> list:
+    return [(t["logical"], t["spare"], t["outcome"]) for t in job.results["healing"]]
+
+
+def _all_served_and_matched(job, count):
+    assert job.returncode == 0, job.explain()
+    reqs = job.results["requests"]
+    assert len(reqs) == count and all(r["ok"] for r in reqs), job.explain()
+    assert "check: MATCHED" in job.stdout, job.explain()
+
+
+@requires_mpi
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_job_sum_parity_one_spare_two_losses_in_sequence(tmp_path):
+    shards = store.prepare_zoo(tmp_path, "tiny", 4, 1, "sum")
+    job = run_job(7, ["tiny", "--weights", str(shards), "--spares", "1", "--repeat", "60", "--check",
+                      "--inject", "crash:2@1", "--inject", "crash:3@40"], tmp_path)
+    _all_served_and_matched(job, 60)
+    assert _takeovers(job) == [(2, 6, "healed")], job.explain()
+    assert job.results["healing"][0]["healed_request"] < 40, job.explain()
+    assert sorted(job.results["dead_ranks"]) == [2, 3]
+    assert "healing: rank 2 -> spare 6" in job.stdout
+
+
+@requires_mpi
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_job_mds_two_spares_four_losses(tmp_path):
+    shards = store.prepare_zoo(tmp_path, "tiny", 3, 2, "mds")
+    job = run_job(8, ["tiny", "--weights", str(shards), "--spares", "2", "--repeat", "60", "--check",
+                      "--inject", "crash:1@1", "--inject", "crash:4@2",
+                      "--inject", "crash:2@40", "--inject", "crash:5@45"], tmp_path)
+    _all_served_and_matched(job, 60)
+    assert sorted((lg, out) for lg, _, out in _takeovers(job)) == [(1, "healed"), (4, "healed")], job.explain()
+
+
+@requires_mpi
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_job_quarantined_rank_replaced_under_strict_integrity(tmp_path):
+    shards = store.prepare_zoo(tmp_path, "tiny", 3, 2, "mds")
+    job = run_job(7, ["tiny", "--weights", str(shards), "--spares", "1", "--repeat", "60", "--check",
+                      "--integrity", "strict", "--inject", "corrupt:2@1",
+                      "--inject", "crash:1@40", "--inject", "crash:3@45"], tmp_path)
+    _all_served_and_matched(job, 60)
+    assert _takeovers(job) == [(2, 6, "healed")], job.explain()
+    assert job.results["healing"][0]["reason"] == "quarantined"
+
+
+@requires_mpi
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_job_a_spare_killed_after_its_takeover_is_replaced(tmp_path):
+    shards = store.prepare_zoo(tmp_path, "tiny", 4, 1, "sum")
+    job = run_job(8, ["tiny", "--weights", str(shards), "--spares", "2", "--repeat", "70", "--check",
+                      "--inject", "crash:2@1", "--inject", "crash:6@30", "--inject", "crash:3@55"], tmp_path)
+    _all_served_and_matched(job, 70)
+    assert _takeovers(job) == [(2, 6, "healed"), (2, 7, "healed")], job.explain()
+    assert sorted(job.results["dead_ranks"]) == [2, 3, 6]
+
+
+@requires_mpi
+@pytest.mark.mpi
+def test_job_wrong_world_size_with_spares_names_the_right_np(tmp_path):
+    shards = store.prepare_zoo(tmp_path, "tiny", 4, 1, "sum")
+    job = run_job(6, ["tiny", "--weights", str(shards), "--spares", "1"], tmp_path, output=False)
+    assert job.returncode == 2, job.explain()
+    assert "launch with mpiexec -np 7 (6 + 1 spare(s))" in job.stderr, job.explain()
