@@ -8,6 +8,7 @@ must cost no request: that is what "full tolerance" means.  The real mpiexec job
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from mpi_helpers import requires_mpi, run_job
@@ -19,7 +20,7 @@ from mpicdc.core.models import get_model
 from mpicdc.core.plan import make_plan
 from mpicdc.runtime.healing import plan_ranks, reassign
 
-LIMIT = 200  # requests a test serves at most while waiting for a takeover (tiny: milliseconds each)
+DEADLINE_S = 30.0  # how long a test serves requests while waiting for a takeover (tiny: milliseconds each)
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +34,16 @@ def shards(tmp_path_factory):
     return get
 
 
-def serve_until(c, done, limit=LIMIT) -> list:
-    """Serve requests (each must succeed and match the reference) until ``done()``; returns the results."""
-    results = []
-    for _ in range(limit):
+def serve_until(c, done) -> int:
+    """Serve requests (each must succeed and match the reference) until ``done()``; returns how many."""
+    end, count = time.monotonic() + DEADLINE_S, 0
+    while time.monotonic() < end:
         r = c.infer()
         assert r.ok, r.error
-        results.append(r)
+        count += 1
         if done():
-            return results
-    pytest.fail(f"not done after {limit} requests; takeovers: {[t.to_dict() for t in c.master.healer.takeovers]}")
+            return count
+    pytest.fail(f"not done within {DEADLINE_S} s; takeovers: {[t.to_dict() for t in c.master.healer.takeovers]}")
 
 
 def healed(c, count=1):
@@ -104,8 +105,20 @@ def test_requests_during_the_takeover_are_decoded_without_waiting_for_the_spare(
     c.close()
 
 
-def test_a_silent_rank_is_replaced(shards, cluster):  # noqa: F811
+def test_a_brief_stall_does_not_spend_a_spare(shards, cluster):  # noqa: F811
     c = cluster(shards("sum", 4, 1), spares=1, max_outstanding=4)
+    c.master.healer.silent_grace_s = 60.0  # far longer than the stall below
+    c.data.hold(3)
+    serve_until(c, lambda: 3 in c.master.silent)
+    c.data.release(3)
+    serve_until(c, lambda: 3 not in c.master.silent)
+    assert c.master.healer.takeovers == [] and c.master.healer.pool == [6]
+    c.close()
+
+
+def test_a_silent_rank_is_replaced_after_its_grace(shards, cluster):  # noqa: F811
+    c = cluster(shards("sum", 4, 1), spares=1, max_outstanding=4)
+    c.master.healer.silent_grace_s = 0.2
     c.data.hold(3)  # rank 3 stalls: nothing reaches it
     serve_until(c, lambda: 3 in c.master.silent)
     serve_until(c, healed(c))

@@ -86,10 +86,14 @@ class Healer:
     coordinator : the :class:`~mpicdc.runtime.master.Coordinator` whose ``plan`` is healed.
     spares : the idle spare ranks, used in this order.
     timeout_s : how long a spare may take to load a shard and answer before it is given up.
+    silent_grace_s : a silent rank (alive, not answering) is replaced only after being silent this
+        long: a brief stall (CPU contention) re-admits it without spending a spare.  Dead and
+        quarantined ranks are replaced at once.
     """
 
-    def __init__(self, ctrl: Channel, coordinator, spares, timeout_s: float = 60.0):
+    def __init__(self, ctrl: Channel, coordinator, spares, timeout_s: float = 60.0, silent_grace_s: float = 1.0):
         self.ctrl, self.coordinator, self.timeout_s = ctrl, coordinator, timeout_s
+        self.silent_grace_s = silent_grace_s
         self.pool = list(spares)
         self.logical: dict = {}     # spare in the plan -> the prepared rank it stands for
         self.active: dict = {}      # spare -> its pending Takeover
@@ -107,8 +111,11 @@ class Healer:
         gone = c.dead | c.silent | c.quarantined
         busy = {t.replaced for t in self.active.values()}
         self._seen = {r: seen for r, seen in self._seen.items() if r in gone or r in busy}  # re-admitted
+        now = time.perf_counter()
         for rank in sorted(plan_ranks(c.plan) & gone - busy):
-            self._seen.setdefault(rank, (time.perf_counter(), c.next_request - 1))
+            self._seen.setdefault(rank, (now, c.next_request - 1))
+            if self._reason(rank) == "silent" and now - self._seen[rank][0] < self.silent_grace_s:
+                continue
             while self.pool and rank not in {t.replaced for t in self.active.values()}:
                 self._assign(rank, self._reason(rank))
             if rank not in {t.replaced for t in self.active.values()} and rank not in self._told_empty:
