@@ -30,6 +30,8 @@ examples:
   python -m mpicdc.launch -np 6 vgg16
   # kill worker 2 with SIGKILL in request 1 at layer conv3_1, check every output:
   python -m mpicdc.launch -np 6 vgg16 --repeat 3 --inject crash:2@1:conv3_1 --check
+  # one spare rank (7 = 6 + 1): when worker 2 dies the spare takes its place, so worker 3's death costs nothing:
+  python -m mpicdc.launch -np 7 tiny --spares 1 --repeat 40 --inject crash:2@1 --inject crash:3@30 --check
   # stragglers: worker 1 replies after a shifted-exponential delay, 20 requests, JSON out:
   python -m mpicdc.launch -np 6 alexnet --repeat 20 --inject delay:1:shexp:0.01,0.05 --output run.json
 

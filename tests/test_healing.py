@@ -46,6 +46,24 @@ def serve_until(c, done) -> int:
     pytest.fail(f"not done within {DEADLINE_S} s; takeovers: {[t.to_dict() for t in c.master.healer.takeovers]}")
 
 
+def serve(c, count: int) -> None:
+    """Serve ``count`` requests; each must succeed and match the reference."""
+    for _ in range(count):
+        r = c.infer()
+        assert r.ok, r.error
+
+
+def held_loader(directory):
+    """A spare's shard loader that blocks until released: ``(load, loading, release)`` events."""
+    loading, release = threading.Event(), threading.Event()
+
+    def load(rank):
+        loading.set()
+        assert release.wait(30), "the test never released the spare"
+        return store.load_rank(directory, rank)
+    return load, loading, release
+
+
 def healed(c, count=1):
     return lambda: sum(t.outcome == "healed" for t in c.master.healer.takeovers) >= count
 
@@ -73,24 +91,15 @@ def test_a_dead_rank_is_replaced_and_a_second_loss_costs_no_request(shards, clus
     assert c.master.can_serve()
     serve_until(c, lambda: any(a.rank == 6 and a.status == "reply" for a in c.master.arrivals))
     c.kill(3)  # sum parity tolerates one loss: with the spare in, this one too
-    for _ in range(3):
-        r = c.infer()
-        assert r.ok, r.error
+    serve(c, 3)
     assert c.master.healer.pool == []
     c.close()
 
 
 def test_requests_during_the_takeover_are_decoded_without_waiting_for_the_spare(shards, cluster):  # noqa: F811
     """The spare's load blocks until released: requests in between must be served (decoded), not wait."""
-    directory = shards("sum", 4, 1)
-    release, loading = threading.Event(), threading.Event()
-
-    def slow_load(rank):
-        loading.set()
-        assert release.wait(30), "the test never released the spare"
-        return store.load_rank(directory, rank)
-
-    c = cluster(directory, spares=1, load=slow_load)
+    load, loading, release = held_loader(shards("sum", 4, 1))
+    c = cluster(shards("sum", 4, 1), spares=1, load=load)
     c.kill(1)
     serve_until(c, loading.is_set)
     for _ in range(5):  # the spare is stuck loading: these are decoded around rank 1
@@ -124,9 +133,7 @@ def test_a_silent_rank_is_replaced_after_its_grace(shards, cluster):  # noqa: F8
     serve_until(c, healed(c))
     assert c.master.healer.takeovers[0].reason == "silent"
     c.kill(1)  # a second loss while rank 3 is still stalled
-    for _ in range(3):
-        r = c.infer()
-        assert r.ok, r.error
+    serve(c, 3)
     c.data.release(3)
     c.close()
 
@@ -139,9 +146,7 @@ def test_mds_two_spares_replace_two_losses_then_two_more_cost_nothing(shards, cl
     assert sorted((t.logical, t.spare) for t in c.master.healer.takeovers) in ([(1, 6), (4, 7)], [(1, 7), (4, 6)])
     c.kill(2)
     c.kill(5)
-    for _ in range(3):
-        r = c.infer()
-        assert r.ok, r.error
+    serve(c, 3)
     c.close()
 
 
@@ -153,9 +158,7 @@ def test_a_quarantined_rank_is_replaced(shards, cluster):  # noqa: F811
     assert (t.logical, t.reason) == (2, "quarantined") and 2 in c.master.quarantined
     c.kill(1)  # with rank 2 quarantined this would be the code's last loss; the spare makes it two
     c.kill(3)
-    for _ in range(3):
-        r = c.infer()
-        assert r.ok, r.error
+    serve(c, 3)
     c.close()
 
 
@@ -185,15 +188,8 @@ def test_an_idle_spare_that_dies_leaves_the_pool(shards, cluster):  # noqa: F811
 
 
 def test_a_spare_lost_while_loading_gives_way_to_the_next(shards, cluster):  # noqa: F811
-    directory = shards("sum", 4, 1)
-    release, loading = threading.Event(), threading.Event()
-
-    def load(rank):
-        loading.set()
-        release.wait(30)
-        return store.load_rank(directory, rank)
-
-    c = cluster(directory, spares=2, load=load)
+    load, loading, release = held_loader(shards("sum", 4, 1))
+    c = cluster(shards("sum", 4, 1), spares=2, load=load)
     c.kill(3)
     serve_until(c, loading.is_set)
     c.kill(c.master.healer.takeovers[0].spare)
@@ -211,9 +207,7 @@ def test_a_spare_that_cannot_load_refuses_and_the_rank_stays_decoded_around(shar
     c.kill(2)
     serve_until(c, lambda: c.master.healer.takeovers and c.master.healer.takeovers[0].outcome != "pending")
     assert c.master.healer.takeovers[0].outcome == "refused" and c.master.healer.pool == []
-    for _ in range(2):  # tolerance reduced, not lost: the job goes on decoding around rank 2
-        r = c.infer()
-        assert r.ok, r.error
+    serve(c, 2)
     assert c.close() == []  # the refusing spare still stops when asked
 
 

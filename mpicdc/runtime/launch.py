@@ -169,7 +169,8 @@ def main(argv=None) -> int:
                     "(see python -m mpicdc.run --help).",
         epilog="example: python -m mpicdc.launch -np 6 vgg16 --repeat 3 --inject crash:2@1:conv3_1 --check")
     p.add_argument("-np", "-n", dest="np", type=int, default=6, help="number of ranks (default 6: master, "
-                                                                     "4 workers, 1 parity)")
+                                                                     "4 workers, 1 parity; one more per "
+                                                                     "--spares)")
     p.add_argument("--hostfile", help="Open MPI hostfile (default: this machine only)")
     p.add_argument("--mpirun", help="path of mpirun (default: the one beside this Python, or on PATH)")
     p.add_argument("--mpirun-arg", action="append", default=[], metavar="ARG",
