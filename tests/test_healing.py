@@ -7,6 +7,7 @@ must cost no request: that is what "full tolerance" means.  The real mpiexec job
 """
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -18,7 +19,7 @@ from mpicdc import store
 from mpicdc.core.faults import parse_injections
 from mpicdc.core.models import get_model
 from mpicdc.core.plan import make_plan
-from mpicdc.runtime.healing import plan_ranks, reassign
+from mpicdc.runtime.healing import ShardMissing, load_shard, plan_ranks, reassign
 
 DEADLINE_S = 30.0  # how long a test serves requests while waiting for a takeover (tiny: milliseconds each)
 
@@ -62,6 +63,11 @@ def held_loader(directory):
         assert release.wait(30), "the test never released the spare"
         return store.load_rank(directory, rank)
     return load, loading, release
+
+
+def first_outcome(c):
+    """Whether the first takeover has ended (healed or given up)."""
+    return lambda: c.master.healer.takeovers and c.master.healer.takeovers[0].outcome != "pending"
 
 
 def healed(c, count=1):
@@ -205,10 +211,57 @@ def test_a_spare_that_cannot_load_refuses_and_the_rank_stays_decoded_around(shar
 
     c = cluster(shards("sum", 4, 1), spares=1, load=load)
     c.kill(2)
-    serve_until(c, lambda: c.master.healer.takeovers and c.master.healer.takeovers[0].outcome != "pending")
+    serve_until(c, first_outcome(c))
     assert c.master.healer.takeovers[0].outcome == "refused" and c.master.healer.pool == []
     serve(c, 2)
     assert c.close() == []  # the refusing spare still stops when asked
+
+
+def _device_without_shards(directory, tmp_path):
+    """A spare's own weights folder holding only the manifest (a device given no shard file)."""
+    device = tmp_path / "spare-device"
+    device.mkdir()
+    shutil.copy(directory / store.MANIFEST_NAME, device)
+    return device
+
+
+def test_a_spare_that_cannot_see_the_shard_is_sent_the_masters_copy(shards, cluster, tmp_path):  # noqa: F811
+    directory = shards("sum", 4, 1)
+    device = _device_without_shards(directory, tmp_path)
+    c = cluster(directory, spares=1, load=lambda rank: load_shard(store.open_manifest(device), rank))
+    c.kill(2)
+    serve_until(c, healed(c))
+    assert c.master.healer.takeovers[0].streamed
+    assert (device / "rank-002.h5").read_bytes() == (directory / "rank-002.h5").read_bytes()
+    assert sorted(p.name for p in device.iterdir()) == [store.MANIFEST_NAME, "rank-002.h5"]  # no partial file
+    c.kill(3)
+    serve(c, 3)
+    c.close()
+
+
+def test_a_shard_that_does_not_match_the_manifest_or_cannot_be_sent_is_refused(shards, cluster, tmp_path):  # noqa: F811
+    directory = shards("sum", 4, 1)
+    device = _device_without_shards(directory, tmp_path)
+
+    def load(rank):  # the spare expects other bytes than the master's file holds
+        raise ShardMissing(device / f"rank-{rank:03d}.h5", "0" * 64)
+
+    c = cluster(directory, spares=1, load=load)
+    c.kill(2)
+    serve_until(c, first_outcome(c))
+    assert c.master.healer.takeovers[0].outcome == "refused" and c.master.healer.takeovers[0].streamed
+    assert not (device / "rank-002.h5").exists()
+    serve(c, 2)
+    assert c.close() == []
+
+    c = cluster(directory, spares=1, load=lambda rank: load_shard(store.open_manifest(device), rank))
+    c.master.healer.manifest = None  # a master without the weights folder cannot send it
+    c.kill(2)
+    serve_until(c, first_outcome(c))
+    assert c.master.healer.takeovers[0].outcome == "refused" and not c.master.healer.takeovers[0].streamed
+    assert not (device / "rank-002.h5").exists()
+    serve(c, 2)
+    assert c.close() == []
 
 
 # ---------------------------------------------------------------- real mpiexec jobs

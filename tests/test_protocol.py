@@ -61,7 +61,7 @@ class Cluster:
                                   store.load_rank(directory, 0, manifest), **options)
         if spares:
             self.master.healer = Healer(self.ctrl.endpoint(0), self.master, range(manifest.plan.world_size, size),
-                                        timeout_s=10.0)
+                                        timeout_s=10.0, manifest=manifest)
         self.x = default_input(manifest.model)
         self.reference = forward(manifest.model, reference_weights(manifest), self.x)
 

@@ -13,15 +13,22 @@ States of one takeover (:class:`Takeover`): ``pending`` (ASSIGN sent) -> ``heale
 arrived: the plan has the spare) or ``spare lost`` / ``refused`` / ``timed out`` (the spare
 leaves the pool and the lost rank waits for the next spare).  A spare that dies while idle is
 removed from the pool.  The spare's side is :func:`spare_loop`.
+
+A spare that cannot see the shard file (a device holding only its own files) answers ``FETCH``
+instead; the master reads its copy of the file in a background thread and sends it (``SHARD``:
+a header and the file's bytes); the spare checks its sha256 against the manifest, writes it into
+its weights folder and loads it.  A master without the file answers ``REFUSED``.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -62,6 +69,8 @@ class Takeover:
     outcome: str = "pending"  # healed, spare lost, refused, timed out
     handle: object = None
     buf: object = None
+    read: object = None  # _FileRead of the shard being sent to a spare that cannot see it
+    streamed: bool = False
 
     @property
     def seconds(self) -> float | None:
@@ -71,7 +80,7 @@ class Takeover:
     def to_dict(self) -> dict:
         return {"logical": self.logical, "replaced": self.replaced, "spare": self.spare, "reason": self.reason,
                 "lost_request": self.lost_request, "healed_request": self.healed_request,
-                "outcome": self.outcome, "seconds": self.seconds,
+                "outcome": self.outcome, "seconds": self.seconds, "streamed": self.streamed,
                 "load_seconds": None if self.ready_at is None else self.ready_at - self.assigned_at}
 
 
@@ -87,15 +96,18 @@ class Healer:
     ctrl : the master's control channel.
     coordinator : the :class:`~mpicdc.runtime.master.Coordinator` whose ``plan`` is healed.
     spares : the idle spare ranks, used in this order.
-    timeout_s : how long a spare may take to load a shard and answer before it is given up.
+    timeout_s : how long a spare may take to load (or be sent) a shard and answer before it is given up.
     silent_grace_s : a silent rank (alive, not answering) is replaced only after being silent this
         long: a brief stall (CPU contention) re-admits it without spending a spare.  Dead and
         quarantined ranks are replaced at once.
+    manifest : the master's :class:`~mpicdc.store.Manifest`, whose shard files it sends to a spare
+        that cannot see its own (``None``: such a spare is refused).
     """
 
-    def __init__(self, ctrl: Channel, coordinator, spares, timeout_s: float = 60.0, silent_grace_s: float = 1.0):
+    def __init__(self, ctrl: Channel, coordinator, spares, timeout_s: float = 60.0, silent_grace_s: float = 1.0,
+                 manifest=None):
         self.ctrl, self.coordinator, self.timeout_s = ctrl, coordinator, timeout_s
-        self.silent_grace_s = silent_grace_s
+        self.silent_grace_s, self.manifest = silent_grace_s, manifest
         self.pool = list(spares)
         self.logical: dict = {}     # spare in the plan -> the prepared rank it stands for
         self.active: dict = {}      # spare -> its pending Takeover
@@ -154,15 +166,21 @@ class Healer:
         """Test the pending takeovers' answers; a ready spare goes into the plan."""
         if not self.active:
             return
+        for t in [t for t in self.active.values() if t.read is not None and not t.read.is_alive()]:
+            self._send_shard(t)
         spares = list(self.active)
         answered = {spares[i] for i, _ in self.ctrl.testsome([self.active[s].handle for s in spares])}
         now = time.perf_counter()
         for spare in spares:
-            t = self.active[spare]
+            t = self.active.get(spare)
+            if t is None:
+                continue
             if spare in answered:
                 head = wire.Header.unpack(t.buf)
                 if head.kind == wire.READY and head.block == t.logical:
                     self._heal(t, now)
+                elif head.kind == wire.FETCH:
+                    self._read_shard(t)
                 elif head.kind == wire.REFUSED:
                     self._give_up(t, "refused", "could not load the shard (its log says why)")
                 else:
@@ -171,6 +189,35 @@ class Healer:
                 self._give_up(t, "spare lost", "was lost before it was ready")
             elif now - t.assigned_at > self.timeout_s:
                 self._give_up(t, "timed out", f"did not answer within {self.timeout_s:g} s")
+
+    def _read_shard(self, t: Takeover) -> None:
+        """The spare cannot see its shard: read the master's copy in the background (sent by :meth:`_send_shard`)."""
+        t.buf[:] = 0
+        try:
+            t.handle = self.ctrl.irecv(t.buf, t.spare, wire.TAG_SPARE)
+        except PeerLost:
+            self._give_up(t, "spare lost", "was lost before it was ready")
+            return
+        if self.manifest is None:
+            t.read = _FileRead(None, t.logical)
+            t.read.error = "the master has no weights folder to send it from"
+        else:
+            t.read = _FileRead(self.manifest.path(t.logical), t.logical)
+            t.read.start()
+        log.warning("spare rank %d cannot see rank %d's shard; sending it the master's copy", t.spare, t.logical)
+
+    def _send_shard(self, t: Takeover) -> None:
+        read, t.read = t.read, None
+        try:
+            if read.error:
+                self.ctrl.isend(wire.message(wire.Header(wire.REFUSED, -1, -1, t.logical)), t.spare, wire.TAG_SPARE)
+                self._give_up(t, "refused", f"cannot see rank {t.logical}'s shard and the master cannot send it "
+                                            f"({read.error})")
+                return
+            self.ctrl.isend(read.message, t.spare, wire.TAG_SPARE)  # the channel keeps it until sent
+            t.streamed = True
+        except PeerLost:
+            self._give_up(t, "spare lost", "was lost before it was ready")
 
     def _heal(self, t: Takeover, now: float) -> None:
         c = self.coordinator
@@ -186,16 +233,61 @@ class Healer:
 
     def _give_up(self, t: Takeover, outcome: str, why: str) -> None:
         t.outcome = outcome
-        del self.active[t.spare]
+        self.active.pop(t.spare, None)
         log.warning("spare rank %d %s; removed from the pool, rank %d waits for the next spare", t.spare, why,
                     t.replaced)
+
+
+class _FileRead(threading.Thread):
+    """Read one shard file into a ``SHARD`` message off the master's thread: ``message`` or ``error``."""
+
+    def __init__(self, path: Path | None, rank: int):
+        super().__init__(name="mpicdc-shard-read", daemon=True)
+        self.path, self.rank = path, rank
+        self.message, self.error = None, ""
+
+    def run(self) -> None:
+        try:
+            size = self.path.stat().st_size
+            if size >= 1 << 32:
+                raise OSError(f"{self.path}: {size} bytes, more than one message header can describe")
+            message = np.empty(wire.HEADER_BYTES + size, dtype=np.uint8)
+            wire.Header(wire.SHARD, -1, -1, self.rank, (size,)).pack_into(message)
+            with open(self.path, "rb") as f:
+                if f.readinto(memoryview(message)[wire.HEADER_BYTES:]) != size:
+                    raise OSError(f"{self.path}: changed while being read")
+            self.message = message
+        except OSError as exc:
+            self.error = str(exc)
+
+
+class ShardMissing(FileNotFoundError):
+    """A spare cannot see the shard file it should load; the master may send it (``FETCH``)."""
+
+    def __init__(self, path: Path, sha256: str):
+        self.path, self.sha256 = Path(path), sha256
+        super().__init__(f"{path}: no such shard file on this rank")
+
+
+def load_shard(manifest, rank: int) -> dict:
+    """A spare's blocks once it stands for ``rank``: that rank's shard from its weights folder.
+
+    Raises :class:`ShardMissing` when the file is not there (so it can be fetched from the master).
+    """
+    from mpicdc import store
+
+    path = manifest.path(rank)
+    if not path.is_file():
+        raise ShardMissing(path, manifest.checksums.get(rank, ""))
+    return store.load_rank(manifest.directory, rank, manifest)
 
 
 def spare_loop(ctrl: Channel, data: Channel, state: WorkerState, load, stop_event) -> None:
     """A spare rank: idle until the master's ``ASSIGN``, then load that rank's shard and serve as it.
 
     ``state`` is a :class:`WorkerState` without blocks; ``load(rank)`` returns a rank's blocks
-    (:func:`mpicdc.store.load_rank` on the weights folder) or raises.  Returns when the
+    (:func:`load_shard`) or raises (:class:`ShardMissing`: the file is asked of the master,
+    installed, and loaded again).  Returns when the
     watchdog saw ``STOP``; raises :class:`MasterLost` when the master is gone.  Local.
     """
     buf = np.zeros(wire.HEADER_BYTES, dtype=np.uint8)
@@ -212,7 +304,12 @@ def spare_loop(ctrl: Channel, data: Channel, state: WorkerState, load, stop_even
         raise MasterLost(f"spare rank {state.rank} lost the master")
     logical = head.block
     try:
-        blocks = _load_at_low_priority(load, logical)
+        try:
+            blocks = _load_at_low_priority(load, logical)
+        except ShardMissing as missing:
+            log.warning("spare rank %d: %s; asking the master for it", state.rank, missing)
+            _fetch(ctrl, head, missing, stop_event)
+            blocks = _load_at_low_priority(load, logical)
         plan = reassign(state.plan, logical, state.rank)
     except (ValueError, OSError, RuntimeError) as exc:
         log.error("spare rank %d cannot take rank %d's place: %s", state.rank, logical, exc)
@@ -221,6 +318,36 @@ def spare_loop(ctrl: Channel, data: Channel, state: WorkerState, load, stop_even
         return
     _answer(ctrl, wire.READY, head)
     worker_loop(data, dataclasses.replace(state, plan=plan, blocks=blocks), stop_event)
+
+
+def _fetch(ctrl: Channel, head: wire.Header, missing: ShardMissing, stop_event) -> None:
+    """Ask the master for a shard file this spare cannot see; check its sha256 and install it.
+
+    Raises ``OSError`` when the master cannot send it, the bytes do not match the manifest's
+    sha256, or the folder cannot be written; returns quietly if the job stops meanwhile.
+    """
+    _answer(ctrl, wire.FETCH, head)
+    try:
+        while (nbytes := ctrl.probe(0, wire.TAG_SPARE)) is None:
+            if stop_event.wait(0.01):
+                raise OSError("the job stopped while the shard was being sent")
+        message = np.empty(nbytes, dtype=np.uint8)
+        ctrl.recv(message, 0, wire.TAG_SPARE)
+    except PeerLost:
+        raise MasterLost(f"spare rank {ctrl.rank} lost the master") from None
+    got = wire.Header.unpack(message)
+    if got.kind != wire.SHARD or got.block != head.block:
+        raise OSError(f"the master cannot send {missing.path.name} (see its log)")
+    body = message[wire.HEADER_BYTES:]
+    digest = hashlib.sha256(memoryview(body)).hexdigest()
+    if missing.sha256 and digest != missing.sha256:
+        raise OSError(f"{missing.path.name} as received has sha256 {digest[:16]}..., the manifest says "
+                      f"{missing.sha256[:16]}...")
+    partial = missing.path.with_name(f".{missing.path.name}.{os.getpid()}.partial")
+    body.tofile(partial)
+    os.replace(partial, missing.path)
+    log.warning("spare rank %d: received %s (%d bytes, sha256 matches the manifest)", ctrl.rank,
+                missing.path.name, body.nbytes)
 
 
 def _load_at_low_priority(load, rank: int) -> dict:

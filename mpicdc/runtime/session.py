@@ -29,7 +29,7 @@ from mpicdc.core.plan import make_plan, parity_count
 from mpicdc.runtime import wire
 from mpicdc.runtime.channel import Channel, PeerLost
 from mpicdc.runtime.comms import JobComms
-from mpicdc.runtime.healing import Healer, spare_loop
+from mpicdc.runtime.healing import Healer, load_shard, spare_loop
 from mpicdc.runtime.master import Coordinator
 from mpicdc.runtime.mpienv import report_exit_code
 from mpicdc.runtime.worker import WorkerState, start_watchdog, worker_loop
@@ -320,24 +320,18 @@ def serve(config: RunConfig, *, comm=None) -> Session | None:
                                   layer_timeout_s=config.layer_timeout_s, integrity=config.integrity)
         if config.spares:
             coordinator.healer = Healer(comms.ctrl, coordinator, range(comms.size - config.spares, comms.size),
-                                        timeout_s=config.startup_timeout_s)
+                                        timeout_s=config.startup_timeout_s, manifest=manifest)
         return Session(comms, coordinator, manifest)
     stop_event = threading.Event()
     start_watchdog(comms.ctrl, stop_event, hard_exit=comms.ulfm)
     state = WorkerState(comms.rank, manifest.model, manifest.plan, blocks, injections, device, config.seed)
     with comms:
         if blocks is None:  # a spare: idle until it takes a lost rank's place
-            spare_loop(comms.ctrl, comms.data, state, lambda rank: _load_spare(manifest, rank), stop_event)
+            spare_loop(comms.ctrl, comms.data, state, lambda rank: load_shard(manifest, rank), stop_event)
         else:
             worker_loop(comms.data, state, stop_event)
     return None
 
-
-def _load_spare(manifest, rank: int) -> dict:
-    """A spare's blocks once it stands for ``rank``: that rank's shard from the same weights folder."""
-    from mpicdc import store
-
-    return store.load_rank(manifest.directory, rank, manifest)
 
 
 def end_process(code: int, *, world, ulfm: bool, hung: bool = False) -> None:

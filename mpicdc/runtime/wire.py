@@ -19,7 +19,9 @@ MAX_DIMS = 4
 
 # message kinds
 JOB, STOP, REPLY, SKIPPED, REFUSED = 1, 2, 3, 4, 5
-ASSIGN, READY = 6, 7  # healing (control channel): "you now stand for rank N", "loaded, ready"
+# healing (control channel): "you now stand for rank N", "loaded, ready", "I cannot see its shard",
+# "here is the shard file" (header + the file's bytes)
+ASSIGN, READY, FETCH, SHARD = 6, 7, 8, 9
 
 # tags: jobs and control have fixed tags; replies get one tag per (request, layer) window
 TAG_JOB = 1
