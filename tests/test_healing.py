@@ -7,6 +7,7 @@ must cost no request: that is what "full tolerance" means.  The real mpiexec job
 """
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -335,3 +336,40 @@ def test_job_wrong_world_size_with_spares_names_the_right_np(tmp_path):
     job = run_job(6, ["tiny", "--weights", str(shards), "--spares", "1"], tmp_path, output=False)
     assert job.returncode == 2, job.explain()
     assert "launch with mpiexec -np 7 (6 + 1 spare(s))" in job.stderr, job.explain()
+
+
+# ---------------------------------------------------------------- the network-namespace cluster (root)
+
+@requires_mpi
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_cluster_power_off_is_healed_by_a_spare_on_another_device(tmp_path):
+    """Head + 6 devices: master on the head, 4+1 sum-parity workers on devices 0-4, the spare on device 5.
+    Device 2 (rank 3) is powered off; once the detector reports it, the spare takes its place and
+    the job serves every request (matched) on the spare."""
+    from test_cluster import UNAVAILABLE, _gone, _prefix
+
+    from mpicdc.cluster import Cluster
+
+    if UNAVAILABLE:
+        pytest.skip(f"no network namespaces here: {UNAVAILABLE}")
+    shards = store.prepare_zoo(tmp_path, "tiny", 4, 1, "sum")
+    prefix = _prefix("heal")
+    with Cluster(6, prefix=prefix) as c:
+        out = c.state / "run.json"
+        job = c.launch(7, ["tiny", "--weights", str(shards), "--spares", "1", "--repeat", "400", "--check", "-q",
+                           "--output", str(out)], timeout=120)
+        job.wait_for("on 6 ranks")
+        time.sleep(1.0)
+        c.power_off(2)
+        done = job.finish()
+        results = json.loads(out.read_text()) if out.exists() else None
+    _gone(prefix)
+    assert not done.timed_out, done.explain()
+    assert done.returncode == 0 and results and all(r["ok"] for r in results["requests"]), done.explain()
+    assert "MATCHED" in done.output, done.explain()
+    assert results["dead_ranks"] == [3], done.explain()
+    assert [(t["logical"], t["spare"], t["outcome"]) for t in results["healing"]] == [(3, 6, "healed")], \
+        done.explain()
+    assert any(a["rank"] == 6 and a["status"] == "reply" for a in results["arrivals"]), done.explain()
