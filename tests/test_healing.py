@@ -87,6 +87,14 @@ def test_reassign_moves_every_block_of_a_rank_and_refuses_a_rank_already_in_the_
         reassign(plan, 2, 3)
 
 
+def test_the_world_size_check_sets_the_spares_aside(shards):
+    manifest = store.open_manifest(shards("sum", 4, 1))
+    store.check_world(manifest, 8, spares=2)
+    with pytest.raises(store.ShardError, match=r"has 6 \(5 besides the 1 spare\(s\)\): launch with mpiexec -np 7 "
+                                               r"\(6 \+ 1 spare\(s\)\), or prepare shards for 5 ranks: .*--workers 3"):
+        store.check_world(manifest, 6, spares=1)
+
+
 def test_a_dead_rank_is_replaced_and_a_second_loss_costs_no_request(shards, cluster):  # noqa: F811
     c = cluster(shards("sum", 4, 1), spares=1)
     assert c.infer().ok
@@ -355,7 +363,7 @@ def test_cluster_power_off_is_healed_by_a_spare_on_another_device(tmp_path):
     if UNAVAILABLE:
         pytest.skip(f"no network namespaces here: {UNAVAILABLE}")
     shards = store.prepare_zoo(tmp_path, "tiny", 4, 1, "sum")
-    prefix = _prefix("heal")
+    prefix = _prefix("h")  # at most 10 characters
     with Cluster(6, prefix=prefix) as c:
         out = c.state / "run.json"
         job = c.launch(7, ["tiny", "--weights", str(shards), "--spares", "1", "--repeat", "400", "--check", "-q",
