@@ -228,8 +228,8 @@ def test_a_spare_that_cannot_load_refuses_and_the_rank_stays_decoded_around(shar
 
 def _device_without_shards(directory, tmp_path):
     """A spare's own weights folder holding only the manifest (a device given no shard file)."""
-    device = tmp_path / "spare-device"
-    device.mkdir()
+    device = tmp_path / "spare-device" / directory.name
+    device.mkdir(parents=True)
     shutil.copy(directory / store.MANIFEST_NAME, device)
     return device
 
@@ -381,3 +381,35 @@ def test_cluster_power_off_is_healed_by_a_spare_on_another_device(tmp_path):
     assert [(t["logical"], t["spare"], t["outcome"]) for t in results["healing"]] == [(3, 6, "healed")], \
         done.explain()
     assert any(a["rank"] == 6 and a["status"] == "reply" for a in results["arrivals"]), done.explain()
+
+
+@requires_mpi
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_job_a_spare_that_cannot_see_the_shard_is_sent_it_by_the_master(tmp_path):
+    """Two working directories (MPMD app contexts): the plan's ranks see every shard, the spare's
+    folder holds only the manifest; the master streams rank 2's file to the spare when rank 2 dies."""
+    import sys
+
+    from mpi_helpers import run_bounded
+
+    from mpicdc.runtime.launch import mpirun_command
+
+    shards = store.prepare_zoo(tmp_path / "head", "tiny", 4, 1, "sum")
+    device = _device_without_shards(shards, tmp_path / "device")
+    out = tmp_path / "result.json"
+    args = ["tiny", "--weights", shards.name, "--spares", "1", "--repeat", "60", "--check",
+            "--inject", "crash:2@1", "--inject", "crash:3@40", "--output", str(out)]
+    cmd = mpirun_command(7, args)
+    np_at, python = cmd.index("-np"), cmd.index(sys.executable)
+    app = cmd[python:]
+    cmd = cmd[:np_at] + cmd[np_at + 2:python] + ["-np", "6", "--wdir", str(shards.parent), *app, ":",
+                                                 "-np", "1", "--wdir", str(device.parent), *app]
+    job = run_bounded(cmd, tmp_path, 120, marker=str(out))
+    assert out.exists(), job.explain()
+    results = json.loads(out.read_text())
+    assert all(r["ok"] for r in results["requests"]) and len(results["requests"]) == 60, job.explain()
+    assert "check: MATCHED" in job.stdout, job.explain()
+    assert [(t["logical"], t["spare"], t["outcome"], t["streamed"]) for t in results["healing"]] == \
+        [(2, 6, "healed", True)], job.explain()
+    assert (device / "rank-002.h5").read_bytes() == (shards / "rank-002.h5").read_bytes()
