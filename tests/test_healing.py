@@ -275,6 +275,12 @@ def test_a_shard_that_does_not_match_the_manifest_or_cannot_be_sent_is_refused(s
 
 # ---------------------------------------------------------------- real mpiexec jobs
 
+# Every reply of the plan's ranks waits 5 ms, so a tiny request takes at least 35 ms (7 layers) on any
+# machine: the requests between a loss and the next one planned always leave the spare seconds to
+# take over, however fast the machine serves them.
+PACE = ["--inject", "delay:1-5:const:0.005"]
+
+
 def _takeovers(job) -> list:
     return [(t["logical"], t["spare"], t["outcome"]) for t in job.results["healing"]]
 
@@ -291,7 +297,7 @@ def _all_served_and_matched(job, count):
 @pytest.mark.slow
 def test_job_sum_parity_one_spare_two_losses_in_sequence(tmp_path):
     shards = store.prepare_zoo(tmp_path, "tiny", 4, 1, "sum")
-    job = run_job(7, ["tiny", "--weights", str(shards), "--spares", "1", "--repeat", "60", "--check",
+    job = run_job(7, ["tiny", *PACE, "--weights", str(shards), "--spares", "1", "--repeat", "60", "--check",
                       "--inject", "crash:2@1", "--inject", "crash:3@40"], tmp_path)
     _all_served_and_matched(job, 60)
     assert _takeovers(job) == [(2, 6, "healed")], job.explain()
@@ -303,9 +309,23 @@ def test_job_sum_parity_one_spare_two_losses_in_sequence(tmp_path):
 @requires_mpi
 @pytest.mark.mpi
 @pytest.mark.slow
+def test_job_a_hung_worker_is_replaced_once_silent(tmp_path):
+    """A hung worker stays alive (its heartbeats flow), so it is never reported dead: it goes silent,
+    and after the grace a spare takes its place; a later crash then costs nothing."""
+    shards = store.prepare_zoo(tmp_path, "tiny", 4, 1, "sum")
+    job = run_job(7, ["tiny", *PACE, "--weights", str(shards), "--spares", "1", "--repeat", "110", "--check",
+                      "--inject", "hang:2@1", "--inject", "crash:3@100"], tmp_path)
+    _all_served_and_matched(job, 110)
+    assert _takeovers(job) == [(2, 6, "healed")] and job.results["healing"][0]["reason"] == "silent", job.explain()
+    assert job.results["healing"][0]["healed_request"] < 100, job.explain()
+
+
+@requires_mpi
+@pytest.mark.mpi
+@pytest.mark.slow
 def test_job_mds_two_spares_four_losses(tmp_path):
     shards = store.prepare_zoo(tmp_path, "tiny", 3, 2, "mds")
-    job = run_job(8, ["tiny", "--weights", str(shards), "--spares", "2", "--repeat", "60", "--check",
+    job = run_job(8, ["tiny", *PACE, "--weights", str(shards), "--spares", "2", "--repeat", "60", "--check",
                       "--inject", "crash:1@1", "--inject", "crash:4@2",
                       "--inject", "crash:2@40", "--inject", "crash:5@45"], tmp_path)
     _all_served_and_matched(job, 60)
@@ -317,7 +337,7 @@ def test_job_mds_two_spares_four_losses(tmp_path):
 @pytest.mark.slow
 def test_job_quarantined_rank_replaced_under_strict_integrity(tmp_path):
     shards = store.prepare_zoo(tmp_path, "tiny", 3, 2, "mds")
-    job = run_job(7, ["tiny", "--weights", str(shards), "--spares", "1", "--repeat", "60", "--check",
+    job = run_job(7, ["tiny", *PACE, "--weights", str(shards), "--spares", "1", "--repeat", "60", "--check",
                       "--integrity", "strict", "--inject", "corrupt:2@1",
                       "--inject", "crash:1@40", "--inject", "crash:3@45"], tmp_path)
     _all_served_and_matched(job, 60)
@@ -330,7 +350,7 @@ def test_job_quarantined_rank_replaced_under_strict_integrity(tmp_path):
 @pytest.mark.slow
 def test_job_a_spare_killed_after_its_takeover_is_replaced(tmp_path):
     shards = store.prepare_zoo(tmp_path, "tiny", 4, 1, "sum")
-    job = run_job(8, ["tiny", "--weights", str(shards), "--spares", "2", "--repeat", "70", "--check",
+    job = run_job(8, ["tiny", *PACE, "--weights", str(shards), "--spares", "2", "--repeat", "70", "--check",
                       "--inject", "crash:2@1", "--inject", "crash:6@30", "--inject", "crash:3@55"], tmp_path)
     _all_served_and_matched(job, 70)
     assert _takeovers(job) == [(2, 6, "healed"), (2, 7, "healed")], job.explain()
@@ -398,7 +418,7 @@ def test_job_a_spare_that_cannot_see_the_shard_is_sent_it_by_the_master(tmp_path
     shards = store.prepare_zoo(tmp_path / "head", "tiny", 4, 1, "sum")
     device = _device_without_shards(shards, tmp_path / "device")
     out = tmp_path / "result.json"
-    args = ["tiny", "--weights", shards.name, "--spares", "1", "--repeat", "60", "--check",
+    args = ["tiny", *PACE, "--weights", shards.name, "--spares", "1", "--repeat", "60", "--check",
             "--inject", "crash:2@1", "--inject", "crash:3@40", "--output", str(out)]
     cmd = mpirun_command(7, args)
     np_at, python = cmd.index("-np"), cmd.index(sys.executable)

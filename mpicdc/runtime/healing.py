@@ -312,6 +312,8 @@ def spare_loop(ctrl: Channel, data: Channel, state: WorkerState, load, stop_even
             blocks = _load_at_low_priority(load, logical)
         plan = reassign(state.plan, logical, state.rank)
     except (ValueError, OSError, RuntimeError) as exc:
+        if stop_event.is_set():  # the job ended while this spare was taking over
+            return
         log.error("spare rank %d cannot take rank %d's place: %s", state.rank, logical, exc)
         _answer(ctrl, wire.REFUSED, head)
         stop_event.wait()
