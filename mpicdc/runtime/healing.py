@@ -201,9 +201,9 @@ class Healer:
         if self.manifest is None:
             t.read = _FileRead(None, t.logical)
             t.read.error = "the master has no weights folder to send it from"
-        else:
-            t.read = _FileRead(self.manifest.path(t.logical), t.logical)
-            t.read.start()
+            return
+        t.read = _FileRead(self.manifest.path(t.logical), t.logical)
+        t.read.start()
         log.warning("spare rank %d cannot see rank %d's shard; sending it the master's copy", t.spare, t.logical)
 
     def _send_shard(self, t: Takeover) -> None:
