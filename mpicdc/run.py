@@ -30,6 +30,8 @@ examples:
   python -m mpicdc.launch -np 6 vgg16
   # kill worker 2 with SIGKILL in request 1 at layer conv3_1, check every output:
   python -m mpicdc.launch -np 6 vgg16 --repeat 3 --inject crash:2@1:conv3_1 --check
+  # one spare rank (7 = 6 + 1): when worker 2 dies the spare takes its place, so worker 3's death costs nothing:
+  python -m mpicdc.launch -np 7 tiny --spares 1 --repeat 40 --inject crash:2@1 --inject crash:3@30 --check
   # stragglers: worker 1 replies after a shifted-exponential delay, 20 requests, JSON out:
   python -m mpicdc.launch -np 6 alexnet --repeat 20 --inject delay:1:shexp:0.01,0.05 --output run.json
 
@@ -107,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check replies against the code: opportunistic (default) checks spare replies at no "
                         "wait; strict waits for enough replies to check every layer (and under MDS r >= 2 "
                         "corrects one wrong block); a rank located sending wrong values is quarantined")
+    p.add_argument("--spares", type=int, default=0, metavar="K",
+                   help="K idle ranks started after the plan's ranks (launch plan ranks + K): when a rank is "
+                        "lost (dead, silent or quarantined) a spare loads its shard and takes its place, "
+                        "restoring the code's tolerance; requests meanwhile are decoded as usual (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights, input and delays")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     p.add_argument("--help-inject", action="store_true", help="explain the --inject and delay grammar and exit")
@@ -271,6 +277,7 @@ def write_output(path: str, args, session, results, checks, summary) -> None:
                       "integrity": [f.to_dict() for f in r.integrity],
                       "layers": [rec.to_dict() for rec in r.layers]} for r in results],
         "arrivals": [a.__dict__ for a in coord.arrivals],
+        "healing": [t.to_dict() for t in coord.healer.takeovers] if coord.healer else [],
     }
     if path.endswith((".h5", ".hdf5")):
         import h5py
@@ -326,6 +333,14 @@ def _print_request(r, check, top_k, lost: set) -> None:
     print(line, flush=True)
 
 
+def _healing_line(healer) -> str:
+    """``healing: rank 2 -> spare 6 in 0.12 s (requests 1-2); 0 spare(s) left``."""
+    done = [f"rank {t.logical} -> spare {t.spare} in {t.seconds:.2f} s (requests {t.lost_request}-"
+            f"{t.healed_request})" if t.outcome == "healed" else f"rank {t.logical} -> spare {t.spare}: {t.outcome}"
+            for t in healer.takeovers]
+    return f"healing: {'; '.join(done) or 'no loss'}; {len(healer.pool)} idle spare(s) left"
+
+
 def master_main(args, session) -> int:
     """Rank 0: run the requests, print and write the results; returns the exit code."""
     from mpicdc.core.kernels import forward
@@ -341,7 +356,8 @@ def master_main(args, session) -> int:
         check_output_path(args.output)
     print(f"mpicdc: {model.name} on {session.plan.world_size} ranks: {session.plan.workers} workers + "
           f"{session.plan.parity} parity ({session.plan.code}), {len(session.plan.layers)} distributed "
-          f"layers; fault tolerance {'on (ULFM)' if session.ulfm else 'OFF'}", flush=True)
+          f"layers; fault tolerance {'on (ULFM)' if session.ulfm else 'OFF'}"
+          f"{f'; {args.spares} spare rank(s)' if args.spares else ''}", flush=True)
     reference = None
     if args.check:
         reference = forward(model, reference_weights(session.manifest), x)
@@ -401,6 +417,8 @@ def master_main(args, session) -> int:
         summary["integrity_flagged"] = flagged
     if session.dead or session.silent:
         print(f"lost ranks: dead {sorted(session.dead)}, silent {sorted(session.silent)}")
+    if session.coordinator.healer is not None:
+        print(_healing_line(session.coordinator.healer), flush=True)
     if checks:
         worst = max(checks.values())
         verdict = "MATCHED" if worst <= rtol else "DID NOT MATCH"
@@ -471,6 +489,8 @@ def _check_args(args) -> None:
             raise ValueError(f"--std values must be > 0, got {list(args.std)}")
         if args.repeat < 1 or args.top_k < 1:
             raise ValueError("--repeat and --top-k must be >= 1")
+        if args.spares < 0:
+            raise ValueError(f"--spares must be >= 0, got {args.spares}")
         for option, value in (("--layer-timeout", args.layer_timeout), ("--startup-timeout", args.startup_timeout)):
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{option} must be a positive number of seconds, got {value}")
@@ -496,7 +516,8 @@ def _run_job(args, rank: int) -> int:
     config = RunConfig(args.model, weights=args.weights, code=args.code, parity=args.parity,
                        prepare_missing=not args.no_prepare, injections=tuple(args.inject),
                        device=args.device, layer_timeout_s=args.layer_timeout,
-                       startup_timeout_s=args.startup_timeout, seed=args.seed, integrity=args.integrity)
+                       startup_timeout_s=args.startup_timeout, seed=args.seed, integrity=args.integrity,
+                       spares=args.spares)
     MPI = init_mpi(config.startup_timeout_s)
     world = MPI.COMM_WORLD
     ulfm, hung = ulfm_enabled(MPI), False

@@ -101,6 +101,7 @@ class FakeChannel(Channel):
         return _Recv(buf, source, tag)
 
     def testsome(self, handles):
+        self._check_alive()
         done = []
         for i, h in enumerate(handles):
             if h.done:

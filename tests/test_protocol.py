@@ -17,6 +17,7 @@ from fake_channel import FakeNetwork
 from mpicdc import store
 from mpicdc.core.kernels import default_input, forward
 from mpicdc.runtime import wire
+from mpicdc.runtime.healing import Healer, spare_loop
 from mpicdc.runtime.master import Coordinator
 from mpicdc.runtime.worker import WorkerState, start_watchdog, worker_loop
 from mpicdc.store import reference_weights
@@ -37,28 +38,39 @@ def tiny_mds(tmp_path_factory):
 class Cluster:
     """A master :class:`Coordinator` and one thread per worker running the real worker loop."""
 
-    def __init__(self, directory, rule=None, tag_ub=(1 << 31) - 1, injections=None, **coordinator_options):
+    def __init__(self, directory, rule=None, tag_ub=(1 << 31) - 1, injections=None, spares=0, load=None,
+                 **coordinator_options):
+        """``spares`` idle ranks follow the plan's; ``load(rank)`` is their shard loader (default load_rank)."""
         self.manifest = manifest = store.open_manifest(directory)
-        size = manifest.plan.world_size
+        size = manifest.plan.world_size + spares
         self.data, self.ctrl = FakeNetwork(size, rule, tag_ub), FakeNetwork(size)
         self.ctrl.dead = self.data.dead  # one set of dead ranks for both communicators
         self.errors, self.threads, self.stops = {}, {}, {}
+        self.load = load or (lambda r: store.load_rank(directory, r, manifest))
         for rank in range(1, size):
-            state = WorkerState(rank, manifest.model, manifest.plan, store.load_rank(directory, rank, manifest),
+            spare = rank >= manifest.plan.world_size
+            state = WorkerState(rank, manifest.model, manifest.plan,
+                                None if spare else store.load_rank(directory, rank, manifest),
                                 injections=injections, poll_s=1e-4)
             stop = self.stops[rank] = threading.Event()
             start_watchdog(self.ctrl.endpoint(rank), stop, hard_exit=False, on_master_lost=stop.set)
-            self.threads[rank] = threading.Thread(target=self._work, args=(rank, state, stop), daemon=True)
+            self.threads[rank] = threading.Thread(target=self._work, args=(rank, state, stop, spare), daemon=True)
             self.threads[rank].start()
         options = {"layer_timeout_s": 10.0, **coordinator_options}
         self.master = Coordinator(self.data.endpoint(0), self.ctrl.endpoint(0), manifest.model, manifest.plan,
                                   store.load_rank(directory, 0, manifest), **options)
+        if spares:
+            self.master.healer = Healer(self.ctrl.endpoint(0), self.master, range(manifest.plan.world_size, size),
+                                        timeout_s=10.0, manifest=manifest)
         self.x = default_input(manifest.model)
         self.reference = forward(manifest.model, reference_weights(manifest), self.x)
 
-    def _work(self, rank, state, stop):
+    def _work(self, rank, state, stop, spare=False):
         try:
-            worker_loop(self.data.endpoint(rank), state, stop)
+            if spare:
+                spare_loop(self.ctrl.endpoint(rank), self.data.endpoint(rank), state, self.load, stop)
+            else:
+                worker_loop(self.data.endpoint(rank), state, stop)
         except Exception as exc:  # noqa: BLE001 - recorded for the test to inspect
             self.errors[rank] = exc
 

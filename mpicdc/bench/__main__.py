@@ -11,6 +11,7 @@ SUITES = {
     "speedup": "modeled latency of a Pi cluster against one Pi, per plan and link rate (simulator)",
     "integrity": "false alarms and detection of wrong replies checked against the code (no MPI)",
     "strict": "latency cost of --integrity strict against off and opportunistic on real ranks (MPI)",
+    "healing": "time from a worker's loss to full tolerance with a spare rank, latency meanwhile (MPI)",
 }
 
 USAGE = "usage: python -m mpicdc.bench SUITE [options]   (python -m mpicdc.bench SUITE --help for its options)"
@@ -25,6 +26,7 @@ examples:
   python -m mpicdc.bench speedup --plot docs/img/speedup.png  # cluster vs one Pi, 100 and 20 Mbit/s
   python -m mpicdc.bench integrity                        # false alarms, detection, MDS correction
   python -m mpicdc.bench strict --model tiny              # what strict integrity costs on real ranks (MPI)
+  python -m mpicdc.bench healing                          # loss -> full tolerance with a spare (MPI)
   make bench                                              # the usual suites, one after the other"""
 
 

@@ -220,7 +220,8 @@ def main(argv=None) -> int:
                "  python -m mpicdc.launch --supervise -np 6 alexnet --repeat 100 --check --output run.json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-np", "-n", dest="np", type=int, default=6, help="number of ranks (default 6: master, "
-                                                                     "4 workers, 1 parity)")
+                                                                     "4 workers, 1 parity; one more per "
+                                                                     "--spares)")
     p.add_argument("--hostfile", help="Open MPI hostfile (default: this machine only)")
     p.add_argument("--mpirun", help="path of mpirun (default: the one beside this Python, or on PATH)")
     p.add_argument("--mpirun-arg", action="append", default=[], metavar="ARG",

@@ -172,6 +172,8 @@ class _MasterExecutor(LocalExecutor):
         self.coordinator, self.request, self.records = coordinator, request, records
 
     def linear(self, layer, x, *, relu: bool = False):
+        if self.coordinator.healer is not None:  # a spare ready since the last layer takes its place now
+            self.coordinator.healer.step()
         lp = self.coordinator.plan.for_layer(layer.name)
         if lp is None:
             return super().linear(layer, x, relu=relu)
@@ -220,6 +222,7 @@ class Coordinator:
         self.late_pool: list = []
         self.arrivals: list = []
         self.next_request = 0
+        self.healer = None  # healing.Healer when the job has spare ranks
 
     # ------------------------------------------------------------ request path
     def infer(self, x) -> RequestResult:

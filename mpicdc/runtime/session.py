@@ -29,6 +29,7 @@ from mpicdc.core.plan import make_plan, parity_count
 from mpicdc.runtime import wire
 from mpicdc.runtime.channel import Channel, PeerLost
 from mpicdc.runtime.comms import JobComms
+from mpicdc.runtime.healing import Healer, load_shard, spare_loop
 from mpicdc.runtime.master import Coordinator
 from mpicdc.runtime.mpienv import report_exit_code
 from mpicdc.runtime.worker import WorkerState, start_watchdog, worker_loop
@@ -59,6 +60,7 @@ class RunConfig:
         may take before the job ends naming the ranks it waited for.
     seed : seed for random weights and injected delays.
     integrity : checking replies against the code: off, opportunistic or strict (see the master).
+    spares : idle ranks after the plan's ranks that take a lost rank's place (:mod:`~mpicdc.runtime.healing`).
     """
 
     model: str
@@ -73,6 +75,7 @@ class RunConfig:
     seed: int = 0
     weights_root: str = "weights"
     integrity: str = "opportunistic"
+    spares: int = 0
 
 
 class Session:
@@ -217,8 +220,11 @@ def resolve_weights(config: RunConfig, world_size: int) -> Path:
     r = parity_count(config.code, config.parity)
     workers = world_size - 1 - r
     if workers < 1:
-        raise StartupError(f"a world of {world_size} rank(s) leaves no data worker for code {config.code!r} "
-                           f"with {r} parity worker(s): launch at least {r + 2} ranks (mpirun -np {r + 2} ...)")
+        least = r + 2 + config.spares
+        spares = f" and {config.spares} spare(s)" if config.spares else ""
+        raise StartupError(f"a world of {world_size + config.spares} rank(s) leaves no data worker for code "
+                           f"{config.code!r} with {r} parity worker(s){spares}: launch at least {least} ranks "
+                           f"(mpirun -np {least} ...)")
     plan = make_plan(model, workers, r, config.code)
     directory = store.default_dir(model.name, plan, root=config.weights_root)
     if not config.prepare_missing and not (directory / store.MANIFEST_NAME).exists():
@@ -228,14 +234,17 @@ def resolve_weights(config: RunConfig, world_size: int) -> Path:
 
 
 def _load_rank(config: RunConfig, directory: str, rank: int, size: int):
-    """This rank's part of the job: the manifest, its shard, the injections and device model (or ValueError)."""
+    """This rank's part of the job: the manifest, its shard, the injections and device model (or ValueError).
+
+    A spare (a rank after the plan's) loads no shard yet: its blocks are ``None``.
+    """
     from mpicdc import store
 
     manifest = store.open_manifest(directory)
     if manifest.model.name != config.model:
         raise ValueError(f"{directory} holds weights for model {manifest.model.name!r}, not {config.model!r}")
-    store.check_world(manifest, size)
-    blocks = store.load_rank(directory, rank, manifest)
+    store.check_world(manifest, size, spares=config.spares)
+    blocks = None if rank >= size - config.spares else store.load_rank(directory, rank, manifest)
     injections = device = None
     if config.injections:
         from mpicdc.core.faults import parse_injections
@@ -257,7 +266,7 @@ def _start(config: RunConfig, comms: JobComms):
             log.warning("fault tolerance is OFF: a crashed rank will end the job (launch with "
                         "`mpirun --with-ft ulfm ...` or `python -m mpicdc.launch`); straggler mitigation still works")
         try:
-            directory = str(resolve_weights(config, size))
+            directory = str(resolve_weights(config, size - config.spares))
         except (ValueError, OSError, RuntimeError) as exc:
             _send_texts(ctrl, workers, "!" + str(exc))
             raise StartupError(str(exc)) from None
@@ -309,12 +318,18 @@ def serve(config: RunConfig, *, comm=None) -> Session | None:
     if comms.rank == 0:
         coordinator = Coordinator(comms.data, comms.ctrl, manifest.model, manifest.plan, blocks,
                                   layer_timeout_s=config.layer_timeout_s, integrity=config.integrity)
+        if config.spares:
+            coordinator.healer = Healer(comms.ctrl, coordinator, range(comms.size - config.spares, comms.size),
+                                        timeout_s=config.startup_timeout_s, manifest=manifest)
         return Session(comms, coordinator, manifest)
     stop_event = threading.Event()
     start_watchdog(comms.ctrl, stop_event, hard_exit=comms.ulfm)
     state = WorkerState(comms.rank, manifest.model, manifest.plan, blocks, injections, device, config.seed)
     with comms:
-        worker_loop(comms.data, state, stop_event)
+        if blocks is None:  # a spare: idle until it takes a lost rank's place
+            spare_loop(comms.ctrl, comms.data, state, lambda rank: load_shard(manifest, rank), stop_event)
+        else:
+            worker_loop(comms.data, state, stop_event)
     return None
 
 

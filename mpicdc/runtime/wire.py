@@ -19,11 +19,15 @@ MAX_DIMS = 4
 
 # message kinds
 JOB, STOP, REPLY, SKIPPED, REFUSED = 1, 2, 3, 4, 5
+# healing (control channel): "you now stand for rank N", "loaded, ready", "I cannot see its shard",
+# "here is the shard file" (header + the file's bytes)
+ASSIGN, READY, FETCH, SHARD = 6, 7, 8, 9
 
 # tags: jobs and control have fixed tags; replies get one tag per (request, layer) window
 TAG_JOB = 1
 TAG_CTRL = 2
 TAG_START = 3
+TAG_SPARE = 4
 _REPLY_BASE = 16
 _REQUEST_WINDOW = 4096
 

@@ -936,19 +936,21 @@ def _files_problem(model: Model, plan: Plan, files: dict, sizes: dict) -> str | 
     return None
 
 
-def check_world(manifest: Manifest, world_size: int) -> None:
-    """:class:`ShardError` unless ``manifest`` was prepared for a world of ``world_size`` ranks.
+def check_world(manifest: Manifest, world_size: int, spares: int = 0) -> None:
+    """:class:`ShardError` unless ``manifest`` was prepared for a world of ``world_size - spares`` ranks.
 
-    The message gives the ``mpiexec -np`` that fits the shards and the prepare command that fits
-    ``world_size``.  Local.
+    The message gives the ``mpiexec -np`` that fits the shards (plus the ``spares`` idle ranks of
+    ``--spares``) and the prepare command that fits ``world_size``.  Local.
     """
     need = manifest.world_size
-    if world_size == need:
+    if world_size == need + spares:
         return
     plan = manifest.plan
+    has = f"{world_size} ({world_size - spares} besides the {spares} spare(s))" if spares else f"{world_size}"
     msg = (f"{manifest.directory}: these shards were prepared for {need} ranks (1 master + {plan.workers} data "
-           f"+ {plan.parity} parity workers, plan {plan.tag}) but the job has {world_size}: launch with "
-           f"mpiexec -np {need}")
+           f"+ {plan.parity} parity workers, plan {plan.tag}) but the job has {has}: launch with "
+           f"mpiexec -np {need + spares}" + (f" ({need} + {spares} spare(s))" if spares else ""))
+    world_size -= spares
     workers = world_size - 1 - plan.parity
     if workers >= 1:
         cmd = prepare_command(manifest.model.name, plan, manifest.source, manifest.seed, workers=workers,
