@@ -19,7 +19,6 @@ block is decoded around and its rank quarantined (no longer used, like a lost ra
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ import numpy as np
 from mpicdc.core import integrity as checks
 from mpicdc.core.graph import walk
 from mpicdc.core.kernels import LocalExecutor, check_input
+from mpicdc.core.wirefmt import get_format
 from mpicdc.runtime import wire
 from mpicdc.runtime.channel import Channel, PeerLost
 
@@ -156,7 +156,8 @@ class Arrival:
     rank: int
     seconds: float
     late: bool
-    status: str  # "reply", "skipped", "bad" (wrong size or non-finite values), "failed" (rank lost)
+    status: str  # "reply", "skipped", "bad" (wrong size, format or non-finite values), "range" (beyond
+    #              the wire format's range), "failed" (rank lost)
 
 
 class _MasterExecutor(LocalExecutor):
@@ -195,13 +196,16 @@ class Coordinator:
     max_outstanding : unanswered jobs after which a live but silent rank is no longer sent work.
     integrity : ``off``, ``opportunistic`` (check spare replies, never wait) or ``strict`` (wait
         for enough replies to check, and under MDS r >= 2 to locate, every layer).
+    wire_format : wire format of jobs and replies: ``float32``, ``float16`` or ``bfloat16``
+        (:mod:`mpicdc.core.wirefmt`); decoding is always in float32.
     """
 
     def __init__(self, data: Channel, ctrl: Channel, model, plan, master_weights, *, layer_timeout_s=30.0,
-                 max_outstanding=16, poll_s=1e-4, integrity="opportunistic"):
+                 max_outstanding=16, poll_s=1e-4, integrity="opportunistic", wire_format="float32"):
         if integrity not in INTEGRITY_MODES:
             raise ValueError(f"integrity mode {integrity!r}: use one of {', '.join(INTEGRITY_MODES)}")
         self.integrity = integrity
+        self.wire = get_format(wire_format)
         self.data, self.ctrl = data, ctrl
         self.model, self.plan, self.master_weights = model, plan, master_weights
         self.layer_timeout_s, self.max_outstanding, self.poll_s = layer_timeout_s, max_outstanding, poll_s
@@ -230,7 +234,7 @@ class Coordinator:
         start = time.perf_counter()
         try:
             output = walk(self.model, x, _MasterExecutor(self, request, records))
-        except RequestFailed as exc:
+        except (RequestFailed, wire.WireRangeError) as exc:
             log.error("%s", exc)
             return RequestResult(request, None, time.perf_counter() - start, records, str(exc), flags)
         return RequestResult(request, output, time.perf_counter() - start, records, integrity=flags)
@@ -245,7 +249,8 @@ class Coordinator:
         cols = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1
         tag = self.tags.tag(request, li)
         code = lp.code_obj
-        job = wire.message(wire.Header(wire.JOB, request, li, -1, x.shape), x)
+        job = wire.message(wire.Header(wire.JOB, request, li, -1, x.shape, wire=self.wire.code), x,
+                           f"request {request} failed at layer {layer.name!r}: its input")
         pending = {}
         sent_at = time.perf_counter()
         self._send_job(lp, job, tag, cols, self._targets(lp), pending, request, li, sent_at)
@@ -270,7 +275,7 @@ class Coordinator:
             if not code.decodable(alive):
                 self._retire(pending, layer.name)
                 raise RequestFailed(request, layer.name, lost, code.tolerance,
-                                    "too many ranks lost for the code to decode")
+                                    "too many ranks lost for the code to decode" + self._range_note(request, layer.name))
             if time.perf_counter() - sent_at > self.layer_timeout_s:
                 silent = [p.rank for p in pending.values()]
                 self._retire(pending, layer.name)
@@ -322,7 +327,7 @@ class Coordinator:
         """Check the decoding set; returns it without a located wrong block (whose rank is quarantined)."""
         code = lp.code_obj
         replies = {b: wire.payload(buf, shape) for b, buf in received.items()}
-        verdict = checks.check(code, replies, self.accumulation[layer_name])
+        verdict = checks.check(code, replies, self.accumulation[layer_name], self.wire.roundoff)
         record.checks = verdict.checks
         if verdict.ok:
             return received
@@ -345,7 +350,7 @@ class Coordinator:
             return
         late.replies[p.block] = p.buf
         verdict = checks.check(late.code, {b: wire.payload(buf, late.shape) for b, buf in late.replies.items()},
-                               late.accumulation)
+                               late.accumulation, self.wire.roundoff)
         if verdict.ok:
             return
         rank = None if verdict.suspect is None else late.ranks[verdict.suspect]
@@ -374,7 +379,7 @@ class Coordinator:
     def _send_job(self, lp, job, tag, cols, targets, pending, request, li, sent_at) -> None:
         """Post each target's reply receive and send it the job; a rank found lost is marked dead."""
         for block, rank in targets:
-            buf = wire.reply_buffer(lp.block_rows, cols)
+            buf = wire.reply_buffer(lp.block_rows, cols, self.wire.code)
             try:
                 handle = self.data.irecv(buf, rank, tag)
                 self.data.isend(job, rank, wire.TAG_JOB)  # the channel keeps the request until released
@@ -415,7 +420,7 @@ class Coordinator:
                 del pending[p.block]
                 if status == "reply" and p.rank not in self.quarantined:
                     received[p.block] = p.buf
-                elif status in ("failed", "bad"):
+                elif status in ("failed", "bad", "range"):
                     record.failed.append(p.rank)
         if finished:
             self.late_pool = [(p, n) for p, n in self.late_pool if id(p) not in finished]
@@ -435,24 +440,42 @@ class Coordinator:
             log.warning("rank %d: its reply for layer %r could not be received; decoding around it",
                         p.rank, layer_name)
             return "bad"
-        if nbytes is None:  # the library did not say this receive's size: the header's shape does
-            nbytes = wire.HEADER_BYTES + 4 * math.prod(head.shape)
         if head.request != p.request or head.layer != p.layer_index:
             return "failed"
         if head.kind == wire.SKIPPED:
             return "skipped"
         if head.kind == wire.REFUSED:  # the worker found the job malformed and said why in its log
             return "bad"
+        if head.kind == wire.OUT_OF_RANGE:
+            log.warning("rank %d: its block of layer %r exceeds the %s wire format's range; decoding around it",
+                        p.rank, layer_name, self.wire.name)
+            return "range"
         if head.kind != wire.REPLY:
             return "failed"
+        if head.wire != self.wire.code:  # same size for float16 and bfloat16: only the header tells
+            log.warning("rank %d replied for layer %r in wire format code %d, the job uses %s (code %d); "
+                        "decoding around it", p.rank, layer_name, head.wire, self.wire.name, self.wire.code)
+            return "bad"
+        if nbytes is None:  # the library did not say this receive's size: the header's shape does
+            nbytes = wire.payload_bytes(head.shape, head.wire)
         if nbytes != p.expected_bytes:
             log.warning("rank %d sent %d bytes for layer %r, expected %d; decoding around it",
                         p.rank, nbytes, layer_name, p.expected_bytes)
             return "bad"
-        if current and not np.isfinite(p.buf[wire.HEADER_BYTES:].view(np.float32)).all():
+        if current and not wire.payload_finite(p.buf):
             log.warning("rank %d sent non-finite values for layer %r; decoding around it", p.rank, layer_name)
             return "bad"
         return "reply"
+
+    def _range_note(self, request: int, layer_name: str) -> str:
+        """Why replies were out of range, for a failed layer's message ("" if none were)."""
+        ranks = sorted({a.rank for a in self.arrivals
+                        if a.request == request and a.layer == layer_name and a.status == "range"})
+        if not ranks:
+            return ""
+        fix = "--wire bfloat16 or float32" if self.wire.name == "float16" else "--wire float32"
+        return (f"; rank(s) {ranks} found the layer's output beyond the {self.wire.name} wire format's "
+                f"range (use {fix})")
 
     def _refresh_dead(self) -> None:
         for rank in self.data.failed():
