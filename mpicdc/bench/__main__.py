@@ -10,6 +10,7 @@ SUITES = {
     "plan": "time to plan, print and assign blocks for up to 100,000 devices",
     "speedup": "modeled latency of a Pi cluster against one Pi, per plan and link rate (simulator)",
     "integrity": "false alarms and detection of wrong replies checked against the code (no MPI)",
+    "wire": "float16/bfloat16 wire formats: bytes per request, output error, top-1 agreement, modeled speedup",
 }
 
 USAGE = "usage: python -m mpicdc.bench SUITE [options]   (python -m mpicdc.bench SUITE --help for its options)"
@@ -23,6 +24,7 @@ examples:
   python -m mpicdc.bench plan --workers 10000             # planning 10,000 devices
   python -m mpicdc.bench speedup --plot docs/img/speedup.png  # cluster vs one Pi, 100 and 20 Mbit/s
   python -m mpicdc.bench integrity                        # false alarms, detection, MDS correction
+  python -m mpicdc.bench wire --models alexnet            # half the bytes: error, top-1, modeled speedup
   make bench                                              # the usual suites, one after the other"""
 
 

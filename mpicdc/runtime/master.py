@@ -63,6 +63,7 @@ class LayerRecord:
     missing_ranks: list = field(default_factory=list)  # ranks whose blocks were decoded (lost or late)
     checks: int = 0          # independent integrity checks made on the decoding set (0: unchecked)
     check_wait_s: float = 0.0  # strict mode: wait after the replies were decodable, to check them
+    out_of_range: list = field(default_factory=list)  # ranks whose block did not fit the wire format
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "wait_ms": self.wait_s * 1e3, "decode_ms": self.decode_s * 1e3,
@@ -267,15 +268,15 @@ class Coordinator:
             if not code.decodable(alive):
                 # before giving up, ask the live ranks this layer did not use (silent when it
                 # started, or re-admitted since): a stall that overlaps losses costs time, not the request
-                unused = [(b, r) for b, r in enumerate(lp.ranks)
-                          if b not in alive and b not in received and r not in self.dead | self.quarantined]
+                unused = [(b, r) for b, r in enumerate(lp.ranks) if b not in alive and b not in received
+                          and r not in self.dead | self.quarantined and r not in record.out_of_range]
                 self._send_job(lp, job, tag, cols, unused, pending, request, li, sent_at)
                 alive |= {b for b, p in pending.items() if p.rank not in self.dead}
             lost = [r for b, r in enumerate(lp.ranks) if b not in alive]
             if not code.decodable(alive):
                 self._retire(pending, layer.name)
                 raise RequestFailed(request, layer.name, lost, code.tolerance,
-                                    "too many ranks lost for the code to decode" + self._range_note(request, layer.name))
+                                    "too many ranks lost for the code to decode" + self._range_note(record))
             if time.perf_counter() - sent_at > self.layer_timeout_s:
                 silent = [p.rank for p in pending.values()]
                 self._retire(pending, layer.name)
@@ -422,6 +423,8 @@ class Coordinator:
                     received[p.block] = p.buf
                 elif status in ("failed", "bad", "range"):
                     record.failed.append(p.rank)
+                    if status == "range":  # asking it again cannot help
+                        record.out_of_range.append(p.rank)
         if finished:
             self.late_pool = [(p, n) for p, n in self.late_pool if id(p) not in finished]
             waiting = {(p.request, p.layer_index) for p, _ in self.late_pool}
@@ -467,10 +470,9 @@ class Coordinator:
             return "bad"
         return "reply"
 
-    def _range_note(self, request: int, layer_name: str) -> str:
+    def _range_note(self, record: LayerRecord) -> str:
         """Why replies were out of range, for a failed layer's message ("" if none were)."""
-        ranks = sorted({a.rank for a in self.arrivals
-                        if a.request == request and a.layer == layer_name and a.status == "range"})
+        ranks = sorted(record.out_of_range)
         if not ranks:
             return ""
         fix = "--wire bfloat16 or float32" if self.wire.name == "float16" else "--wire float32"
