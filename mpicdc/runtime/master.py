@@ -28,7 +28,7 @@ from mpicdc.core import integrity as checks
 from mpicdc.core.graph import walk
 from mpicdc.core.kernels import LocalExecutor, check_input
 from mpicdc.core.wirefmt import get_format
-from mpicdc.runtime import wire
+from mpicdc.runtime import slices, wire
 from mpicdc.runtime.channel import Channel, PeerLost
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,16 @@ class LayerRecord:
     checks: int = 0          # independent integrity checks made on the decoding set (0: unchecked)
     check_wait_s: float = 0.0  # strict mode: wait after the replies were decodable, to check them
     out_of_range: list = field(default_factory=list)  # ranks whose block did not fit the wire format
+    sent_bytes: int = 0      # jobs sent for this layer (headers included)
+    received_bytes: int = 0  # replies used to decode it
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "wait_ms": self.wait_s * 1e3, "decode_ms": self.decode_s * 1e3,
                 "assemble_ms": self.assemble_s * 1e3, "compute_ms": self.compute_s * 1e3,
                 "modeled_ms": self.modeled_s * 1e3, "used": self.used, "decoded_blocks": self.decoded_blocks,
                 "late": self.late, "failed": self.failed, "missing_ranks": self.missing_ranks,
-                "checks": self.checks, "check_wait_ms": self.check_wait_s * 1e3}
+                "checks": self.checks, "check_wait_ms": self.check_wait_s * 1e3,
+                "sent_bytes": self.sent_bytes, "received_bytes": self.received_bytes}
 
 
 @dataclass
@@ -250,11 +253,10 @@ class Coordinator:
         cols = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1
         tag = self.tags.tag(request, li)
         code = lp.code_obj
-        job = wire.message(wire.Header(wire.JOB, request, li, -1, x.shape, wire=self.wire.code), x,
-                           f"request {request} failed at layer {layer.name!r}: its input")
+        jobs = self._jobs(layer, lp, x, request, li)
         pending = {}
         sent_at = time.perf_counter()
-        self._send_job(lp, job, tag, cols, self._targets(lp), pending, request, li, sent_at)
+        record.sent_bytes += self._send_job(lp, jobs, tag, cols, self._targets(lp), pending, request, li, sent_at)
         received = {}
         decodable_at = None
         while not self._ready(code, received, pending, sent_at):
@@ -270,7 +272,7 @@ class Coordinator:
                 # started, or re-admitted since): a stall that overlaps losses costs time, not the request
                 unused = [(b, r) for b, r in enumerate(lp.ranks) if b not in alive and b not in received
                           and r not in self.dead | self.quarantined and r not in record.out_of_range]
-                self._send_job(lp, job, tag, cols, unused, pending, request, li, sent_at)
+                record.sent_bytes += self._send_job(lp, jobs, tag, cols, unused, pending, request, li, sent_at)
                 alive |= {b for b, p in pending.items() if p.rank not in self.dead}
             lost = [r for b, r in enumerate(lp.ranks) if b not in alive]
             if not code.decodable(alive):
@@ -301,6 +303,7 @@ class Coordinator:
                 out[start:stop] = blockdata[:stop - start]
         record.assemble_s = time.perf_counter() - t0 - record.decode_s
         record.used = sorted(lp.ranks[b] for b in received)
+        record.received_bytes = sum(buf.nbytes for buf in received.values())
         record.decoded_blocks = sorted(set(range(lp.n)) - set(received))
         record.missing_ranks = [lp.ranks[b] for b in record.decoded_blocks]
         heads = [wire.Header.unpack(buf) for buf in received.values()]
@@ -377,17 +380,34 @@ class Coordinator:
                         "quarantined: no longer used for decoding (counted as lost)", rank, request, layer_name,
                         verdict.residual, verdict.tolerance, outcome)
 
-    def _send_job(self, lp, job, tag, cols, targets, pending, request, li, sent_at) -> None:
-        """Post each target's reply receive and send it the job; a rank found lost is marked dead."""
+    def _jobs(self, layer, lp, x, request: int, li: int) -> dict:
+        """``{block: job message}``: the layer input in the wire format, or only the input channels a
+        block reads (:mod:`~mpicdc.runtime.slices`); blocks needing the same part share one message."""
+        made, jobs = {}, {}
+        for block in range(len(lp.ranks)):
+            channels = slices.needed_channels(self.model, lp, block)
+            if channels not in made:
+                part = slices.job_input(self.model, lp, block, x)
+                made[channels] = wire.message(wire.Header(wire.JOB, request, li, -1, part.shape, wire=self.wire.code),
+                                              part, f"request {request} failed at layer {layer.name!r}: its input")
+            jobs[block] = made[channels]
+        return jobs
+
+    def _send_job(self, lp, jobs, tag, cols, targets, pending, request, li, sent_at) -> int:
+        """Post each target's reply receive and send it its job; a rank found lost is marked dead.
+        Returns the bytes sent."""
+        sent = 0
         for block, rank in targets:
             buf = wire.reply_buffer(lp.block_rows, cols, self.wire.code)
             try:
                 handle = self.data.irecv(buf, rank, tag)
-                self.data.isend(job, rank, wire.TAG_JOB)  # the channel keeps the request until released
+                self.data.isend(jobs[block], rank, wire.TAG_JOB)  # the channel keeps the request until released
             except PeerLost:
                 self._mark_dead(rank)
                 continue
+            sent += jobs[block].nbytes
             pending[block] = _Pending(handle, buf, rank, block, request, li, sent_at, buf.nbytes)
+        return sent
 
     def _retire(self, pending: dict, layer_name: str) -> None:
         """Keep still-open receives of a finished layer posted, to drain and time their late replies."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from mpicdc.core.faults import corrupt_block
 from mpicdc.core.kernels import Workspace, lower_gemm
-from mpicdc.runtime import wire
+from mpicdc.runtime import slices, wire
 from mpicdc.runtime.channel import Channel, PeerLost
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,9 @@ def _job_problem(state: WorkerState, head: wire.Header, nbytes: int, layers: lis
     if not 0 <= head.layer < len(layers) or layers[head.layer].name not in mine:
         return f"layer index {head.layer} is not one of this rank's layers"
     layer = layers[head.layer]
-    want = state.model.shapes()[layer.inputs[0]]
+    want = slices.job_shape(state.model, *mine[layer.name])  # a grouped block: only its groups' channels
     if tuple(head.shape) != tuple(want):
-        return f"input of shape {head.shape} for layer {layer.name!r}, which takes {want}"
+        return f"input of shape {head.shape} for layer {layer.name!r}, which takes {want} here"
     try:
         fmt = head.format
     except ValueError as exc:
@@ -170,7 +170,8 @@ def worker_loop(data: Channel, state: WorkerState, stop_event: threading.Event) 
             continue
         start = time.perf_counter()
         W, b = state.blocks[layer.name]
-        Y, lowered = lower_gemm(layer, W, b, wire.payload(buf, head.shape), workspace=workspace,
+        x = slices.full_input(state.model, lp, block, wire.payload(buf, head.shape))
+        Y, lowered = lower_gemm(layer, W, b, x, workspace=workspace,
                                 row0=lp.rows[block][0] if block < lp.n else 0)  # grouped convs: own groups
         out = lowered.finish(Y)
         compute = time.perf_counter() - start
