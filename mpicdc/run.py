@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fault injection, repeatable: delay:RANKS:MODEL, crash:RANK@REQ[:LAYER], "
                         "hang:RANK@REQ[:LAYER], exit:RANK@REQ[:LAYER][=CODE]")
     p.add_argument("--device", metavar="NAME", help="emulate a device's compute speed on workers (e.g. rpi3)")
+    p.add_argument("--master-device", metavar="NAME",
+                   help="also emulate a device on the master: every layer it runs takes that device's modeled "
+                        "time (default: this machine's speed); with --workers 0, the one-device baseline on a Pi")
     p.add_argument("--check", action="store_true",
                    help="compare every output with the serial fault-free reference forward")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to print (default 5)")
@@ -480,6 +483,13 @@ def _check_args(args) -> None:
             raise ValueError("--repeat and --top-k must be >= 1")
         if args.workers is not None and args.workers < 0:
             raise ValueError(f"--workers must be 0 (one device) or more, got {args.workers}")
+        for option, name in (("--device", args.device), ("--master-device", args.master_device)):
+            if name is not None:
+                from mpicdc.sim.devices import get_device
+                try:
+                    get_device(name)
+                except ValueError as exc:
+                    raise ValueError(f"{option}: {exc}") from None
         if args.workers == 0 and (args.parity or args.code not in ("sum", "none")):
             raise ValueError("--workers 0 runs every layer on the master: it takes no --code or --parity")
         for option, value in (("--layer-timeout", args.layer_timeout), ("--startup-timeout", args.startup_timeout)):
@@ -505,7 +515,7 @@ def _run_job(args, rank: int) -> int:
                        prepare_missing=not args.no_prepare, injections=tuple(args.inject),
                        device=args.device, layer_timeout_s=args.layer_timeout,
                        startup_timeout_s=args.startup_timeout, seed=args.seed, integrity=args.integrity,
-                       wire=args.wire, workers=args.workers)
+                       wire=args.wire, workers=args.workers, master_device=args.master_device)
     MPI = init_mpi(config.startup_timeout_s)
     world = MPI.COMM_WORLD
     ulfm, hung = ulfm_enabled(MPI), False

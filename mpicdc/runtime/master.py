@@ -30,6 +30,7 @@ from mpicdc.core.kernels import LocalExecutor, check_input
 from mpicdc.core.wirefmt import get_format
 from mpicdc.runtime import slices, wire
 from mpicdc.runtime.channel import Channel, PeerLost
+from mpicdc.runtime.emulate import MasterPacer
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +179,22 @@ class _MasterExecutor(LocalExecutor):
     def linear(self, layer, x, *, relu: bool = False):
         lp = self.coordinator.plan.for_layer(layer.name)
         if lp is None:
-            return super().linear(layer, x, relu=relu)
+            pacer = self.coordinator.pacer
+            if pacer is None:
+                return super().linear(layer, x, relu=relu)
+            return pacer.run(layer, [x.shape], lambda: super(_MasterExecutor, self).linear(layer, x, relu=relu), relu)
         record = LayerRecord(layer.name)
         out = self.coordinator._distributed(layer, lp, x, self.request, record)
         self.records.append(record)
         if relu:
             np.maximum(out, 0, out=out)
         return out
+
+    def nonlinear(self, layer, inputs):
+        pacer = self.coordinator.pacer
+        if pacer is None:
+            return super().nonlinear(layer, inputs)
+        return pacer.run(layer, [np.shape(i) for i in inputs], lambda: super(_MasterExecutor, self).nonlinear(layer, inputs))
 
 
 class Coordinator:
@@ -202,14 +212,18 @@ class Coordinator:
         for enough replies to check, and under MDS r >= 2 to locate, every layer).
     wire_format : wire format of jobs and replies: ``float32``, ``float16`` or ``bfloat16``
         (:mod:`mpicdc.core.wirefmt`); decoding is always in float32.
+    master_device : emulate this device on the master: every layer it runs takes the device's modeled
+        time (:mod:`mpicdc.runtime.emulate`); None: this machine's speed.
     """
 
     def __init__(self, data: Channel, ctrl: Channel, model, plan, master_weights, *, layer_timeout_s=30.0,
-                 max_outstanding=16, poll_s=1e-4, integrity="opportunistic", wire_format="float32"):
+                 max_outstanding=16, poll_s=1e-4, integrity="opportunistic", wire_format="float32",
+                 master_device=None):
         if integrity not in INTEGRITY_MODES:
             raise ValueError(f"integrity mode {integrity!r}: use one of {', '.join(INTEGRITY_MODES)}")
         self.integrity = integrity
         self.wire = get_format(wire_format)
+        self.pacer = None if master_device is None else MasterPacer(master_device, model)
         self.data, self.ctrl = data, ctrl
         self.model, self.plan, self.master_weights = model, plan, master_weights
         self.layer_timeout_s, self.max_outstanding, self.poll_s = layer_timeout_s, max_outstanding, poll_s

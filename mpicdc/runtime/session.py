@@ -62,6 +62,7 @@ class RunConfig:
     wire : wire format of activations and replies: float32, float16 or bfloat16 (:mod:`mpicdc.core.wirefmt`).
     workers : data workers of a default directory; ``0`` serves the model on rank 0 alone (every layer
         on the master, a world of one rank: the one-device baseline); None: from the world size.
+    master_device : emulate this device's speed on the master too (every layer it runs); None: this machine.
     """
 
     model: str
@@ -78,6 +79,7 @@ class RunConfig:
     integrity: str = "opportunistic"
     wire: str = "float32"
     workers: int | None = None
+    master_device: str | None = None
 
 
 class Session:
@@ -331,7 +333,7 @@ def serve(config: RunConfig, *, comm=None) -> Session | None:
     if comms.rank == 0:
         coordinator = Coordinator(comms.data, comms.ctrl, manifest.model, manifest.plan, blocks,
                                   layer_timeout_s=config.layer_timeout_s, integrity=config.integrity,
-                                  wire_format=config.wire)
+                                  wire_format=config.wire, master_device=config.master_device)
         return Session(comms, coordinator, manifest)
     stop_event = threading.Event()
     start_watchdog(comms.ctrl, stop_event, hard_exit=comms.ulfm)
