@@ -8,7 +8,7 @@ SUITES = {
     "runtime": "coded against uncoded MPI inference, and recovery latency after a SIGKILL",
     "prepare": "peak memory of the HDF5 weight preparation tool",
     "plan": "time to plan, print and assign blocks for up to 100,000 devices",
-    "speedup": "modeled latency of a Pi cluster against one Pi, per plan and link rate (simulator)",
+    "speedup": "modeled latency of a Pi cluster against one Pi, per plan and link rate (simulator; --ranks: on ranks)",
     "integrity": "false alarms and detection of wrong replies checked against the code (no MPI)",
     "wire": "float16/bfloat16 wire formats: bytes per request, output error, top-1 agreement, modeled speedup",
 }
