@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mpi_helpers import requires_mpi, run_job
-from test_protocol import Cluster
 
 from mpicdc import store
 from mpicdc.core.models import GraphBuilder, get_model
@@ -50,12 +49,12 @@ def _counting(log):
     return rule
 
 
-def test_grouped_blocks_get_only_their_channels_and_compute_the_same(tmp_path, cluster_factory):
+def test_grouped_blocks_get_only_their_channels_and_compute_the_same(tmp_path, cluster):
     model = grouped_model()
     plan = make_plan(model, 2, code="none")
     folder = store.ensure_prepared(model, plan, tmp_path)
     jobs = []
-    c = cluster_factory(folder, _counting(jobs))
+    c = cluster(folder, _counting(jobs))
     r = c.infer()  # compared with the serial float32 forward inside (relative 1e-4)
     assert r.ok, r.error
     index = {layer.name: i for i, layer in enumerate(model.linear_layers)}
@@ -63,36 +62,22 @@ def test_grouped_blocks_get_only_their_channels_and_compute_the_same(tmp_path, c
     assert shapes[1, index["conv2"]] == shapes[2, index["conv2"]] == (8, 12, 12)   # 2 of 4 groups: half
     assert shapes[1, index["conv3"]] == shapes[2, index["conv3"]] == (8, 12, 12)   # 1 of 2 groups: half
     assert shapes[1, index["conv1"]] == (8, 12, 12)                                # not grouped: all
-    conv2 = [rec for rec in r.layers if rec.layer == "conv2"][0]
+    conv2 = next(rec for rec in r.layers if rec.layer == "conv2")
     assert conv2.sent_bytes == 2 * (wire.HEADER_BYTES + 4 * 8 * 12 * 12)
     assert not [a for a in c.master.arrivals if a.status != "reply"]
     c.close()
 
 
-def test_a_rank_without_a_block_of_a_layer_gets_no_job_for_it(tmp_path, cluster_factory):
+def test_a_rank_without_a_block_of_a_layer_gets_no_job_for_it(tmp_path, cluster):
     model = get_model("tiny")
     plan = make_plan(model, 4, code="sum", layer_workers={"fc1": [1, 2]})
     folder = store.ensure_prepared(model, plan, tmp_path)
     jobs = []
-    c = cluster_factory(folder, _counting(jobs))
+    c = cluster(folder, _counting(jobs))
     assert c.infer().ok
     fc1 = [layer.name for layer in model.linear_layers].index("fc1")
     assert sorted(dest for dest, li, _, _ in jobs if li == fc1) == [1, 2, 5]  # data ranks 1, 2 and the parity rank
     c.close()
-
-
-@pytest.fixture
-def cluster_factory():
-    made = []
-
-    def make(directory, rule=None, **options):
-        made.append(Cluster(directory, rule, **options))
-        return made[-1]
-
-    yield make
-    for c in made:
-        for stop in c.stops.values():
-            stop.set()
 
 
 @requires_mpi

@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fake_channel import FakeNetwork  # noqa: F401 - test_protocol's Cluster needs it importable
 from mpi_helpers import requires_mpi, run_job
-from test_protocol import Cluster
 
 from mpicdc import store
 from mpicdc.core.kernels import default_input, forward
 from mpicdc.core.models import get_model
 from mpicdc.core.plan import make_plan
 from mpicdc.core.random_weights import init_weights
-from mpicdc.core.wirefmt import FORMATS, WireRangeError, check_tolerance, get_format, round_trip, wire_forward
+from mpicdc.core.wirefmt import (
+    FORMATS,
+    WireRangeError,
+    check_tolerance,
+    get_format,
+    round_trip,
+    wire_forward,
+)
 from mpicdc.runtime import wire
 
 HALF = ("float16", "bfloat16")
@@ -84,7 +89,7 @@ def test_the_header_names_the_format_and_payload_decodes_it(fmt):
 
 def test_an_unknown_format_code_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="code 7 is unknown.*float32, float16, bfloat16"):
-        wire.Header(wire.JOB, wire=7).format
+        _ = wire.Header(wire.JOB, wire=7).format
     with pytest.raises(ValueError, match="use float32, float16, bfloat16"):
         get_format("float8")
 
@@ -94,20 +99,6 @@ def test_an_unknown_format_code_is_refused_with_the_choices():
 @pytest.fixture(scope="module")
 def tiny_sum(tmp_path_factory):
     return store.prepare_zoo(tmp_path_factory.mktemp("shards"), "tiny", 4, 1, "sum")
-
-
-@pytest.fixture
-def cluster():
-    made = []
-
-    def make(directory, rule=None, **options):
-        made.append(Cluster(directory, rule, **options))
-        return made[-1]
-
-    yield make
-    for c in made:
-        for stop in c.stops.values():
-            stop.set()
 
 
 def _rel(a, b):

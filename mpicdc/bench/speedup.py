@@ -20,6 +20,7 @@ real compute can exceed the modeled time and the run says so.
 from __future__ import annotations
 
 import argparse
+import math
 
 EPILOG = """\
 examples:
@@ -207,7 +208,7 @@ def _print_ranks(model, rows: list) -> None:
         if error:
             print(f"{model.name:<9}{label:<16}  FAILED: {error}")
             continue
-        note = "" if not worst == worst else f"  (worker compute {worst:.0%} of modeled" + \
+        note = "" if math.isnan(worst) else f"  (worker compute {worst:.0%} of modeled" + \
             ("; cores busy: distorted)" if worst >= 0.5 else ")")
         print(f"{model.name:<9}{label:<16}{seconds:>9.3f}{base / seconds:>8.2f}x{note}")
 

@@ -19,8 +19,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["WireFormat", "WireRangeError", "FORMATS", "get_format", "encode_into", "decode", "all_finite",
-           "round_trip", "wire_forward", "check_tolerance"]
+__all__ = [
+    "FORMATS",
+    "WireFormat",
+    "WireRangeError",
+    "all_finite",
+    "check_tolerance",
+    "decode",
+    "encode_into",
+    "get_format",
+    "round_trip",
+    "wire_forward",
+]
 
 
 class WireRangeError(ValueError):
