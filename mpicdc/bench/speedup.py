@@ -172,7 +172,7 @@ def _job(np_ranks: int, args: list, timeout: float = 600.0) -> dict:
         out = os.path.join(tmp, "run.json")
         cmd = [sys.executable, "-m", "mpicdc.launch", "-np", str(np_ranks), *args, "-q", "--output", out]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             return {"error": f"did not end within {timeout:g} s: {' '.join(cmd)}"}
         if proc.returncode != 0 or not os.path.exists(out):
