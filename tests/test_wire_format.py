@@ -247,3 +247,28 @@ def test_half_wire_on_real_ranks_survives_a_crash_within_the_derived_tolerance(t
     u = get_format(name).roundoff
     assert _rel(np.float32(reqs[0]["output"]), emulated.reshape(-1)) <= len(plan.layers) * u
     assert "bad" not in {a["status"] for a in job.results["arrivals"]}
+
+
+def test_prepare_cli_workers_0_and_its_usage_errors(tmp_path, capsys):
+    from mpicdc.store.prepare_cli import main
+
+    assert main(["tiny", "--workers", "0", "--code", "none", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "python -m mpicdc.launch -np 1 tiny --weights" in out
+    manifest = store.open_manifest(tmp_path / "tiny-w0-p0-none")
+    assert manifest.world_size == 1 and manifest.plan.layers == ()
+    assert main(["tiny", "--workers", "0", "--parity", "1", "--out", str(tmp_path)]) == 2
+    assert "--workers 0 keeps every layer on the master" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--workers", "0", "--code", "mds", "--parity", "2"], "--workers 0 runs every layer on the master"),
+    (["--workers", "-1"], "--workers must be 0 (one device) or more"),
+    (["--wire", "float8"], "invalid choice: 'float8'"),
+    (["--master-device", "pi9"], "--master-device: unknown device 'pi9'"),
+])
+def test_run_usage_errors_for_the_new_options(capsys, args, message):
+    from mpicdc.run import main
+
+    assert main(["tiny", *args]) == 2
+    assert message in capsys.readouterr().err
