@@ -4,8 +4,6 @@ here they live in a temporary folder removed at the end of the session, and no d
 import shutil
 import tempfile
 
-import pytest
-
 _HYPOTHESIS_HOME = None
 
 
@@ -25,21 +23,3 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if _HYPOTHESIS_HOME:
         shutil.rmtree(_HYPOTHESIS_HOME, ignore_errors=True)
-
-
-@pytest.fixture
-def cluster():
-    """``make(shard folder, network rule=None, **coordinator options)``: a master and worker threads over
-    the in-process fake network (test_protocol.Cluster), used by the protocol, wire and slice tests."""
-    from test_protocol import Cluster
-
-    made = []
-
-    def make(directory, rule=None, **options):
-        made.append(Cluster(directory, rule, **options))
-        return made[-1]
-
-    yield make
-    for c in made:  # a test that failed half-way must not leave worker threads spinning
-        for stop in c.stops.values():
-            stop.set()

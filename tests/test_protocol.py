@@ -81,6 +81,20 @@ class Cluster:
         return unacknowledged
 
 
+@pytest.fixture
+def cluster(request):
+    made = []
+
+    def make(directory, rule=None, **options):
+        made.append(Cluster(directory, rule, **options))
+        return made[-1]
+
+    yield make
+    for c in made:  # a test that failed half-way must not leave worker threads spinning
+        for stop in c.stops.values():
+            stop.set()
+
+
 def replies_from(rank, action):
     """A network rule applying ``action(message) -> [(delay, bytes)]`` to ``rank``'s replies only."""
     def rule(source, dest, tag, message):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mpi_helpers import requires_mpi, run_job
+from test_protocol import cluster  # noqa: F401 - cluster is a fixture
 
 from mpicdc import store
 from mpicdc.core.models import GraphBuilder, get_model
@@ -49,7 +50,7 @@ def _counting(log):
     return rule
 
 
-def test_grouped_blocks_get_only_their_channels_and_compute_the_same(tmp_path, cluster):
+def test_grouped_blocks_get_only_their_channels_and_compute_the_same(tmp_path, cluster):  # noqa: F811
     model = grouped_model()
     plan = make_plan(model, 2, code="none")
     folder = store.ensure_prepared(model, plan, tmp_path)
@@ -68,7 +69,7 @@ def test_grouped_blocks_get_only_their_channels_and_compute_the_same(tmp_path, c
     c.close()
 
 
-def test_a_rank_without_a_block_of_a_layer_gets_no_job_for_it(tmp_path, cluster):
+def test_a_rank_without_a_block_of_a_layer_gets_no_job_for_it(tmp_path, cluster):  # noqa: F811
     model = get_model("tiny")
     plan = make_plan(model, 4, code="sum", layer_workers={"fc1": [1, 2]})
     folder = store.ensure_prepared(model, plan, tmp_path)

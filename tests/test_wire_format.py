@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mpi_helpers import requires_mpi, run_job
+from test_protocol import cluster  # noqa: F401 - cluster is a fixture
 
 from mpicdc import store
 from mpicdc.core.kernels import default_input, forward
@@ -106,7 +107,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("name", HALF)
-def test_half_wire_matches_its_emulation_and_the_reference_with_a_lost_rank(tiny_sum, cluster, name):
+def test_half_wire_matches_its_emulation_and_the_reference_with_a_lost_rank(tiny_sum, cluster, name):  # noqa: F811
     c = cluster(tiny_sum, wire_format=name)
     plan, model = c.manifest.plan, c.manifest.model
     weights = store.reference_weights(c.manifest)
@@ -146,7 +147,7 @@ def _with(head, **changes):
     return wire.Header(**{**fields, **changes})
 
 
-def test_a_reply_in_another_format_of_the_same_size_is_refused(tiny_sum, cluster):
+def test_a_reply_in_another_format_of_the_same_size_is_refused(tiny_sum, cluster):  # noqa: F811
     # rank 3 claims bfloat16 for float16 bytes: same size, so only the header's format can tell
     c = cluster(tiny_sum, _rewrite(3, "reply", lambda h: _with(h, wire=2)), wire_format="float16")
     r = c.master.infer(c.x)
@@ -159,7 +160,7 @@ def test_a_reply_in_another_format_of_the_same_size_is_refused(tiny_sum, cluster
 
 @pytest.mark.parametrize("change", [lambda h: _with(h, wire=7), lambda h: _with(h, wire=0)],
                          ids=["unknown-format", "float32-header-on-float16-bytes"])
-def test_a_worker_refuses_a_job_whose_format_does_not_fit_its_bytes(tiny_sum, cluster, change):
+def test_a_worker_refuses_a_job_whose_format_does_not_fit_its_bytes(tiny_sum, cluster, change):  # noqa: F811
     c = cluster(tiny_sum, _rewrite(1, "job", change), wire_format="float16")
     r = c.master.infer(c.x)
     assert r.ok, r.error
@@ -169,7 +170,7 @@ def test_a_worker_refuses_a_job_whose_format_does_not_fit_its_bytes(tiny_sum, cl
     c.close()
 
 
-def test_out_of_float16_range_fails_the_request_with_the_fix(tiny_sum, cluster):
+def test_out_of_float16_range_fails_the_request_with_the_fix(tiny_sum, cluster):  # noqa: F811
     c = cluster(tiny_sum, wire_format="float16")
     big = c.master.infer(c.x * 1e5)  # the input itself does not fit float16
     assert not big.ok and "beyond" not in big.error
