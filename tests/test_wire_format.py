@@ -221,10 +221,10 @@ def test_workers_0_serves_the_model_on_one_rank_equal_to_the_serial_forward(tmp_
 @requires_mpi
 @pytest.mark.mpi
 @pytest.mark.parametrize("np_ranks,args,message", [
-    (2, ["--workers", "0"], "--workers 0 serves the model on the master alone, but the job has 2 ranks: launch "
-                            "it on one rank (mpirun -np 1"),
-    (2, ["--workers", "3"], "--workers 3 with code 'sum' (1 parity worker(s)) needs 5 ranks, but the job has 2: "
-                            "launch with -np 5"),
+    (2, ["--workers", "0"], ("--workers 0 serves the model on the master alone, but the job has 2 ranks: "
+                             "launch it on one rank (mpirun -np 1")),
+    (2, ["--workers", "3"], ("--workers 3 with code 'sum' (1 parity worker(s)) needs 5 ranks, but the job has 2: "
+                             "launch with -np 5")),
     (1, [], "launch at least 3 ranks (mpirun -np 3 ...), or serve the model on this rank alone with --workers 0"),
 ], ids=["workers-0-on-2-ranks", "workers-3-on-2-ranks", "one-rank-without-workers-0"])
 def test_a_world_size_that_does_not_fit_says_how_to_launch(tmp_path, np_ranks, args, message):
