@@ -179,10 +179,7 @@ class _MasterExecutor(LocalExecutor):
     def linear(self, layer, x, *, relu: bool = False):
         lp = self.coordinator.plan.for_layer(layer.name)
         if lp is None:
-            pacer = self.coordinator.pacer
-            if pacer is None:
-                return super().linear(layer, x, relu=relu)
-            return pacer.run(layer, [x.shape], lambda: super(_MasterExecutor, self).linear(layer, x, relu=relu), relu)
+            return self._paced(layer, [x.shape], lambda: super(_MasterExecutor, self).linear(layer, x, relu=relu), relu)
         record = LayerRecord(layer.name)
         out = self.coordinator._distributed(layer, lp, x, self.request, record)
         self.records.append(record)
@@ -191,10 +188,13 @@ class _MasterExecutor(LocalExecutor):
         return out
 
     def nonlinear(self, layer, inputs):
+        return self._paced(layer, [np.shape(i) for i in inputs],
+                           lambda: super(_MasterExecutor, self).nonlinear(layer, inputs))
+
+    def _paced(self, layer, in_shapes, compute, relu: bool = False):
+        """``compute()``, padded to the emulated master device's time when there is one (``--master-device``)."""
         pacer = self.coordinator.pacer
-        if pacer is None:
-            return super().nonlinear(layer, inputs)
-        return pacer.run(layer, [np.shape(i) for i in inputs], lambda: super(_MasterExecutor, self).nonlinear(layer, inputs))
+        return compute() if pacer is None else pacer.run(layer, in_shapes, compute, relu)
 
 
 class Coordinator:
