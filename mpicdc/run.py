@@ -34,6 +34,10 @@ examples:
   python -m mpicdc.launch -np 7 tiny --spares 1 --repeat 40 --inject crash:2@1 --inject crash:3@30 --check
   # stragglers: worker 1 replies after a shifted-exponential delay, 20 requests, JSON out:
   python -m mpicdc.launch -np 6 alexnet --repeat 20 --inject delay:1:shexp:0.01,0.05 --output run.json
+  # half the bytes on the wire: activations and replies as float16 (decoding stays float32):
+  python -m mpicdc.launch -np 6 alexnet --wire float16 --check
+  # the one-device baseline: the same model served by one rank, every layer on the master:
+  python -m mpicdc.launch -np 1 alexnet --workers 0 --repeat 5
 
 weights: with no --weights, the shards in weights/<model>-w<N>-p<R>-<code>/ are used, where N and R
 follow from the world size and --code/--parity; on one machine they are prepared (random
@@ -46,6 +50,7 @@ exit codes: 0 all requests served (and matched with --check); 1 a request failed
 
 # Relative tolerance of --check: float32 decoding error propagated through the network.
 CHECK_RTOL = {"none": 1e-4, "replication": 1e-4, "sum": 1e-4, "groups": 1e-4, "mds": 1e-3}
+WIRE_CHOICES = ("float32", "float16", "bfloat16")
 
 
 def _floats(text: str) -> tuple:
@@ -74,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "groups:G, mds (default: sum, as prepare and sim)")
     p.add_argument("--parity", type=int, default=None, metavar="R",
                    help="parity workers for mds/replication codes")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="data workers (default: the world size less the master and the code's parity workers); "
+                        "0 serves the model on one rank with every layer on the master, the one-device "
+                        "baseline (launch with -np 1)")
+    p.add_argument("--wire", choices=WIRE_CHOICES, default="float32",
+                   help="format of the activations sent to workers and of their replies: float32 (default), "
+                        "float16 or bfloat16 (half the bytes; every rank computes and decodes in float32; "
+                        "--check then allows the format's rounding, see docs/running.md)")
     p.add_argument("--no-prepare", action="store_true",
                    help="fail instead of preparing a missing default weight directory")
     p.add_argument("--repeat", type=int, default=1, metavar="K", help="number of requests, ids 0..K-1 (default 1)")
@@ -97,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fault injection, repeatable: delay:RANKS:MODEL, crash:RANK@REQ[:LAYER], "
                         "hang:RANK@REQ[:LAYER], exit:RANK@REQ[:LAYER][=CODE]")
     p.add_argument("--device", metavar="NAME", help="emulate a device's compute speed on workers (e.g. rpi3)")
+    p.add_argument("--master-device", metavar="NAME",
+                   help="also emulate a device on the master: every layer it runs takes that device's modeled "
+                        "time (default: this machine's speed); with --workers 0, the one-device baseline on a Pi")
     p.add_argument("--check", action="store_true",
                    help="compare every output with the serial fault-free reference forward")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to print (default 5)")
@@ -354,15 +370,22 @@ def master_main(args, session) -> int:
         print(f"input: {args.input} as {'x'.join(map(str, model.input_shape))}: {prep.describe()}", flush=True)
     if args.output:
         check_output_path(args.output)
-    print(f"mpicdc: {model.name} on {session.plan.world_size} ranks: {session.plan.workers} workers + "
-          f"{session.plan.parity} parity ({session.plan.code}), {len(session.plan.layers)} distributed "
-          f"layers; fault tolerance {'on (ULFM)' if session.ulfm else 'OFF'}"
-          f"{f'; {args.spares} spare rank(s)' if args.spares else ''}", flush=True)
+    plan = session.plan
+    if plan.world_size == 1:
+        print(f"mpicdc: {model.name} on 1 rank: every layer on the master (one device)", flush=True)
+    else:
+        print(f"mpicdc: {model.name} on {plan.world_size} ranks: {plan.workers} workers + {plan.parity} parity "
+              f"({plan.code}), {len(plan.layers)} distributed layers; fault tolerance "
+              f"{'on (ULFM)' if session.ulfm else 'OFF'}" + (f"; wire {args.wire}" if args.wire != "float32" else "")
+              + (f"; {args.spares} spare rank(s)" if args.spares else ""), flush=True)
     reference = None
     if args.check:
         reference = forward(model, reference_weights(session.manifest), x)
-    kind = session.plan.code.partition(":")[0]
+    kind = plan.code.partition(":")[0]
     rtol = CHECK_RTOL.get(kind, CHECK_RTOL["mds"])
+    if args.wire != "float32":
+        from mpicdc.core.wirefmt import check_tolerance
+        rtol += check_tolerance(plan, args.wire)
     results, checks, exit_code = [], {}, 0
     ids = request_ids(args.repeat, args.request_ids, args.skip_answered)
     journal = Journal(args.journal)
@@ -491,6 +514,17 @@ def _check_args(args) -> None:
             raise ValueError("--repeat and --top-k must be >= 1")
         if args.spares < 0:
             raise ValueError(f"--spares must be >= 0, got {args.spares}")
+        if args.workers is not None and args.workers < 0:
+            raise ValueError(f"--workers must be 0 (one device) or more, got {args.workers}")
+        for option, name in (("--device", args.device), ("--master-device", args.master_device)):
+            if name is not None:
+                from mpicdc.sim.devices import get_device
+                try:
+                    get_device(name)
+                except ValueError as exc:
+                    raise ValueError(f"{option}: {exc}") from None
+        if args.workers == 0 and (args.parity or args.code not in ("sum", "none")):
+            raise ValueError("--workers 0 runs every layer on the master: it takes no --code or --parity")
         for option, value in (("--layer-timeout", args.layer_timeout), ("--startup-timeout", args.startup_timeout)):
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{option} must be a positive number of seconds, got {value}")
@@ -506,7 +540,6 @@ def _check_args(args) -> None:
         raise UsageError(str(exc)) from None
 
 
-
 def _run_job(args, rank: int) -> int:
     """Start the job, play this rank's role, and end the process with the job's exit code."""
     from mpicdc.runtime.mpienv import init_mpi, ulfm_enabled
@@ -517,7 +550,8 @@ def _run_job(args, rank: int) -> int:
                        prepare_missing=not args.no_prepare, injections=tuple(args.inject),
                        device=args.device, layer_timeout_s=args.layer_timeout,
                        startup_timeout_s=args.startup_timeout, seed=args.seed, integrity=args.integrity,
-                       spares=args.spares)
+                       spares=args.spares, wire=args.wire, workers=args.workers,
+                       master_device=args.master_device)
     MPI = init_mpi(config.startup_timeout_s)
     world = MPI.COMM_WORLD
     ulfm, hung = ulfm_enabled(MPI), False

@@ -104,7 +104,7 @@ def test_dry_run_writes_nothing(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["resnet9000", "--workers", "2"], "unknown model 'resnet9000'; known models: actionrec, alexnet, alexnet_2tower, c3d"),
     (["tiny", "--workers", "2", "--code", "fountain"], "unknown code spec 'fountain'; expected none | sum"),
-    (["tiny", "--workers", "0"], "--workers must be at least 1"),
+    (["tiny", "--workers", "-1"], "--workers must be 0 (one device doing everything) or more"),
     (["tiny"], "--workers N is required"),
     (["tiny", "--workers", "2", "--code", "mds"], "needs --parity R"),
     (["tiny", "--workers", "2", "--code", "sum", "--parity", "2"], "uses 1 parity worker(s)"),

@@ -8,10 +8,11 @@ SUITES = {
     "runtime": "coded against uncoded MPI inference, and recovery latency after a SIGKILL",
     "prepare": "peak memory of the HDF5 weight preparation tool",
     "plan": "time to plan, print and assign blocks for up to 100,000 devices",
-    "speedup": "modeled latency of a Pi cluster against one Pi, per plan and link rate (simulator)",
+    "speedup": "modeled latency of a Pi cluster against one Pi, per plan and link rate (simulator; --ranks: on ranks)",
     "integrity": "false alarms and detection of wrong replies checked against the code (no MPI)",
     "strict": "latency cost of --integrity strict against off and opportunistic on real ranks (MPI)",
     "healing": "time from a worker's loss to full tolerance with a spare rank, latency meanwhile (MPI)",
+    "wire": "float16/bfloat16 wire formats: bytes per request, output error, top-1 agreement, modeled speedup",
 }
 
 USAGE = "usage: python -m mpicdc.bench SUITE [options]   (python -m mpicdc.bench SUITE --help for its options)"
@@ -27,6 +28,7 @@ examples:
   python -m mpicdc.bench integrity                        # false alarms, detection, MDS correction
   python -m mpicdc.bench strict --model tiny              # what strict integrity costs on real ranks (MPI)
   python -m mpicdc.bench healing                          # loss -> full tolerance with a spare (MPI)
+  python -m mpicdc.bench wire --models alexnet            # half the bytes: error, top-1, modeled speedup
   make bench                                              # the usual suites, one after the other"""
 
 

@@ -9,10 +9,18 @@ layer split over the data workers, :func:`~mpicdc.core.plan.make_plan`) and ``au
 do at that rate with any number of workers: each layer at the smaller of its master time and
 its link floor (input sent once, output returned once).  Then it checks the targets of issue 14
 and says which term dominates where one is missed.
+
+``--ranks K`` adds a measurement on real MPI ranks of this machine (not the simulator): K
+requests of one emulated device (``run --workers 0 --master-device DEV``) against the even plan
+with every rank emulated (``--device DEV --master-device DEV``), with float32 and float16 on the
+wire.  Emulation pads each layer to the device model and each worker's transfers to its own
+link (links in parallel, unlike the simulator's shared link); when the machine's cores are busy,
+real compute can exceed the modeled time and the run says so.
 """
 from __future__ import annotations
 
 import argparse
+import math
 
 EPILOG = """\
 examples:
@@ -20,6 +28,7 @@ examples:
   python -m mpicdc.bench speedup --links 20mbit,100mbit,1gbit --workers 8
   python -m mpicdc.bench speedup --plot docs/img/speedup.png  # latency against link rate, per plan
   python -m mpicdc.bench speedup --check                      # exit 1 when a target is missed
+  python -m mpicdc.bench speedup --models alexnet --ranks 5   # also 5 requests on real emulated ranks
 """
 
 TERMS = ("send", "compute", "reply", "decode")
@@ -151,6 +160,59 @@ def frontier(requests: int = 4000, device: str = "rpi3", seed: int = 0) -> list:
     return rows
 
 
+def _job(np_ranks: int, args: list, timeout: float = 600.0) -> dict:
+    """One ``python -m mpicdc.launch`` job with a hard timeout; its JSON results (or an error)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mpicdc-speedup-") as tmp:
+        out = os.path.join(tmp, "run.json")
+        cmd = [sys.executable, "-m", "mpicdc.launch", "-np", str(np_ranks), *args, "-q", "--output", out]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return {"error": f"did not end within {timeout:g} s: {' '.join(cmd)}"}
+        if proc.returncode != 0 or not os.path.exists(out):
+            return {"error": f"exit {proc.returncode}: {' '.join(cmd)}\n{proc.stderr[-2000:]}"}
+        with open(out) as f:
+            return json.load(f)
+
+
+def on_ranks(model, workers: int, code: str, device: str, requests: int) -> list:
+    """``[(label, median latency s of requests 1.., worst real/modeled compute, error)]`` measured on
+    ranks: one emulated device, then the even plan in float32 and float16 (request 0 is a warm-up)."""
+    from mpicdc.core.plan import parity_count
+
+    world = 1 + workers + parity_count(code, None)
+    emulate = ["--master-device", device, "--repeat", str(requests + 1)]
+    rows = []
+    for label, np_ranks, extra in (("one device", 1, ["--workers", "0"]),
+                                   ("even, float32", world, ["--code", code, "--device", device]),
+                                   ("even, float16", world, ["--code", code, "--device", device, "--wire", "float16"])):
+        res = _job(np_ranks, [model.name, *emulate, *extra])
+        if "error" in res:
+            rows.append((label, float("nan"), float("nan"), res["error"]))
+            continue
+        lat = sorted(r["latency_ms"] / 1e3 for r in res["requests"][1:] if r["ok"])
+        worst = res["summary"].get("emulation_worst_compute_fraction", float("nan"))
+        rows.append((label, lat[len(lat) // 2] if lat else float("nan"), worst, None))
+    return rows
+
+
+def _print_ranks(model, rows: list) -> None:
+    base = rows[0][1]
+    for label, seconds, worst, error in rows:
+        if error:
+            print(f"{model.name:<9}{label:<16}  FAILED: {error}")
+            continue
+        note = "" if math.isnan(worst) else f"  (worker compute {worst:.0%} of modeled" + \
+            ("; cores busy: distorted)" if worst >= 0.5 else ")")
+        print(f"{model.name:<9}{label:<16}{seconds:>9.3f}{base / seconds:>8.2f}x{note}")
+
+
 def main(argv=None) -> int:
     from mpicdc.core.models import get_model
     from mpicdc.sim.devices import get_device
@@ -167,6 +229,12 @@ def main(argv=None) -> int:
                    help="also simulate K requests of the straggler frontier: MDS against replication for "
                         "r = 1..3 extra devices, mean and p99 (default 0: skip)")
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--ranks", type=int, metavar="K", default=0,
+                   help="also measure K requests on real MPI ranks of this machine, every rank emulating "
+                        "--rank-device: one device (--workers 0) against the even plan, float32 and float16 "
+                        "on the wire (default 0: skip)")
+    p.add_argument("--rank-device", default="rpi3-eth",
+                   help="device the ranks emulate, with its own link (default rpi3-eth: about 94 Mbit/s)")
     args = p.parse_args(argv)
     models = [get_model(x.strip()) for x in args.models.split(",") if x.strip()]
     links = [x.strip() for x in args.links.split(",") if x.strip()]
@@ -192,6 +260,12 @@ def main(argv=None) -> int:
         print(f"  {'met   ' if ok else 'MISSED'} {name}: {detail}")
     if args.stragglers:
         missed += _print_frontier(frontier(args.stragglers, args.device))
+    if args.ranks:
+        print(f"\nmeasured on MPI ranks of this machine (not simulated), every rank emulating {args.rank_device} "
+              f"on its own link; median of {args.ranks} requests:")
+        print(f"{'model':<9}{'run':<16}{'latency s':>9}{'vs one':>9}")
+        for model in models:
+            _print_ranks(model, on_ranks(model, args.workers, args.code, args.rank_device, args.ranks))
     if args.plot:
         plot(args.plot, models, args.workers, args.code, args.device)
         print(f"\nwrote {args.plot}")

@@ -13,7 +13,10 @@ Tolerance (derived in ``docs/integrity.md``): check row ``q`` may miss zero by
     tau_q = C_TOL * u * sqrt(K) * sum_k |H[q, k]| * max|Y_k|,
 
 ``u = 2**-24`` (float32 unit roundoff), ``K`` the GEMM's accumulation length (the weight
-matrix's columns), ``max|Y_k|`` the largest magnitude in block ``k``.  Pure numpy, local.
+matrix's columns), ``max|Y_k|`` the largest magnitude in block ``k``.  Replies carried in a
+16-bit wire format (``--wire``) were each rounded once more, by at most ``u_w |Y_k|``; the
+tolerance then adds ``2 u_w sum_k |H[q, k]| max|Y_k|`` (``u_w`` the format's unit roundoff).
+Pure numpy, local.
 """
 from __future__ import annotations
 
@@ -69,10 +72,11 @@ def tolerance_factor(accumulation: int) -> float:
     return C_TOL * U32 * math.sqrt(max(1, accumulation))
 
 
-def check(code, replies: dict, accumulation: int) -> Verdict:
+def check(code, replies: dict, accumulation: int, wire_roundoff: float = 0.0) -> Verdict:
     """Check ``{block: reply}`` (equal shapes) against ``code``; locate a single wrong block if it can.
 
-    ``accumulation`` is the layer's GEMM length (weight columns), setting the tolerance.
+    ``accumulation`` is the layer's GEMM length (weight columns), setting the tolerance;
+    ``wire_roundoff`` the unit roundoff of a 16-bit wire format the replies came in (0: float32).
     """
     keys = sorted(replies)
     H = checks_for(code, frozenset(keys))
@@ -81,7 +85,7 @@ def check(code, replies: dict, accumulation: int) -> Verdict:
     Y = np.stack([np.asarray(replies[k], dtype=np.float64).reshape(-1) for k in keys])
     scale = np.max(np.abs(Y), axis=1)
     S = H @ Y
-    tol = tolerance_factor(accumulation) * (np.abs(H) @ scale)
+    tol = (tolerance_factor(accumulation) + 2.0 * wire_roundoff) * (np.abs(H) @ scale)
     res = np.max(np.abs(S), axis=1)
     ratio = res / np.where(tol > 0, tol, np.inf)
     ratio[(tol == 0) & (res > 0)] = np.inf

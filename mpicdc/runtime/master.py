@@ -19,7 +19,6 @@ block is decoded around and its rank quarantined (no longer used, like a lost ra
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -29,8 +28,10 @@ from mpicdc.core import integrity as checks
 from mpicdc.core.graph import walk
 from mpicdc.core.grouped import stored_cols
 from mpicdc.core.kernels import LocalExecutor, check_input
-from mpicdc.runtime import wire
+from mpicdc.core.wirefmt import get_format
+from mpicdc.runtime import slices, wire
 from mpicdc.runtime.channel import Channel, PeerLost
+from mpicdc.runtime.emulate import MasterPacer
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,17 @@ class LayerRecord:
     missing_ranks: list = field(default_factory=list)  # ranks whose blocks were decoded (lost or late)
     checks: int = 0          # independent integrity checks made on the decoding set (0: unchecked)
     check_wait_s: float = 0.0  # strict mode: wait after the replies were decodable, to check them
+    out_of_range: list = field(default_factory=list)  # ranks whose block did not fit the wire format
+    sent_bytes: int = 0      # jobs sent for this layer (headers included)
+    received_bytes: int = 0  # replies used to decode it
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "wait_ms": self.wait_s * 1e3, "decode_ms": self.decode_s * 1e3,
                 "assemble_ms": self.assemble_s * 1e3, "compute_ms": self.compute_s * 1e3,
                 "modeled_ms": self.modeled_s * 1e3, "used": self.used, "decoded_blocks": self.decoded_blocks,
                 "late": self.late, "failed": self.failed, "missing_ranks": self.missing_ranks,
-                "checks": self.checks, "check_wait_ms": self.check_wait_s * 1e3}
+                "checks": self.checks, "check_wait_ms": self.check_wait_s * 1e3,
+                "sent_bytes": self.sent_bytes, "received_bytes": self.received_bytes}
 
 
 @dataclass
@@ -157,7 +162,8 @@ class Arrival:
     rank: int
     seconds: float
     late: bool
-    status: str  # "reply", "skipped", "bad" (wrong size or non-finite values), "failed" (rank lost)
+    status: str  # "reply", "skipped", "bad" (wrong size, format or non-finite values), "range" (beyond
+    #              the wire format's range), "failed" (rank lost)
 
 
 class _MasterExecutor(LocalExecutor):
@@ -176,13 +182,22 @@ class _MasterExecutor(LocalExecutor):
             self.coordinator.healer.step()
         lp = self.coordinator.plan.for_layer(layer.name)
         if lp is None:
-            return super().linear(layer, x, relu=relu)
+            return self._paced(layer, [x.shape], lambda: super(_MasterExecutor, self).linear(layer, x, relu=relu), relu)
         record = LayerRecord(layer.name)
         out = self.coordinator._distributed(layer, lp, x, self.request, record)
         self.records.append(record)
         if relu:
             np.maximum(out, 0, out=out)
         return out
+
+    def nonlinear(self, layer, inputs):
+        return self._paced(layer, [np.shape(i) for i in inputs],
+                           lambda: super(_MasterExecutor, self).nonlinear(layer, inputs))
+
+    def _paced(self, layer, in_shapes, compute, relu: bool = False):
+        """``compute()``, padded to the emulated master device's time when there is one (``--master-device``)."""
+        pacer = self.coordinator.pacer
+        return compute() if pacer is None else pacer.run(layer, in_shapes, compute, relu)
 
 
 class Coordinator:
@@ -198,13 +213,20 @@ class Coordinator:
     max_outstanding : unanswered jobs after which a live but silent rank is no longer sent work.
     integrity : ``off``, ``opportunistic`` (check spare replies, never wait) or ``strict`` (wait
         for enough replies to check, and under MDS r >= 2 to locate, every layer).
+    wire_format : wire format of jobs and replies: ``float32``, ``float16`` or ``bfloat16``
+        (:mod:`mpicdc.core.wirefmt`); decoding is always in float32.
+    master_device : emulate this device on the master: every layer it runs takes the device's modeled
+        time (:mod:`mpicdc.runtime.emulate`); None: this machine's speed.
     """
 
     def __init__(self, data: Channel, ctrl: Channel, model, plan, master_weights, *, layer_timeout_s=30.0,
-                 max_outstanding=16, poll_s=1e-4, integrity="opportunistic"):
+                 max_outstanding=16, poll_s=1e-4, integrity="opportunistic", wire_format="float32",
+                 master_device=None):
         if integrity not in INTEGRITY_MODES:
             raise ValueError(f"integrity mode {integrity!r}: use one of {', '.join(INTEGRITY_MODES)}")
         self.integrity = integrity
+        self.wire = get_format(wire_format)
+        self.pacer = None if master_device is None else MasterPacer(master_device, model)
         self.data, self.ctrl = data, ctrl
         self.model, self.plan, self.master_weights = model, plan, master_weights
         self.layer_timeout_s, self.max_outstanding, self.poll_s = layer_timeout_s, max_outstanding, poll_s
@@ -236,7 +258,7 @@ class Coordinator:
         start = time.perf_counter()
         try:
             output = walk(self.model, x, _MasterExecutor(self, request, records))
-        except RequestFailed as exc:
+        except (RequestFailed, wire.WireRangeError) as exc:
             log.error("%s", exc)
             return RequestResult(request, None, time.perf_counter() - start, records, str(exc), flags)
         return RequestResult(request, output, time.perf_counter() - start, records, integrity=flags)
@@ -251,10 +273,10 @@ class Coordinator:
         cols = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1
         tag = self.tags.tag(request, li)
         code = lp.code_obj
-        job = wire.message(wire.Header(wire.JOB, request, li, -1, x.shape), x)
+        jobs = self._jobs(layer, lp, x, request, li)
         pending = {}
         sent_at = time.perf_counter()
-        self._send_job(lp, job, tag, cols, self._targets(lp), pending, request, li, sent_at)
+        record.sent_bytes += self._send_job(lp, jobs, tag, cols, self._targets(lp), pending, request, li, sent_at)
         received = {}
         decodable_at = None
         while not self._ready(code, received, pending, sent_at):
@@ -268,15 +290,15 @@ class Coordinator:
             if not code.decodable(alive):
                 # before giving up, ask the live ranks this layer did not use (silent when it
                 # started, or re-admitted since): a stall that overlaps losses costs time, not the request
-                unused = [(b, r) for b, r in enumerate(lp.ranks)
-                          if b not in alive and b not in received and r not in self.dead | self.quarantined]
-                self._send_job(lp, job, tag, cols, unused, pending, request, li, sent_at)
+                unused = [(b, r) for b, r in enumerate(lp.ranks) if b not in alive and b not in received
+                          and r not in self.dead | self.quarantined and r not in record.out_of_range]
+                record.sent_bytes += self._send_job(lp, jobs, tag, cols, unused, pending, request, li, sent_at)
                 alive |= {b for b, p in pending.items() if p.rank not in self.dead}
             lost = [r for b, r in enumerate(lp.ranks) if b not in alive]
             if not code.decodable(alive):
                 self._retire(pending, layer.name)
                 raise RequestFailed(request, layer.name, lost, code.tolerance,
-                                    "too many ranks lost for the code to decode")
+                                    "too many ranks lost for the code to decode" + self._range_note(record))
             if time.perf_counter() - sent_at > self.layer_timeout_s:
                 silent = [p.rank for p in pending.values()]
                 self._retire(pending, layer.name)
@@ -301,6 +323,7 @@ class Coordinator:
                 out[start:stop] = blockdata[:stop - start]
         record.assemble_s = time.perf_counter() - t0 - record.decode_s
         record.used = sorted(lp.ranks[b] for b in received)
+        record.received_bytes = sum(buf.nbytes for buf in received.values())
         record.decoded_blocks = sorted(set(range(lp.n)) - set(received))
         record.missing_ranks = [lp.ranks[b] for b in record.decoded_blocks]
         heads = [wire.Header.unpack(buf) for buf in received.values()]
@@ -328,7 +351,7 @@ class Coordinator:
         """Check the decoding set; returns it without a located wrong block (whose rank is quarantined)."""
         code = lp.code_obj
         replies = {b: wire.payload(buf, shape) for b, buf in received.items()}
-        verdict = checks.check(code, replies, self.accumulation[layer_name])
+        verdict = checks.check(code, replies, self.accumulation[layer_name], self.wire.roundoff)
         record.checks = verdict.checks
         if verdict.ok:
             return received
@@ -351,7 +374,7 @@ class Coordinator:
             return
         late.replies[p.block] = p.buf
         verdict = checks.check(late.code, {b: wire.payload(buf, late.shape) for b, buf in late.replies.items()},
-                               late.accumulation)
+                               late.accumulation, self.wire.roundoff)
         if verdict.ok:
             return
         rank = None if verdict.suspect is None else late.ranks[verdict.suspect]
@@ -377,17 +400,34 @@ class Coordinator:
                         "quarantined: no longer used for decoding (counted as lost)", rank, request, layer_name,
                         verdict.residual, verdict.tolerance, outcome)
 
-    def _send_job(self, lp, job, tag, cols, targets, pending, request, li, sent_at) -> None:
-        """Post each target's reply receive and send it the job; a rank found lost is marked dead."""
+    def _jobs(self, layer, lp, x, request: int, li: int) -> dict:
+        """``{block: job message}``: the layer input in the wire format, or only the input channels a
+        block reads (:mod:`~mpicdc.runtime.slices`); blocks needing the same part share one message."""
+        made, jobs = {}, {}
+        for block in range(len(lp.ranks)):
+            channels = slices.needed_channels(self.model, lp, block)
+            if channels not in made:
+                part = slices.job_input(self.model, lp, block, x)
+                made[channels] = wire.message(wire.Header(wire.JOB, request, li, -1, part.shape, wire=self.wire.code),
+                                              part, f"request {request} failed at layer {layer.name!r}: its input")
+            jobs[block] = made[channels]
+        return jobs
+
+    def _send_job(self, lp, jobs, tag, cols, targets, pending, request, li, sent_at) -> int:
+        """Post each target's reply receive and send it its job; a rank found lost is marked dead.
+        Returns the bytes sent."""
+        sent = 0
         for block, rank in targets:
-            buf = wire.reply_buffer(lp.block_rows, cols)
+            buf = wire.reply_buffer(lp.block_rows, cols, self.wire.code)
             try:
                 handle = self.data.irecv(buf, rank, tag)
-                self.data.isend(job, rank, wire.TAG_JOB)  # the channel keeps the request until released
+                self.data.isend(jobs[block], rank, wire.TAG_JOB)  # the channel keeps the request until released
             except PeerLost:
                 self._mark_dead(rank)
                 continue
+            sent += jobs[block].nbytes
             pending[block] = _Pending(handle, buf, rank, block, request, li, sent_at, buf.nbytes)
+        return sent
 
     def _retire(self, pending: dict, layer_name: str) -> None:
         """Keep still-open receives of a finished layer posted, to drain and time their late replies."""
@@ -421,8 +461,10 @@ class Coordinator:
                 del pending[p.block]
                 if status == "reply" and p.rank not in self.quarantined:
                     received[p.block] = p.buf
-                elif status in ("failed", "bad"):
+                elif status in ("failed", "bad", "range"):
                     record.failed.append(p.rank)
+                    if status == "range":  # asking it again cannot help
+                        record.out_of_range.append(p.rank)
         if finished:
             self.late_pool = [(p, n) for p, n in self.late_pool if id(p) not in finished]
             waiting = {(p.request, p.layer_index) for p, _ in self.late_pool}
@@ -441,24 +483,41 @@ class Coordinator:
             log.warning("rank %d: its reply for layer %r could not be received; decoding around it",
                         p.rank, layer_name)
             return "bad"
-        if nbytes is None:  # the library did not say this receive's size: the header's shape does
-            nbytes = wire.HEADER_BYTES + 4 * math.prod(head.shape)
         if head.request != p.request or head.layer != p.layer_index:
             return "failed"
         if head.kind == wire.SKIPPED:
             return "skipped"
         if head.kind == wire.REFUSED:  # the worker found the job malformed and said why in its log
             return "bad"
+        if head.kind == wire.OUT_OF_RANGE:
+            log.warning("rank %d: its block of layer %r exceeds the %s wire format's range; decoding around it",
+                        p.rank, layer_name, self.wire.name)
+            return "range"
         if head.kind != wire.REPLY:
             return "failed"
+        if head.wire != self.wire.code:  # same size for float16 and bfloat16: only the header tells
+            log.warning("rank %d replied for layer %r in wire format code %d, the job uses %s (code %d); "
+                        "decoding around it", p.rank, layer_name, head.wire, self.wire.name, self.wire.code)
+            return "bad"
+        if nbytes is None:  # the library did not say this receive's size: the header's shape does
+            nbytes = wire.payload_bytes(head.shape, head.wire)
         if nbytes != p.expected_bytes:
             log.warning("rank %d sent %d bytes for layer %r, expected %d; decoding around it",
                         p.rank, nbytes, layer_name, p.expected_bytes)
             return "bad"
-        if current and not np.isfinite(p.buf[wire.HEADER_BYTES:].view(np.float32)).all():
+        if current and not wire.payload_finite(p.buf):
             log.warning("rank %d sent non-finite values for layer %r; decoding around it", p.rank, layer_name)
             return "bad"
         return "reply"
+
+    def _range_note(self, record: LayerRecord) -> str:
+        """Why replies were out of range, for a failed layer's message ("" if none were)."""
+        ranks = sorted(record.out_of_range)
+        if not ranks:
+            return ""
+        fix = "--wire bfloat16 or float32" if self.wire.name == "float16" else "--wire float32"
+        return (f"; rank(s) {ranks} found the layer's output beyond the {self.wire.name} wire format's "
+                f"range (use {fix})")
 
     def _refresh_dead(self) -> None:
         for rank in self.data.failed():

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mpicdc.core.models import get_model
-from mpicdc.core.plan import make_plan, parity_count
+from mpicdc.core.plan import make_plan, parity_count, single_device_plan
 from mpicdc.runtime import wire
 from mpicdc.runtime.channel import Channel, PeerLost
 from mpicdc.runtime.comms import JobComms
@@ -61,6 +61,10 @@ class RunConfig:
     seed : seed for random weights and injected delays.
     integrity : checking replies against the code: off, opportunistic or strict (see the master).
     spares : idle ranks after the plan's ranks that take a lost rank's place (:mod:`~mpicdc.runtime.healing`).
+    wire : wire format of activations and replies: float32, float16 or bfloat16 (:mod:`mpicdc.core.wirefmt`).
+    workers : data workers of a default directory; ``0`` serves the model on rank 0 alone (every layer
+        on the master, a world of one rank: the one-device baseline); None: from the world size.
+    master_device : emulate this device's speed on the master too (every layer it runs); None: this machine.
     """
 
     model: str
@@ -76,6 +80,9 @@ class RunConfig:
     weights_root: str = "weights"
     integrity: str = "opportunistic"
     spares: int = 0
+    wire: str = "float32"
+    workers: int | None = None
+    master_device: str | None = None
 
 
 class Session:
@@ -217,15 +224,31 @@ def resolve_weights(config: RunConfig, world_size: int) -> Path:
     if config.weights:
         return Path(config.weights)
     model = get_model(config.model)
+    if config.workers == 0:
+        if world_size != 1:
+            raise StartupError(f"--workers 0 serves the model on the master alone, but the job has {world_size} "
+                               f"ranks: launch it on one rank (mpirun -np 1 ..., python -m mpicdc.launch -np 1 ...)")
+        plan = single_device_plan(model)
+        return _ensure(config, model, plan)
     r = parity_count(config.code, config.parity)
     workers = world_size - 1 - r
+    if config.workers is not None and workers != config.workers:
+        raise StartupError(f"--workers {config.workers} with code {config.code!r} ({r} parity worker(s)) needs "
+                           f"{config.workers + r + 1} ranks, but the job has {world_size}: launch with "
+                           f"-np {config.workers + r + 1}")
     if workers < 1:
         least = r + 2 + config.spares
         spares = f" and {config.spares} spare(s)" if config.spares else ""
         raise StartupError(f"a world of {world_size + config.spares} rank(s) leaves no data worker for code "
                            f"{config.code!r} with {r} parity worker(s){spares}: launch at least {least} ranks "
-                           f"(mpirun -np {least} ...)")
-    plan = make_plan(model, workers, r, config.code)
+                           f"(mpirun -np {least} ...), or serve the model on this rank alone with --workers 0")
+    return _ensure(config, model, make_plan(model, workers, r, config.code))
+
+
+def _ensure(config: RunConfig, model, plan) -> Path:
+    """The default folder of ``plan``: prepared with random weights if missing and allowed."""
+    from mpicdc import store
+
     directory = store.default_dir(model.name, plan, root=config.weights_root)
     if not config.prepare_missing and not (directory / store.MANIFEST_NAME).exists():
         raise StartupError(f"{directory}: no prepared weights; run: "
@@ -317,7 +340,8 @@ def serve(config: RunConfig, *, comm=None) -> Session | None:
         raise
     if comms.rank == 0:
         coordinator = Coordinator(comms.data, comms.ctrl, manifest.model, manifest.plan, blocks,
-                                  layer_timeout_s=config.layer_timeout_s, integrity=config.integrity)
+                                  layer_timeout_s=config.layer_timeout_s, integrity=config.integrity,
+                                  wire_format=config.wire, master_device=config.master_device)
         if config.spares:
             coordinator.healer = Healer(comms.ctrl, coordinator, range(comms.size - config.spares, comms.size),
                                         timeout_s=config.startup_timeout_s, manifest=manifest)

@@ -10,7 +10,6 @@ bounded time.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import sys
@@ -23,7 +22,7 @@ import numpy as np
 from mpicdc.core.faults import corrupt_block
 from mpicdc.core.grouped import block_gemm
 from mpicdc.core.kernels import Workspace
-from mpicdc.runtime import wire
+from mpicdc.runtime import slices, wire
 from mpicdc.runtime.channel import Channel, PeerLost
 
 log = logging.getLogger(__name__)
@@ -105,15 +104,20 @@ class MasterLost(RuntimeError):
 
 
 def _job_problem(state: WorkerState, head: wire.Header, nbytes: int, layers: list, mine: dict) -> str | None:
-    """Why a job cannot be computed here (wrong layer, shape or size), or ``None``."""
+    """Why a job cannot be computed here (wrong layer, shape, wire format or size), or ``None``."""
     if not 0 <= head.layer < len(layers) or layers[head.layer].name not in mine:
         return f"layer index {head.layer} is not one of this rank's layers"
     layer = layers[head.layer]
-    want = state.model.shapes()[layer.inputs[0]]
+    want = slices.job_shape(state.model, *mine[layer.name])  # a grouped block: only its groups' channels
     if tuple(head.shape) != tuple(want):
-        return f"input of shape {head.shape} for layer {layer.name!r}, which takes {want}"
-    if nbytes != wire.HEADER_BYTES + 4 * math.prod(want):
-        return f"{nbytes} bytes for layer {layer.name!r}, which takes {wire.HEADER_BYTES + 4 * math.prod(want)}"
+        return f"input of shape {head.shape} for layer {layer.name!r}, which takes {want} here"
+    try:
+        fmt = head.format
+    except ValueError as exc:
+        return str(exc)
+    need = wire.payload_bytes(want, head.wire)
+    if nbytes != need:
+        return f"{nbytes} bytes for layer {layer.name!r}, which takes {need} in {fmt.name}"
     return None
 
 
@@ -167,13 +171,14 @@ def worker_loop(data: Channel, state: WorkerState, stop_event: threading.Event) 
             continue
         start = time.perf_counter()
         W, b = state.blocks[layer.name]
-        Y, lowered = block_gemm(layer, lp, block, W, b, wire.payload(buf, head.shape),  # grouped: own channels
-                                workspace=workspace)
+        x = slices.full_input(state.model, lp, block, wire.payload(buf, head.shape))
+        Y, lowered = block_gemm(layer, lp, block, W, b, x, workspace=workspace)  # grouped: own channels
         out = lowered.finish(Y)
         compute = time.perf_counter() - start
         modeled = 0.0
         if state.device is not None:  # emulate a slower device: pad to its modeled time
-            modeled = emulated_seconds(state.device, W.shape, out, buf.nbytes - wire.HEADER_BYTES)
+            modeled = emulated_seconds(state.device, W.shape, out, buf.nbytes - wire.HEADER_BYTES,
+                                       head.format.nbytes(out.size))
             if modeled > compute:
                 time.sleep(modeled - compute)
         if delay is not None:
@@ -186,12 +191,18 @@ def worker_loop(data: Channel, state: WorkerState, stop_event: threading.Event) 
                                                                         head.layer]))
             log.warning("rank %d: injected %s corruption into request %d, layer %r", state.rank,
                         wrong.corruption, head.request, layer.name)
-        _reply(data, wire.message(wire.Header(wire.REPLY, head.request, head.layer, block, out.shape, compute,
-                                              modeled), np.ascontiguousarray(out)), tag)
+        try:  # the reply goes back in the job's wire format
+            reply = wire.message(wire.Header(wire.REPLY, head.request, head.layer, block, out.shape, compute,
+                                             modeled, head.wire), out, f"rank {state.rank}, layer {layer.name!r}")
+        except wire.WireRangeError as exc:
+            log.warning("%s", exc)
+            reply = wire.message(wire.Header(wire.OUT_OF_RANGE, head.request, head.layer, block))
+        _reply(data, reply, tag)
 
 
-def emulated_seconds(device, weight_shape, out: np.ndarray, input_bytes: int) -> float:
-    """Time a ``device`` would take for this block: its GEMM plus receiving the input and sending the reply.
+def emulated_seconds(device, weight_shape, out: np.ndarray, input_bytes: int, reply_bytes: int | None = None) -> float:
+    """Time a ``device`` would take for this block: its GEMM plus receiving the input and sending the reply
+    (``reply_bytes`` on the wire; default ``out.nbytes``, float32).
 
     Uses :meth:`DeviceModel.gemm_time` (compute- or memory-bound) and
     :meth:`DeviceModel.transfer_time` on the device's own link, as :mod:`mpicdc.sim` does.
@@ -199,7 +210,7 @@ def emulated_seconds(device, weight_shape, out: np.ndarray, input_bytes: int) ->
     rows, cols = weight_shape
     spatial = out.size // max(1, out.shape[0])
     return float(device.gemm_time(rows, cols, spatial) + device.transfer_time(input_bytes)
-                 + device.transfer_time(out.nbytes))
+                 + device.transfer_time(out.nbytes if reply_bytes is None else reply_bytes))
 
 
 def _reply(data: Channel, buf: np.ndarray, tag: int) -> None:

@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tumor_vgg16.onnx -> tumor_vgg16 (the name in the folder, the manifest and the "
                         "printed commands)")
     g = p.add_argument_group("plan")
-    g.add_argument("-n", "--workers", type=int, metavar="N", help="data workers (ranks 1..N)")
+    g.add_argument("-n", "--workers", type=int, metavar="N",
+                   help="data workers (ranks 1..N); 0: one rank doing everything (the one-device baseline, "
+                        "run with --workers 0 on one rank)")
     g.add_argument("-r", "--parity", type=int, metavar="R",
                    help="parity workers (ranks N+1..N+R); implied by --code none/sum/groups:G")
     g.add_argument("--code", default="sum", metavar="SPEC",
@@ -151,8 +153,14 @@ def _make_plan(args, model):
 
     if args.workers is None:
         raise UsageError("--workers N is required (the number of data workers, ranks 1..N)")
-    if args.workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be 0 (one device doing everything) or more, got {args.workers}")
+    if args.workers == 0:
+        if args.plan == "auto" or args.keep_on_master or args.layer_workers or args.speeds or args.parity:
+            raise UsageError("--workers 0 keeps every layer on the master (one device): drop --plan auto, "
+                             "--keep-on-master, --layer-workers, --speeds and --parity")
+        from mpicdc.core.plan import single_device_plan
+        return single_device_plan(model)
     if args.parity is not None and args.parity < 0:
         raise UsageError(f"--parity must be 0 or more, got {args.parity}")
     if args.min_rows < 1:

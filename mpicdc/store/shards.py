@@ -208,7 +208,7 @@ def prepare_command(model_name: str, plan: Plan, source: str = "random", seed: i
     if parse_code_spec(code).parity is None:     # r is not implied by the spec
         parts.append(f"--parity {parity}")
     parts.append(f"--code {code}")
-    if model is not None:
+    if model is not None and workers:  # with 0 workers every layer is the master's anyway
         kept = [layer.name for layer in model.linear_layers if plan.for_layer(layer.name) is None]
         if kept:
             parts.append("--keep-on-master " + ",".join(kept))
@@ -903,9 +903,11 @@ def _model_problem(model: Model) -> str | None:
 def _plan_problem(attrs, model: Model, plan: Plan) -> str | None:
     """Why ``plan`` does not fit ``model`` or the manifest's world size, workers and parity attributes."""
     counts = (plan.world_size, plan.workers, plan.parity)
-    if any(type(x) is not int for x in counts) or not 2 <= plan.world_size <= MAX_WORLD_SIZE:
-        return f"its plan has world size {plan.world_size!r} (2..{MAX_WORLD_SIZE} ranks are accepted)"
-    if plan.workers < 1 or plan.parity < 0 or plan.world_size != 1 + plan.workers + plan.parity:
+    if any(type(x) is not int for x in counts) or not 1 <= plan.world_size <= MAX_WORLD_SIZE:
+        return f"its plan has world size {plan.world_size!r} (1..{MAX_WORLD_SIZE} ranks are accepted)"
+    if plan.world_size == 1 and plan.layers:
+        return f"its plan has a world of one rank but distributes {len(plan.layers)} layer(s)"
+    if plan.workers < (plan.world_size > 1) or plan.parity < 0 or plan.world_size != 1 + plan.workers + plan.parity:
         return (f"its plan has a world of {plan.world_size} ranks, which is not 1 master + {plan.workers} data + "
                 f"{plan.parity} parity workers")
     for key, want in (("world_size", plan.world_size), ("workers", plan.workers), ("parity", plan.parity),
@@ -961,7 +963,8 @@ def check_world(manifest: Manifest, world_size: int, spares: int = 0) -> None:
                               manifest.source, manifest.seed)
         msg += f", or prepare uncoded shards for {world_size} ranks: {cmd}"
     else:
-        msg += " (a world of one rank has no workers)"
+        cmd = prepare_command(manifest.model.name, Plan(plan.model, 1, 0, 0, "none"), manifest.source, manifest.seed)
+        msg += f", or prepare shards for one rank doing everything: {cmd} (and run with --workers 0)"
     raise ShardError(msg)
 
 
