@@ -125,3 +125,52 @@ def test_2mr_replica_of_a_killed_worker_is_exact(exported, tmp_path):
     first, second = (np.asarray(r["output"], np.float32) for r in job.results["requests"])
     assert np.array_equal(first, second)
     assert all(0 in rec["decoded_blocks"] for rec in job.results["requests"][1]["layers"])
+
+
+def _keras_mobile(path, x):
+    """The Keras mobile-layers graph of tests/test_importers.py (DepthwiseConv2D, SeparableConv2D,
+    ZeroPadding2D, grouped Conv2D, Add) saved as HDF5; returns Keras's own output on ``x`` (CHW)."""
+    keras = pytest.importorskip("keras", reason="keras (3, torch backend) writes the Keras file")
+    from test_importers import _predict, _randomize_keras
+    L = keras.layers
+    inp = keras.Input(x.shape[1:] + x.shape[:1])
+    h = L.ZeroPadding2D(((0, 1), (2, 1)))(inp)
+    h = L.DepthwiseConv2D(3, strides=2, depth_multiplier=2, padding="same", activation="relu", name="dw")(h)
+    h = L.Add()([L.SeparableConv2D(8, 3, padding="same", name="sep")(h),
+                 L.Conv2D(8, 2, padding="same", groups=2, name="grouped")(h)])
+    h = L.Conv2D(12, 3, name="after_pad")(L.ZeroPadding2D(1)(h))
+    out = L.Softmax()(L.Dense(10)(L.Flatten()(L.MaxPooling2D(2)(h))))
+    model = keras.Model(inp, out)
+    _randomize_keras(model, 9)
+    model.save(path)
+    return _predict(model, x.transpose(1, 2, 0)[None])
+
+
+def _onnx_block(name, path, x):
+    """A DenseNet or Inception style block of tests/test_onnx_modern.py exported to ONNX; onnxruntime's output."""
+    from test_modern_cnn import _randomise as randomise
+    from test_onnx_modern import DenseBlock, InceptionBlock
+    torch.manual_seed(11)
+    net = randomise(DenseBlock() if name == "densenet_block" else InceptionBlock(), 12)
+    _export(torch, net, torch.from_numpy(x)[None], path)
+    return run_ort(path, x)
+
+
+@pytest.mark.parametrize("name, size, suffix", [("densenet_block", 32, "onnx"), ("inception_block", 31, "onnx"),
+                                                ("keras_mobile", 27, "h5")])
+def test_other_imported_graphs_served_with_a_worker_killed(tmp_path, name, size, suffix):
+    """DenseNet's concatenations and 1x1-conv classifier, Inception's asymmetric pools and grouped conv,
+    and Keras's depthwise/separable/grouped layers: distributed, a worker killed, the framework's output."""
+    x = photo(size, size)
+    if suffix == "h5":
+        x = x[:, :size, :size - 2]
+    path = tmp_path / f"{name}.{suffix}"
+    want = (_keras_mobile if suffix == "h5" else lambda p, v: _onnx_block(name, p, v))(path, x)
+    np.save(tmp_path / "x.npy", x)
+    folder = tmp_path / "shards"
+    manifest = _prepare(str(path), folder)
+    lp = manifest.plan.layers[len(manifest.plan.layers) // 2]
+    job = _serve(manifest, folder, tmp_path / "x.npy", tmp_path, lp.ranks[0], lp.layer)
+    for r in job.results["requests"]:
+        got = np.asarray(r["output"], np.float32)
+        assert got.shape == want.reshape(-1).shape and rel_err(got, want.reshape(-1)) <= RTOL, (name, r["request"])
