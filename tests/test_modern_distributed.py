@@ -1,6 +1,6 @@
 """Modern CNNs imported from ONNX and served over real MPI ranks with a worker killed mid-request (issue 12).
 
-The torch twins of tests/test_modern_cnn.py (resnet18, mobilenet_v2, shufflenet_v2 and the
+The torch twins of tests/test_modern_cnn.py (resnet18, resnet50, mobilenet_v2, shufflenet_v2 and the
 two-tower AlexNet, BatchNorm with random statistics) are exported with ``torch.onnx.export``
 at a small input size (64x64; AlexNet 99x99 with narrow fully connected layers, so its file
 is 12 MB instead of 244 MB), prepared with ``python -m mpicdc.prepare``'s ``main`` (4 data
@@ -40,7 +40,7 @@ from mpicdc.store.prepare_cli import main as prepare_main  # noqa: E402
 pytestmark = [requires_mpi, pytest.mark.mpi, pytest.mark.slow]
 
 RTOL = 1e-4
-SIZE = {"resnet18": 64, "mobilenet_v2": 64, "shufflenet_v2": 64, "alexnet_2tower": 99}
+SIZE = {"resnet18": 64, "resnet50": 64, "mobilenet_v2": 64, "shufflenet_v2": 64, "alexnet_2tower": 99}
 
 
 def small_alexnet_2tower():
