@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check replies against the code: opportunistic (default) checks spare replies at no "
                         "wait; strict waits for enough replies to check every layer (and under MDS r >= 2 "
                         "corrects one wrong block); a rank located sending wrong values is quarantined")
+    p.add_argument("--link", metavar="RATE",
+                   help="the slowest link's rate (e.g. 20mbit): scales the failure detector's timeout to the time "
+                        "the plan's largest transfers take on it, so heartbeats queued behind data raise no false "
+                        "alarm (default: 0.25 s heartbeats, 2 s timeout; docs/cluster.md)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights, input and delays")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     p.add_argument("--help-inject", action="store_true", help="explain the --inject and delay grammar and exit")
@@ -460,6 +464,9 @@ def _check_args(args) -> None:
         for option, value in (("--layer-timeout", args.layer_timeout), ("--startup-timeout", args.startup_timeout)):
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{option} must be a positive number of seconds, got {value}")
+        if args.link:
+            from mpicdc.core.traffic import rate_bits
+            rate_bits(args.link)
         if args.inject:
             from mpicdc.core.faults import parse_injections
             injections = parse_injections(args.inject)
@@ -468,6 +475,19 @@ def _check_args(args) -> None:
     except (UnknownModelError, ValueError) as exc:
         raise UsageError(str(exc)) from None
 
+
+
+def _scale_detector(args, rank: int) -> None:
+    """``--link``: the detector's settings from the link rate and the plan, before MPI starts (every rank alike)."""
+    from mpicdc.runtime.linkscale import scale_detector
+
+    try:
+        note = scale_detector(args.link, args.model, args.weights, args.code, args.parity,
+                              int(os.environ.get("OMPI_COMM_WORLD_SIZE", "0")))
+    except Exception as exc:  # noqa: BLE001 - a bad folder is reported by the start-up handshake
+        note = f"--link {args.link}: detector left at its defaults ({type(exc).__name__}: {exc})"
+    if rank == 0:
+        log.info("%s", note)
 
 
 def _run_job(args, rank: int) -> int:
@@ -480,6 +500,8 @@ def _run_job(args, rank: int) -> int:
                        prepare_missing=not args.no_prepare, injections=tuple(args.inject),
                        device=args.device, layer_timeout_s=args.layer_timeout,
                        startup_timeout_s=args.startup_timeout, seed=args.seed, integrity=args.integrity)
+    if args.link:
+        _scale_detector(args, rank)
     MPI = init_mpi(config.startup_timeout_s)
     world = MPI.COMM_WORLD
     ulfm, hung = ulfm_enabled(MPI), False

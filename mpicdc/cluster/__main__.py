@@ -56,7 +56,7 @@ def _up(args) -> int:
     cluster = Cluster(args.devices, rate=args.rate, prefix=args.prefix, daemons=args.daemons)
     cluster.up()
     launch = ["python", "-m", "mpicdc.launch", *cluster.launcher_args(len(cluster.nodes)), "tiny", "--repeat", "20",
-              "--check"]
+              "--check", *(["--link", args.rate] if args.rate else [])]
     print(f"cluster {cluster.prefix}: head {cluster.head.address} ({cluster.head.netns}) + {args.devices} devices "
           f"on {cluster.cidr}, links {'shaped at ' + args.rate if args.rate else 'unshaped'}, "
           f"daemons on {'the head (relays)' if args.daemons == 'head' else 'each device'}")
