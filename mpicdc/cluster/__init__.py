@@ -41,7 +41,11 @@ def mpirun_extra(net: Network) -> list:
             "--prtemca", "plm_ssh_no_tree_spawn", "1",     # every daemon started from the head
             "--prtemca", "prte_if_include", net.cidr,
             "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", net.cidr,
-            "--mca", "mpi_ft_propagator_with_rbcast", "true"]  # failures across nodes reach rank 0
+            "--mca", "mpi_ft_propagator_with_rbcast", "true",  # failures across nodes reach rank 0
+            # no keepalive timer on the daemons' connections: after a silent device loss the runtime ends
+            # the job only when it next talks to the lost daemon (a second failure, the job's end), not
+            # 480 s later by default (measured: docs/cluster.md, "Keeping the job alive")
+            "--prtemca", "oob_tcp_keepalive_time", "0"]
 
 
 #: where PRRTE's daemons run: one per device (a real cluster's default) or all on the head (relays)
@@ -109,13 +113,16 @@ class Cluster(Network):
         return ["-np", str(np_ranks), *(["--hostfile", hostfile] if hostfile else []),
                 *(f"--mpirun-arg={a}" for a in extra), *([f"--wrap={shlex.join(wrap)}"] if wrap else [])]
 
-    def launch(self, np_ranks: int, run_args: list, timeout: float = 120, env: dict | None = None) -> ClusterJob:
+    def launch(self, np_ranks: int, run_args: list, timeout: float = 120, env: dict | None = None,
+               mpirun_args: tuple = ()) -> ClusterJob:
         """Start ``mpicdc.launch`` (so the mpirun line of :meth:`mpirun_command` and the master's exit
-        code) from the head namespace; master on the head, worker i on device i-1.  Bounded: after
-        ``timeout`` seconds every process of the cluster is killed."""
+        code) from the head namespace; master on the head, worker i on device i-1; ``mpirun_args``
+        are added to the mpirun line.  Bounded: after ``timeout`` seconds every process of the
+        cluster is killed."""
         if np_ranks > len(self.nodes):
             raise ValueError(f"{np_ranks} ranks on {len(self.nodes)} nodes (head + {len(self.devices)} devices)")
-        launcher = [sys.executable, "-m", "mpicdc.launch", *self.launcher_args(np_ranks), *run_args]
+        launcher = [sys.executable, "-m", "mpicdc.launch", *self.launcher_args(np_ranks),
+                    *(f"--mpirun-arg={a}" for a in mpirun_args), *run_args]
         env = dict(os.environ if env is None else env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         job = ClusterJob(self, ["ip", "netns", "exec", self.head.netns, *launcher], env, timeout)
