@@ -74,7 +74,11 @@ async def relay(rank: int, device: dict, argv: list) -> None:
             if kind == t.OUT:
                 _write(out[channel], payload)
             elif kind == t.OPEN:
-                r, w = await asyncio.open_connection("127.0.0.1", head_pmix)
+                try:
+                    r, w = await asyncio.open_connection("127.0.0.1", head_pmix)
+                except OSError:  # the head's daemon is gone (the job is ending): the rank sees a closed socket
+                    await link.send(t.frame(t.CLOSE, channel))
+                    continue
                 heads[channel] = w
                 asyncio.ensure_future(t.pump(r, link.send, t.DATA, channel))
             elif kind == t.DATA:

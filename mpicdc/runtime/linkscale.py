@@ -37,5 +37,9 @@ def scale_detector(rate: str, model_name: str, weights: str | None, code: str, p
         os.environ.setdefault(key, value)
     period, timeout = (os.environ[k] for k in settings)
     return (f"failure detector for {rate} links: heartbeat every {period} s, timeout {timeout} s "
-            f"(up to {backlog / 1e6:.1f} MB queued on the master's link)"
+            f"(up to {_size(backlog)} queued on the master's link)"
             + (f"; kept the exported {', '.join(kept)}" if kept else ""))
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.0f} KB"
