@@ -217,6 +217,29 @@ def test_head_arrangement_survives_every_device_death(tiny, fault):
     assert not left and not head_left, (left, head_left)
 
 
+def test_head_arrangement_two_losses_in_sequence_under_mds_r2(tmp_path):
+    """MDS r=2 over 6 devices: a power-off, then a loud death of another device 2 s later; both reported,
+    every request served and matched (with a daemon per device the loud death ends the job)."""
+    weights = str(prepare_zoo(tmp_path, "tiny", 4, 2, "mds"))
+    prefix = _prefix("two")
+    with Cluster(6, prefix=prefix, daemons="head") as c:
+        out = c.state / "run.json"
+        job = c.launch(7, ["tiny", "--weights", weights, "--code", "mds", "--repeat", "600", "--check", "-q",
+                           "--output", str(out)], timeout=90)
+        job.wait_for("on 7 ranks")
+        time.sleep(1.0)
+        first = c.power_off(1)   # rank 2
+        time.sleep(2.0)
+        second = c.loud_death(3)  # rank 4
+        done = job.finish()
+        results = json.loads(out.read_text()) if out.exists() else None
+    _gone(prefix)
+    assert not done.timed_out, done.explain()
+    _all_ok(done, results)
+    assert len(results["requests"]) == 600 and results["dead_ranks"] == [2, 4], done.explain()
+    assert done.first("rank 2 failed") - first < 15.0 and done.first("rank 4 failed") - second < 1.0, done.explain()
+
+
 def _one_big_layer(root: Path, side: int = 1448) -> str:
     """A model whose first layer's input is ``side``^2 floats (8.4 MB), prepared for 2 workers + 1 parity."""
     from mpicdc import store
