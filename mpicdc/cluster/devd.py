@@ -43,10 +43,15 @@ async def serve_rank(reader, writer) -> None:
 
         listener = await asyncio.start_server(pmix_client, "127.0.0.1", 0)
         port = listener.sockets[0].getsockname()[1]
-        proc = await asyncio.create_subprocess_exec(
-            *start["argv"], env=t.repoint_pmix(start["env"], port), cwd=start.get("cwd") or "/",
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *start["argv"], env=t.repoint_pmix(start["env"], port), cwd=start.get("cwd") or "/",
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)
+        except OSError as exc:  # said through the relay, which exits 127 like a shell
+            await link.send(t.frame(t.OUT, t.STDERR, f"mpicdc devd: cannot start {start['argv'][0]}: {exc}\n".encode()))
+            await link.send(t.frame_json(t.EXIT, {"returncode": 127}))
+            return
         beat = asyncio.ensure_future(link.heartbeat())
         outs = [asyncio.ensure_future(t.pump(proc.stdout, link.send, t.OUT, t.STDOUT)),
                 asyncio.ensure_future(t.pump(proc.stderr, link.send, t.OUT, t.STDERR))]
@@ -55,7 +60,8 @@ async def serve_rank(reader, writer) -> None:
         done, _ = await asyncio.wait({inbound, ended}, return_when=asyncio.FIRST_COMPLETED)
         if ended in done:
             await link.send(t.frame_json(t.EXIT, {"returncode": proc.returncode}))
-        beat.cancel()
+        for task in (beat, inbound, ended):
+            task.cancel()
         listener.close()
     except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError, ValueError):
         pass

@@ -88,9 +88,9 @@ async def relay(rank: int, device: dict, argv: list) -> None:
             elif kind == t.EXIT:
                 beat.cancel()
                 code = json.loads(payload)["returncode"]
-                if code < 0:
+                if code < 0:  # killed by a signal: so is the relay (as the runtime would have seen it)
                     os.kill(os.getpid(), -code)
-                os._exit(code)
+                os._exit(code if code >= 0 else 128 - code)
     except asyncio.TimeoutError:
         _die(rank, device, f"device silent for {t.SILENCE_S:g} s")
     except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
