@@ -18,6 +18,9 @@ import numpy as np
 
 log = logging.getLogger("mpicdc.run")
 
+#: ``--layer-timeout`` when not given (and no slower ``--link`` asks for more)
+LAYER_TIMEOUT_S = 30.0
+
 EPILOG = """\
 examples:
   # the design card's line, in the venv `make venv` built (its Open MPI turns ULFM on and binds no
@@ -92,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="compare every output with the serial fault-free reference forward")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to print (default 5)")
-    p.add_argument("--layer-timeout", type=float, default=30.0, metavar="S",
-                   help="seconds a layer may wait for a decodable set of replies (default 30)")
+    p.add_argument("--layer-timeout", type=float, default=None, metavar="S",
+                   help=f"seconds a layer may wait for a decodable set of replies (default {LAYER_TIMEOUT_S:g}; "
+                        "with --link, at least the detector's scaled timeout)")
     p.add_argument("--startup-timeout", type=float, default=60.0, metavar="S",
                    help="seconds any start-up step (MPI start, a rank loading its shard and reporting) may "
                         "take before the job ends naming the ranks it waited for (default 60)")
@@ -462,7 +466,7 @@ def _check_args(args) -> None:
         if args.repeat < 1 or args.top_k < 1:
             raise ValueError("--repeat and --top-k must be >= 1")
         for option, value in (("--layer-timeout", args.layer_timeout), ("--startup-timeout", args.startup_timeout)):
-            if not math.isfinite(value) or value <= 0:
+            if value is not None and (not math.isfinite(value) or value <= 0):
                 raise ValueError(f"{option} must be a positive number of seconds, got {value}")
         if args.link:
             from mpicdc.core.traffic import rate_bits
@@ -477,17 +481,20 @@ def _check_args(args) -> None:
 
 
 
-def _scale_detector(args, rank: int) -> None:
-    """``--link``: the detector's settings from the link rate and the plan, before MPI starts (every rank alike)."""
+def _scale_detector(args, rank: int) -> float:
+    """``--link``: the detector's settings from the link rate and the plan, before MPI starts (every rank
+    alike); returns the time the link needs (the least default layer timeout), 0 when it could not tell."""
     from mpicdc.runtime.linkscale import scale_detector
 
     try:
-        note = scale_detector(args.link, args.model, args.weights, args.code, args.parity,
-                              int(os.environ.get("OMPI_COMM_WORLD_SIZE", "0")))
+        note, link_s = scale_detector(args.link, args.model, args.weights, args.code, args.parity,
+                                      int(os.environ.get("OMPI_COMM_WORLD_SIZE", "0")))
     except Exception as exc:  # noqa: BLE001 - a bad folder is reported by the start-up handshake
-        note = f"--link {args.link}: detector left at its defaults ({type(exc).__name__}: {exc})"
+        note, link_s = f"--link {args.link}: detector left at its defaults ({type(exc).__name__}: {exc})", 0.0
     if rank == 0:
-        log.info("%s", note)
+        layer = args.layer_timeout if args.layer_timeout is not None else max(LAYER_TIMEOUT_S, link_s)
+        log.info("%s; layer timeout %g s", note, layer)
+    return link_s
 
 
 def _run_job(args, rank: int) -> int:
@@ -500,8 +507,9 @@ def _run_job(args, rank: int) -> int:
                        prepare_missing=not args.no_prepare, injections=tuple(args.inject),
                        device=args.device, layer_timeout_s=args.layer_timeout,
                        startup_timeout_s=args.startup_timeout, seed=args.seed, integrity=args.integrity)
-    if args.link:
-        _scale_detector(args, rank)
+    link_s = _scale_detector(args, rank) if args.link else 0.0
+    if args.layer_timeout is None:
+        args.layer_timeout = max(LAYER_TIMEOUT_S, link_s)
     MPI = init_mpi(config.startup_timeout_s)
     world = MPI.COMM_WORLD
     ulfm, hung = ulfm_enabled(MPI), False

@@ -63,10 +63,11 @@ def test_scale_detector_keeps_values_the_user_exported(monkeypatch):
     monkeypatch.setenv("OMPI_MCA_mpi_ft_detector_timeout", "99")
     monkeypatch.setenv("OMPI_MCA_mpi_ft_detector_period", "")  # so monkeypatch restores it after the test
     monkeypatch.delenv("OMPI_MCA_mpi_ft_detector_period")
-    note = scale_detector("20mbit", "vgg16", None, "sum", None, 6)
+    note, seconds = scale_detector("20mbit", "vgg16", None, "sum", None, 6)
     assert os.environ["OMPI_MCA_mpi_ft_detector_timeout"] == "99"
     assert os.environ["OMPI_MCA_mpi_ft_detector_period"] == "1"
     assert "64.2 MB" in note and "kept the exported OMPI_MCA_mpi_ft_detector_timeout" in note
+    assert seconds == 53.4  # what the link needs, whatever the user exported
 
 
 def test_pmix_uri_repointed_at_the_tunnel():

@@ -1,5 +1,9 @@
 """``run --link RATE``: the failure detector scaled to the links, set before ``MPI_Init``.
 
+The same time bounds how long a layer's replies may take to arrive: ``run`` raises its default
+``--layer-timeout`` (30 s) to it (measured: VGG16's conv1_2 takes 27 s over 20 Mbit/s, so a
+power-off during it failed the request at the 30 s default).
+
 Every rank computes the same settings on its own (no communication: MPI is not started yet)
 from the job's plan, the one in ``--weights`` or the default plan for this world size, and
 :func:`mpicdc.runtime.mpienv.detector_for_link`.  Values the user exported
@@ -27,8 +31,9 @@ def job_plan(model_name: str, weights: str | None, code: str, parity: int | None
 
 
 def scale_detector(rate: str, model_name: str, weights: str | None, code: str, parity: int | None,
-                   world_size: int) -> str:
-    """Set the detector's period and timeout for links of ``rate`` in ``os.environ``; one line saying what."""
+                   world_size: int) -> tuple:
+    """Set the detector's period and timeout for links of ``rate`` in ``os.environ``.  Returns one line
+    saying what, and the timeout the link needs (seconds: also the least a layer may take to arrive)."""
     model, plan = job_plan(model_name, weights, code, parity, world_size)
     backlog = link_backlog_bytes(model, plan)
     settings = detector_for_link(rate_bits(rate), backlog)
@@ -36,9 +41,10 @@ def scale_detector(rate: str, model_name: str, weights: str | None, code: str, p
     for key, value in settings.items():
         os.environ.setdefault(key, value)
     period, timeout = (os.environ[k] for k in settings)
-    return (f"failure detector for {rate} links: heartbeat every {period} s, timeout {timeout} s "
+    note = (f"failure detector for {rate} links: heartbeat every {period} s, timeout {timeout} s "
             f"(up to {_size(backlog)} queued on the master's link)"
             + (f"; kept the exported {', '.join(kept)}" if kept else ""))
+    return note, float(settings["OMPI_MCA_mpi_ft_detector_timeout"])
 
 
 def _size(nbytes: int) -> str:
