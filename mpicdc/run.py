@@ -503,13 +503,13 @@ def _run_job(args, rank: int) -> int:
     from mpicdc.runtime.session import RunConfig, StartupError, end_process, serve
     from mpicdc.runtime.worker import MasterLost
 
+    link_s = _scale_detector(args, rank) if args.link else 0.0
+    if args.layer_timeout is None:
+        args.layer_timeout = max(LAYER_TIMEOUT_S, link_s)
     config = RunConfig(args.model, weights=args.weights, code=args.code, parity=args.parity,
                        prepare_missing=not args.no_prepare, injections=tuple(args.inject),
                        device=args.device, layer_timeout_s=args.layer_timeout,
                        startup_timeout_s=args.startup_timeout, seed=args.seed, integrity=args.integrity)
-    link_s = _scale_detector(args, rank) if args.link else 0.0
-    if args.layer_timeout is None:
-        args.layer_timeout = max(LAYER_TIMEOUT_S, link_s)
     MPI = init_mpi(config.startup_timeout_s)
     world = MPI.COMM_WORLD
     ulfm, hung = ulfm_enabled(MPI), False
