@@ -104,3 +104,11 @@ def test_frames_round_trip():
         return first, second
 
     assert asyncio.run(go()) == ((tunnel.DATA, 7, b"abc"), (tunnel.PING, 0, b""))
+
+
+def test_run_refuses_a_bad_link_rate_before_starting_mpi(capsys):
+    from mpicdc.run import main
+    assert main(["tiny", "--link", "fast"]) == 2
+    assert "bad rate 'fast': use e.g. 20mbit" in capsys.readouterr().err
+    assert main(["tiny", "--link", "20mbit", "--layer-timeout", "0"]) == 2
+    assert "--layer-timeout must be a positive number of seconds" in capsys.readouterr().err
