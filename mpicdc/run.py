@@ -18,6 +18,9 @@ import numpy as np
 
 log = logging.getLogger("mpicdc.run")
 
+#: ``--layer-timeout`` when not given (and no slower ``--link`` asks for more)
+LAYER_TIMEOUT_S = 30.0
+
 EPILOG = """\
 examples:
   # the design card's line, in the venv `make venv` built (its Open MPI turns ULFM on and binds no
@@ -116,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="compare every output with the serial fault-free reference forward")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to print (default 5)")
-    p.add_argument("--layer-timeout", type=float, default=30.0, metavar="S",
-                   help="seconds a layer may wait for a decodable set of replies (default 30)")
+    p.add_argument("--layer-timeout", type=float, default=None, metavar="S",
+                   help=f"seconds a layer may wait for a decodable set of replies (default {LAYER_TIMEOUT_S:g}; "
+                        "with --link, at least the detector's scaled timeout)")
     p.add_argument("--startup-timeout", type=float, default=60.0, metavar="S",
                    help="seconds any start-up step (MPI start, a rank loading its shard and reporting) may "
                         "take before the job ends naming the ranks it waited for (default 60)")
@@ -129,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K idle ranks started after the plan's ranks (launch plan ranks + K): when a rank is "
                         "lost (dead, silent or quarantined) a spare loads its shard and takes its place, "
                         "restoring the code's tolerance; requests meanwhile are decoded as usual (default 0)")
+    p.add_argument("--link", metavar="RATE",
+                   help="the slowest link's rate (e.g. 20mbit): scales the failure detector's timeout to the time "
+                        "the plan's largest transfers take on it, so heartbeats queued behind data raise no false "
+                        "alarm (default: 0.25 s heartbeats, 2 s timeout; docs/cluster.md)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights, input and delays")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     p.add_argument("--help-inject", action="store_true", help="explain the --inject and delay grammar and exit")
@@ -526,11 +534,14 @@ def _check_args(args) -> None:
         if args.workers == 0 and (args.parity or args.code not in ("sum", "none")):
             raise ValueError("--workers 0 runs every layer on the master: it takes no --code or --parity")
         for option, value in (("--layer-timeout", args.layer_timeout), ("--startup-timeout", args.startup_timeout)):
-            if not math.isfinite(value) or value <= 0:
+            if value is not None and (not math.isfinite(value) or value <= 0):
                 raise ValueError(f"{option} must be a positive number of seconds, got {value}")
         if args.request_ids is not None or args.skip_answered is not None:
             from mpicdc.runtime.journal import request_ids
             request_ids(args.repeat, args.request_ids, args.skip_answered)
+        if args.link:
+            from mpicdc.core.traffic import rate_bits
+            rate_bits(args.link)
         if args.inject:
             from mpicdc.core.faults import parse_injections
             injections = parse_injections(args.inject)
@@ -540,12 +551,32 @@ def _check_args(args) -> None:
         raise UsageError(str(exc)) from None
 
 
+
+def _scale_detector(args, rank: int) -> float:
+    """``--link``: the detector's settings from the link rate and the plan, before MPI starts (every rank
+    alike); returns the time the link needs (the least default layer timeout), 0 when it could not tell."""
+    from mpicdc.runtime.linkscale import scale_detector
+
+    try:
+        note, link_s = scale_detector(args.link, args.model, args.weights, args.code, args.parity,
+                                      max(0, int(os.environ.get("OMPI_COMM_WORLD_SIZE", "0")) - args.spares))
+    except Exception as exc:  # noqa: BLE001 - a bad folder is reported by the start-up handshake
+        note, link_s = f"--link {args.link}: detector left at its defaults ({type(exc).__name__}: {exc})", 0.0
+    if rank == 0:
+        layer = args.layer_timeout if args.layer_timeout is not None else max(LAYER_TIMEOUT_S, link_s)
+        log.info("%s; layer timeout %g s", note, layer)
+    return link_s
+
+
 def _run_job(args, rank: int) -> int:
     """Start the job, play this rank's role, and end the process with the job's exit code."""
     from mpicdc.runtime.mpienv import init_mpi, ulfm_enabled
     from mpicdc.runtime.session import RunConfig, StartupError, end_process, serve
     from mpicdc.runtime.worker import MasterLost
 
+    link_s = _scale_detector(args, rank) if args.link else 0.0
+    if args.layer_timeout is None:
+        args.layer_timeout = max(LAYER_TIMEOUT_S, link_s)
     config = RunConfig(args.model, weights=args.weights, code=args.code, parity=args.parity,
                        prepare_missing=not args.no_prepare, injections=tuple(args.inject),
                        device=args.device, layer_timeout_s=args.layer_timeout,

@@ -174,3 +174,107 @@ def test_link_cut_on_a_20mbit_link_is_survived(tiny):
     assert "Send error after request freed" not in done.output, done.explain()
     _all_ok(done, results)
     assert results["dead_ranks"] == [3], done.explain()
+
+
+# ---------------------------------------------------------------- daemons on the head (relays)
+
+def _run_head(tiny, fault, repeat=250, timeout=60, after=1.0):
+    """As :func:`_run`, with every daemon on the head and each device's rank behind a relay."""
+    prefix = _prefix("h")
+    with Cluster(5, prefix=prefix, daemons="head") as c:
+        out = c.state / "run.json"
+        job = c.launch(6, ["tiny", "--weights", tiny, "--repeat", str(repeat), "--check", "-q", "--output", str(out)],
+                       timeout=timeout)
+        job.wait_for("on 6 ranks")
+        time.sleep(after)
+        at = getattr(c, fault)(2)
+        done = job.finish()
+        results = json.loads(out.read_text()) if out.exists() else None
+        seen = done.first("rank 3 failed")
+        time.sleep(0.5)
+        # only the device daemons may be left (one per namespace still alive), never a rank or a relay
+        left = {ns: [p for p in pids if b"devd.py" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+                for ns, pids in c.leftovers().items()}
+        head_left = c.leftovers().get(c.head.netns, [])
+    _gone(prefix)
+    assert not done.timed_out, done.explain()
+    return done, results, None if seen is None else seen - at, {ns: p for ns, p in left.items() if p}, head_left
+
+
+@pytest.mark.parametrize("fault", ["loud_death", "power_off", "link_cut"])
+def test_head_arrangement_survives_every_device_death(tiny, fault):
+    """Daemons on the head: a loud node death (which ends the job with a daemon per device), a power-off
+    and a link cut all look like a local child's death to the runtime; every request served and matched,
+    exit 0, the relay says why it ended the rank, nothing of the job left on the head or the devices."""
+    done, results, seen, left, head_left = _run_head(tiny, fault)
+    _all_ok(done, results)
+    assert "PRTE has lost communication" not in done.output, done.explain()
+    assert results["dead_ranks"] == [3], done.explain()
+    why = "device connection lost" if fault == "loud_death" else "device silent for 3 s"
+    assert "mpicdc relay: rank 3 on d2" in done.output and why in done.output, done.explain()
+    limit = 1.0 if fault == "loud_death" else 15.0  # a reset is seen at once; silence after the 2 s detector
+    assert seen is not None and seen < limit, (seen, done.explain())
+    assert not left and not head_left, (left, head_left)
+
+
+def test_head_arrangement_two_losses_in_sequence_under_mds_r2(tmp_path):
+    """MDS r=2 over 6 devices: a power-off, then a loud death of another device 2 s later; both reported,
+    every request served and matched (with a daemon per device the loud death ends the job)."""
+    weights = str(prepare_zoo(tmp_path, "tiny", 4, 2, "mds"))
+    prefix = _prefix("two")
+    with Cluster(6, prefix=prefix, daemons="head") as c:
+        out = c.state / "run.json"
+        job = c.launch(7, ["tiny", "--weights", weights, "--code", "mds", "--repeat", "600", "--check", "-q",
+                           "--output", str(out)], timeout=90)
+        job.wait_for("on 7 ranks")
+        time.sleep(1.0)
+        first = c.power_off(1)   # rank 2
+        time.sleep(2.0)
+        second = c.loud_death(3)  # rank 4
+        done = job.finish()
+        results = json.loads(out.read_text()) if out.exists() else None
+    _gone(prefix)
+    assert not done.timed_out, done.explain()
+    _all_ok(done, results)
+    assert len(results["requests"]) == 600 and results["dead_ranks"] == [2, 4], done.explain()
+    assert done.first("rank 2 failed") - first < 15.0 and done.first("rank 4 failed") - second < 1.0, done.explain()
+
+
+def _one_big_layer(root: Path, side: int = 1448) -> str:
+    """A model whose first layer's input is ``side``^2 floats (8.4 MB), prepared for 2 workers + 1 parity."""
+    from mpicdc import store
+    from mpicdc.core.models import GraphBuilder
+    from mpicdc.core.plan import make_plan
+
+    b = GraphBuilder("bigjob", (1, side, side), "one large layer input (the detector-scaling test)")
+    b.dense(b.gap(b.relu(b.conv("input", 4, 3, stride=4, name="conv1"), name="relu1"), name="gap"), 10, name="fc")
+    model = b.build()
+    store.prepare(model, make_plan(model, 2, 1, "sum"), root)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def big_layer(tmp_path_factory):
+    return _one_big_layer(tmp_path_factory.mktemp("big") / "w")
+
+
+@pytest.mark.parametrize("link", [True, False], ids=["scaled", "default-2s"])
+def test_detector_scaled_to_a_20mbit_link_raises_no_false_alarm(big_layer, link):
+    """3 x 8.4 MB queued on the master's 20 Mbit/s link (10 s): with ``--link 20mbit`` the detector's
+    timeout (22 s) outlasts the queue and the request is served with no rank declared dead; with the
+    2 s default the same request makes a worker declare the master dead (the false alarm)."""
+    prefix = _prefix("big")
+    with Cluster(3, rate="20mbit", prefix=prefix, daemons="head") as c:
+        out = c.state / "run.json"
+        job = c.launch(4, ["bigjob", "--weights", big_layer, "--check", "--output", str(out),
+                           *(["--link", "20mbit"] if link else [])], timeout=90)
+        done = job.finish()
+        results = json.loads(out.read_text()) if out.exists() else None
+    _gone(prefix)
+    assert not done.timed_out, done.explain()
+    if link:
+        assert "timeout 22.1 s" in done.output, done.explain()
+        _all_ok(done, results)
+        assert results["dead_ranks"] == [] and "failed; decoding" not in done.output, done.explain()
+    else:
+        assert done.returncode != 0 and "reported dead by someone else" in done.output, done.explain()

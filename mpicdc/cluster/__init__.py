@@ -12,6 +12,7 @@ See docs/cluster.md.  Needs root (CAP_NET_ADMIN): :class:`ClusterUnavailable` sa
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpicdc.cluster import faults
+from mpicdc.cluster import faults, headmode
 from mpicdc.cluster.netns import (
     ClusterUnavailable,
     Network,
@@ -40,11 +41,44 @@ def mpirun_extra(net: Network) -> list:
             "--prtemca", "plm_ssh_no_tree_spawn", "1",     # every daemon started from the head
             "--prtemca", "prte_if_include", net.cidr,
             "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", net.cidr,
-            "--mca", "mpi_ft_propagator_with_rbcast", "true"]  # failures across nodes reach rank 0
+            "--mca", "mpi_ft_propagator_with_rbcast", "true",  # failures across nodes reach rank 0
+            # no keepalive timer on the daemons' connections: after a silent device loss the runtime ends
+            # the job only when it next talks to the lost daemon (a second failure, the job's end), not
+            # 480 s later by default (measured: docs/cluster.md, "Keeping the job alive")
+            "--prtemca", "oob_tcp_keepalive_time", "0"]
+
+
+#: where PRRTE's daemons run: one per device (a real cluster's default) or all on the head (relays)
+ARRANGEMENTS = ("device", "head")
 
 
 class Cluster(Network):
-    """:class:`~mpicdc.cluster.netns.Network` made on entry and always removed on exit, plus faults and jobs."""
+    """:class:`~mpicdc.cluster.netns.Network` made on entry and always removed on exit, plus faults and jobs.
+
+    ``daemons="device"``: one PRRTE daemon per device, started by ``mpirun`` through the launch
+    agent; ``daemons="head"``: every daemon on the head, each device's rank behind a relay
+    (:mod:`mpicdc.cluster.headmode`), so no device's death can end the job."""
+
+    def __init__(self, devices: int, rate: str | None = None, prefix: str | None = None, daemons: str = "device"):
+        if daemons not in ARRANGEMENTS:
+            raise ValueError(f"daemons={daemons!r}: choose one of {', '.join(ARRANGEMENTS)}")
+        super().__init__(devices, rate=rate, prefix=prefix)
+        self.daemons = daemons
+
+    def up(self) -> None:
+        super().up()
+        if self.daemons == "head":
+            try:
+                headmode.start_device_daemons(self)
+            except BaseException:
+                self.down()
+                raise
+
+    def launch_options(self) -> tuple:
+        """``(hostfile or None, extra mpirun options, wrap)`` of this cluster's arrangement."""
+        if self.daemons == "head":
+            return None, headmode.mpirun_extra(self), headmode.relay_wrap(self)
+        return self.hostfile, mpirun_extra(self), []
 
     def __enter__(self):
         self.up()
@@ -70,16 +104,25 @@ class Cluster(Network):
 
     def mpirun_command(self, np_ranks: int, run_args: list) -> list:
         from mpicdc.runtime.launch import mpirun_command
-        return mpirun_command(np_ranks, run_args, hostfile=self.hostfile, extra=mpirun_extra(self))
+        hostfile, extra, wrap = self.launch_options()
+        return mpirun_command(np_ranks, run_args, hostfile=hostfile, extra=extra, wrap=wrap)
 
-    def launch(self, np_ranks: int, run_args: list, timeout: float = 120, env: dict | None = None) -> ClusterJob:
+    def launcher_args(self, np_ranks: int) -> list:
+        """``python -m mpicdc.launch`` options (before the model) that run ``np_ranks`` ranks on this cluster."""
+        hostfile, extra, wrap = self.launch_options()
+        return ["-np", str(np_ranks), *(["--hostfile", hostfile] if hostfile else []),
+                *(f"--mpirun-arg={a}" for a in extra), *([f"--wrap={shlex.join(wrap)}"] if wrap else [])]
+
+    def launch(self, np_ranks: int, run_args: list, timeout: float = 120, env: dict | None = None,
+               mpirun_args: tuple = ()) -> ClusterJob:
         """Start ``mpicdc.launch`` (so the mpirun line of :meth:`mpirun_command` and the master's exit
-        code) from the head namespace; master on the head, worker i on device i-1.  Bounded: after
-        ``timeout`` seconds every process of the cluster is killed."""
+        code) from the head namespace; master on the head, worker i on device i-1; ``mpirun_args``
+        are added to the mpirun line.  Bounded: after ``timeout`` seconds every process of the
+        cluster is killed."""
         if np_ranks > len(self.nodes):
             raise ValueError(f"{np_ranks} ranks on {len(self.nodes)} nodes (head + {len(self.devices)} devices)")
-        launcher = [sys.executable, "-m", "mpicdc.launch", "-np", str(np_ranks), "--hostfile", self.hostfile,
-                    *(f"--mpirun-arg={a}" for a in mpirun_extra(self)), *run_args]
+        launcher = [sys.executable, "-m", "mpicdc.launch", *self.launcher_args(np_ranks),
+                    *(f"--mpirun-arg={a}" for a in mpirun_args), *run_args]
         env = dict(os.environ if env is None else env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         job = ClusterJob(self, ["ip", "netns", "exec", self.head.netns, *launcher], env, timeout)

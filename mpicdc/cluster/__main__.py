@@ -6,7 +6,7 @@ import json
 import shlex
 import sys
 
-from mpicdc.cluster import Cluster, mpirun_extra
+from mpicdc.cluster import ARRANGEMENTS, Cluster
 from mpicdc.cluster.netns import (
     STATE_ROOT,
     ClusterUnavailable,
@@ -27,6 +27,10 @@ def main(argv=None) -> int:
     up.add_argument("devices", type=int, metavar="N")
     up.add_argument("--rate", help="shape every link both ways, e.g. 20mbit (default: unshaped)")
     up.add_argument("--prefix", help="names of its namespaces and links (default: cdc<pid>)")
+    up.add_argument("--daemons", choices=ARRANGEMENTS, default="device",
+                    help="where Open MPI's daemons run: 'device' (one per device, started by mpirun through the "
+                         "launch agent) or 'head' (all on the head; each device's rank behind a relay, so no "
+                         "device's death ends the job). Default: device")
     down = sub.add_parser("down", help="remove a cluster (every one made here without --prefix)")
     down.add_argument("--prefix")
     sub.add_parser("status", help="list the clusters on this machine")
@@ -49,13 +53,13 @@ def main(argv=None) -> int:
 
 
 def _up(args) -> int:
-    cluster = Cluster(args.devices, rate=args.rate, prefix=args.prefix)
+    cluster = Cluster(args.devices, rate=args.rate, prefix=args.prefix, daemons=args.daemons)
     cluster.up()
-    np = len(cluster.nodes)
-    launch = ["python", "-m", "mpicdc.launch", "-np", str(np), "--hostfile", cluster.hostfile,
-              *(f"--mpirun-arg={a}" for a in mpirun_extra(cluster)), "tiny", "--repeat", "20", "--check"]
+    launch = ["python", "-m", "mpicdc.launch", *cluster.launcher_args(len(cluster.nodes)), "tiny", "--repeat", "20",
+              "--check", *(["--link", args.rate] if args.rate else [])]
     print(f"cluster {cluster.prefix}: head {cluster.head.address} ({cluster.head.netns}) + {args.devices} devices "
-          f"on {cluster.cidr}, links {'shaped at ' + args.rate if args.rate else 'unshaped'}")
+          f"on {cluster.cidr}, links {'shaped at ' + args.rate if args.rate else 'unshaped'}, "
+          f"daemons on {'the head (relays)' if args.daemons == 'head' else 'each device'}")
     print(f"hostfile: {cluster.hostfile}")
     print(f"run a job (master on the head):\n  ip netns exec {cluster.head.netns} {shlex.join(launch)}")
     print(f"remove it:\n  python -m mpicdc.cluster down --prefix {cluster.prefix}")

@@ -33,9 +33,10 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpicdc.core.traffic import rate_bits
+
 STATE_ROOT = Path(tempfile.gettempdir()) / "mpicdc-cluster"
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
-_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "kibit": 1024, "mibit": 1 << 20, "gibit": 1 << 30}
 
 
 class ClusterUnavailable(RuntimeError):
@@ -54,14 +55,6 @@ def check_available() -> None:
     if done.returncode != 0:
         raise ClusterUnavailable(f"`ip netns add` failed: {done.stderr.strip()}")
     subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
-
-
-def rate_bits(rate: str) -> float:
-    """``"20mbit"`` -> 20e6 (tc's units; a bare number is bits per second)."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-z]*)\s*", rate.lower())
-    if not m or (m.group(2) or "bit") not in _UNITS:
-        raise ValueError(f"bad rate {rate!r}: use e.g. 20mbit, 500kbit, 1gbit")
-    return float(m.group(1)) * _UNITS[m.group(2) or "bit"]
 
 
 def subnet_of(prefix: str) -> str:

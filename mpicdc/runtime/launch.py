@@ -49,8 +49,9 @@ def find_mpirun() -> str:
 
 
 def mpirun_command(np_ranks: int, run_args: list, hostfile: str | None = None, mpirun: str | None = None,
-                   extra: list | None = None) -> list:
-    """The full ``mpirun ... python -m mpicdc.run ...`` argument list."""
+                   extra: list | None = None, wrap: list | None = None) -> list:
+    """The full ``mpirun ... python -m mpicdc.run ...`` argument list; ``wrap`` goes before
+    ``python`` (a command every rank runs through, e.g. the cluster's relay)."""
     cmd = [mpirun or find_mpirun(), *FT_FLAGS, "-np", str(np_ranks)]
     if hostfile:
         cmd += ["--hostfile", hostfile]
@@ -63,7 +64,7 @@ def mpirun_command(np_ranks: int, run_args: list, hostfile: str | None = None, m
     for var in THREAD_VARS + (EXIT_FILE_VAR,):
         cmd += ["-x", var]
     cmd += list(extra or [])
-    return cmd + [sys.executable, "-m", "mpicdc.run", *run_args]
+    return cmd + [*(wrap or []), sys.executable, "-m", "mpicdc.run", *run_args]
 
 
 def thread_env(np_ranks: int, hostfile: str | None = None) -> dict:
@@ -227,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--mpirun-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for mpirun, repeatable (e.g. --mpirun-arg=--mca "
                         "--mpirun-arg=btl_tcp_if_include --mpirun-arg=wlan0)")
+    p.add_argument("--wrap", metavar="CMD", help="a command every rank's python runs through (a shell word list, "
+                                                 "e.g. the cluster relay: see docs/cluster.md)")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     sup = p.add_argument_group("supervised runs (docs/running.md, \"Supervised runs\")")
     sup.add_argument("--supervise", action="store_true",
@@ -253,7 +256,8 @@ def main(argv=None) -> int:
     if not run_args:
         p.error("name a model, e.g. python -m mpicdc.launch -np 6 vgg16")
     try:
-        cmd = mpirun_command(args.np, run_args, args.hostfile, args.mpirun, extra=args.mpirun_arg)
+        cmd = mpirun_command(args.np, run_args, args.hostfile, args.mpirun, extra=args.mpirun_arg,
+                             wrap=shlex.split(args.wrap) if args.wrap else None)
     except FileNotFoundError as exc:
         print(f"mpicdc.launch: {exc}", file=sys.stderr)
         return 2

@@ -36,6 +36,27 @@ DETECTOR_DEFAULTS = {
     "OMPI_MCA_opal_signal": "7,8,11",
 }
 
+#: On slow links (``python -m mpicdc.run --link RATE``): the timeout is LINK_FACTOR x the time the
+#: bytes queued on the master's link take to drain, plus LINK_MARGIN_S (heartbeats share the data's
+#: TCP connections, so one may wait behind a whole queued message; design.md measured false alarms
+#: with the 2 s default on 20 Mbit/s and 12 MB messages, none with 8 s).
+LINK_FACTOR, LINK_MARGIN_S, LINK_MAX_PERIOD_S = 2.0, 2.0, 1.0
+
+
+def detector_for_link(rate_bps: float, backlog_bytes: int) -> dict:
+    """Detector settings (``OMPI_MCA_*`` values) for links of ``rate_bps`` bits/s on which
+    ``backlog_bytes`` may be queued ahead of a heartbeat: never below the defaults; the period an
+    eighth of the timeout, at most LINK_MAX_PERIOD_S (heartbeats are small: more of them cost nothing)."""
+    if rate_bps <= 0 or backlog_bytes < 0:
+        raise ValueError(f"link rate must be > 0 and backlog >= 0, got {rate_bps} bit/s, {backlog_bytes} bytes")
+    base_period = float(DETECTOR_DEFAULTS["OMPI_MCA_mpi_ft_detector_period"])
+    base_timeout = float(DETECTOR_DEFAULTS["OMPI_MCA_mpi_ft_detector_timeout"])
+    timeout = max(base_timeout, LINK_FACTOR * backlog_bytes * 8 / rate_bps + LINK_MARGIN_S)
+    period = min(LINK_MAX_PERIOD_S, max(base_period, timeout / 8))
+    return {"OMPI_MCA_mpi_ft_detector_period": f"{round(period, 2):g}",
+            "OMPI_MCA_mpi_ft_detector_timeout": f"{round(timeout, 1):g}"}
+
+
 # The flags that make a launch fault tolerant; ``mpicdc.runtime.launch`` adds them for you.
 FT_FLAGS = ["--with-ft", "ulfm"]
 

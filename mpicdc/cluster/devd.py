@@ -1,0 +1,109 @@
+"""The device daemon of the daemons-on-the-head arrangement: ``devd.py ADDRESS [PORT]``.
+
+Runs inside a device's namespace (started by the cluster, not by MPI) and listens on the
+device's address.  For each relay that connects (one per rank placed on the device) it starts
+the rank with the environment PRRTE gave the relay, the PMIx server URI repointed at a local
+listener whose connections are tunnelled back to the head's daemon, and carries the rank's
+stdout/stderr, heartbeats and exit over the same connection (:mod:`tunnel`).  When the relay's
+connection ends (the job ended, the link or the head died) the rank is killed: a rank cut off
+from its daemon has no future.
+
+Standard library only: it runs as a plain script, without mpicdc on the path.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+
+if __package__:
+    from mpicdc.cluster import tunnel as t
+else:  # a plain script: tunnel.py is beside it
+    import tunnel as t
+
+
+async def serve_rank(reader, writer) -> None:
+    link = t.Link(reader, writer)
+    proc = None
+    locals_: dict = {}  # channel -> writer of a PMIx connection of the rank
+    try:
+        kind, _, payload = await link.recv()
+        if kind != t.START:
+            return
+        start = json.loads(payload)
+        next_channel = iter(range(3, 1 << 31))
+
+        async def pmix_client(r, w):
+            channel = next(next_channel)
+            locals_[channel] = w
+            await link.send(t.frame(t.OPEN, channel))
+            await t.pump(r, link.send, t.DATA, channel)
+
+        listener = await asyncio.start_server(pmix_client, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *start["argv"], env=t.repoint_pmix(start["env"], port), cwd=start.get("cwd") or "/",
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)
+        except OSError as exc:  # said through the relay, which exits 127 like a shell
+            await link.send(t.frame(t.OUT, t.STDERR, f"mpicdc devd: cannot start {start['argv'][0]}: {exc}\n".encode()))
+            await link.send(t.frame_json(t.EXIT, {"returncode": 127}))
+            return
+        beat = asyncio.ensure_future(link.heartbeat())
+        outs = [asyncio.ensure_future(t.pump(proc.stdout, link.send, t.OUT, t.STDOUT)),
+                asyncio.ensure_future(t.pump(proc.stderr, link.send, t.OUT, t.STDERR))]
+        inbound = asyncio.ensure_future(_inbound(link, locals_))
+        ended = asyncio.ensure_future(_rank_end(proc, outs))
+        done, _ = await asyncio.wait({inbound, ended}, return_when=asyncio.FIRST_COMPLETED)
+        if ended in done:
+            await link.send(t.frame_json(t.EXIT, {"returncode": proc.returncode}))
+        for task in (beat, inbound, ended):
+            task.cancel()
+        listener.close()
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError, ValueError):
+        pass
+    finally:
+        if proc is not None and proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await proc.wait()
+        for w in locals_.values():
+            w.close()
+        writer.close()
+
+
+async def _rank_end(proc, outs) -> None:
+    await asyncio.gather(*outs)
+    await proc.wait()
+
+
+async def _inbound(link: t.Link, locals_: dict) -> None:
+    """Frames from the relay: PMIx bytes for the rank, closes, heartbeats; returns when the relay is gone."""
+    try:
+        while True:
+            kind, channel, payload = await link.recv()
+            if kind == t.DATA:
+                await t.deliver(locals_, channel, payload)
+            elif kind == t.CLOSE and channel in locals_:
+                locals_.pop(channel).close()
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError):
+        return  # the relay closed, or was silent for SILENCE_S: the link or the head is gone
+
+
+async def main(address: str, port: int) -> None:
+    server = await asyncio.start_server(serve_rank, address, port)
+    print(f"mpicdc devd: listening on {address}:{port}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        print("usage: devd.py ADDRESS [PORT]", file=sys.stderr)
+        sys.exit(2)
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) == 3 else t.PORT))
