@@ -8,7 +8,7 @@ for the progress thread, and :meth:`JobComms.close` frees exactly those.
 from __future__ import annotations
 
 from mpicdc.runtime.channel import MPIChannel
-from mpicdc.runtime.mpienv import Deadline, init_mpi, start_progress_thread, ulfm_enabled
+from mpicdc.runtime.mpienv import Deadline, detector_timeout_s, init_mpi, start_progress_thread, ulfm_enabled
 
 
 class JobComms:
@@ -29,7 +29,8 @@ class JobComms:
         for dup in self._dups:
             dup.Set_errhandler(MPI.ERRORS_RETURN)
         self.data, self.ctrl = MPIChannel(MPI, self._dups[0]), MPIChannel(MPI, self._dups[1])
-        self._progress = start_progress_thread(MPI, self._dups[2])
+        self._progress = start_progress_thread(MPI, self._dups[2], rank=self.rank,
+                                               frozen_limit_s=detector_timeout_s() if self.ulfm else None)
         self.processes: dict = {}  # rank -> (host, pid), reported by each worker at start-up
         self.closed = False
 

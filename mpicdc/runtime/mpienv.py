@@ -145,13 +145,20 @@ def failed_ranks(MPI, comm) -> set:
         group.Free()
 
 
-def start_progress_thread(MPI, private, interval_s: float = 0.05):
+def start_progress_thread(MPI, private, interval_s: float = 0.05, *, rank: int = -1, frozen_limit_s=None):
     """Drive MPI progress (and so the failure detector's heartbeats) from a daemon thread.
 
     The thread tests, on the ``private`` communicator it is given (nothing else
     may use it), a receive from this rank to itself that is never matched.
     Returns ``(stop_event, thread)``: set the event and join the thread before
     ``MPI_Finalize``.
+
+    ``frozen_limit_s`` (the detector's timeout, under ULFM): when one of the thread's short
+    sleeps overran by more than that, the process was stopped (SIGSTOP, a paused VM, a
+    device that froze) for longer than the others wait for its heartbeats, so they count it
+    as dead.  It leaves at once, before its next MPI call: resumed, its own detector would
+    otherwise accuse its ring neighbour (silent for as long, from where it stood) before
+    learning it was declared dead itself, and a live rank would be lost with it.
     """
     stop = threading.Event()
     buf = bytearray(1)
@@ -163,11 +170,34 @@ def start_progress_thread(MPI, private, interval_s: float = 0.05):
                 req.Test()
             except MPI.Exception:
                 return
+            before = time.monotonic()
             time.sleep(interval_s)
+            overrun = time.monotonic() - before - interval_s
+            if frozen_limit_s is not None and overrun > frozen_limit_s and not stop.is_set():
+                leave_frozen(rank, overrun, frozen_limit_s)
 
     thread = threading.Thread(target=spin, name="mpicdc-progress", daemon=True)
     thread.start()
     return stop, thread
+
+
+def detector_timeout_s() -> float:
+    """The failure detector's timeout this process runs with (``OMPI_MCA_mpi_ft_detector_timeout``)."""
+    value = os.environ.get("OMPI_MCA_mpi_ft_detector_timeout", DETECTOR_DEFAULTS["OMPI_MCA_mpi_ft_detector_timeout"])
+    try:
+        return float(value)
+    except ValueError:
+        return float(DETECTOR_DEFAULTS["OMPI_MCA_mpi_ft_detector_timeout"])
+
+
+def leave_frozen(rank: int, stopped_s: float, limit_s: float) -> None:
+    """End this process at once, saying why: it was stopped past the detector's timeout (see
+    :func:`start_progress_thread`).  Rank 0 leaves exit code 1 for the launcher."""
+    print(f"mpicdc: rank {rank} was stopped for {stopped_s:.1f} s, past the failure detector's {limit_s:g} s "
+          "timeout: the other ranks count it as dead; leaving", file=sys.stderr, flush=True)
+    if rank == 0:
+        report_exit_code(1)
+    os._exit(1)
 
 
 def launcher_rank() -> int | None:
