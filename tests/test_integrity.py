@@ -199,3 +199,20 @@ def test_every_corruption_kind_code_and_mode_on_real_ranks(tmp_path, kind, code,
         assert job.returncode == 0 and "check: MATCHED" in text and "quarantined ranks: [2]" in text, job.explain()
     elif code == "sum":
         assert "rank not locatable" in text, job.explain()
+
+
+@requires_mpi
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["strict", "opportunistic"])
+@pytest.mark.parametrize("code, r", [("groups:2", 2), ("mds", 3)])
+def test_group_and_mds_r3_codes_flag_a_corruption_on_real_ranks(tmp_path, code, r, mode):
+    """The other codes: 4 workers in two sum-parity groups, and MDS r=3 (which also locates and corrects)."""
+    shards = store.prepare_zoo(tmp_path / "shards", "tiny", 4, r, code)
+    job = run_job(5 + r, ["tiny", "--weights", str(shards), "--integrity", mode, "--inject",
+                          "corrupt:2@1=bitflip", "--repeat", "3", "--check"], tmp_path, timeout=120)
+    text = job.stdout + job.stderr
+    assert "INTEGRITY: layer" in text and "flagged requests: [1]" in text, job.explain()
+    assert job.results is not None and all(r["ok"] for r in job.results["requests"]), job.explain()
+    if code == "mds" and mode == "strict":
+        assert job.returncode == 0 and "check: MATCHED" in text and "quarantined ranks: [2]" in text, job.explain()
