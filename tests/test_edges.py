@@ -134,8 +134,9 @@ def test_rank_killed_during_start_up_ends_the_job_naming_it(tiny, tmp_path, how)
 
 
 def test_resumed_worker_declared_dead_exits_quietly(tiny, tmp_path):
-    """Frozen past the failure detector's 2 s, a worker is declared dead; when it resumes, Open MPI
-    tells it so and it ends with that one line (no stack dump), while the job goes on."""
+    """Frozen past the failure detector's 2 s, a worker is declared dead; when it resumes it ends with
+    one line (its progress thread saw it was stopped past the timeout; or, if an MPI call came first,
+    Open MPI's "reported dead"), no stack dump, while the job goes on."""
     job = LiveJob(6, ["tiny", "--weights", tiny, "--repeat", "100000", "--quiet"], tmp_path, timeout=120)
     job.wait_for("mpicdc: tiny on 6 ranks")
     time.sleep(0.5)
@@ -146,7 +147,8 @@ def test_resumed_worker_declared_dead_exits_quietly(tiny, tmp_path):
     time.sleep(2)
     job.proc.send_signal(signal.SIGTERM)  # end the endless run
     done = job.finish()
-    assert "reported dead" in done.stdout, done.explain()
+    text = done.stdout + done.stderr
+    assert "rank 2 was stopped for" in text or "reported dead" in text, done.explain()
     assert "Process received signal" not in done.stdout and "Traceback" not in done.stdout, done.explain()
     assert "Send error after request freed" not in done.stdout, done.explain()  # the master lived on
 

@@ -31,7 +31,8 @@ DETECTOR_DEFAULTS = {
     "OMPI_MCA_mpi_ft_detector_period": "0.25",
     "OMPI_MCA_mpi_ft_detector_timeout": "2",
     # No C stack dump for SIGABRT: a rank that was frozen past the detector's timeout and then
-    # resumes is told by ULFM that it was declared dead and aborts; its one line says so.
+    # resumes leaves by itself (start_progress_thread) or, if an MPI call comes first, is told by ULFM that it
+    # was declared dead and aborts; either way its one line says so.
     # Segfaults (11), bus errors (7) and FPEs (8) still print Open MPI's stack trace.
     "OMPI_MCA_opal_signal": "7,8,11",
 }
