@@ -316,6 +316,33 @@ def test_tf2onnx_fixture():
         assert_close(got, ort)
 
 
+def test_tf2onnx_mobilenet_fixture():
+    """tf2onnx export of a Keras MobileNet-style model (committed fixture, see make_tf2onnx_fixture.py):
+    strided 'same' convs (TensorFlow pads (0, 1)), depthwise convs, batch norm as Mul + Add, ReLU6 as Clip,
+    hard swish as x * Clip(x + 3, 0, 6) * (1/6), inverted residual adds, global pool, Gemm, softmax.
+    Compared with TensorFlow's stored output and with onnxruntime."""
+    pytest.importorskip("onnx", reason="onnx is needed to read ONNX files")
+    path = os.path.join(FIXTURES, "tf2onnx_mobile.onnx")
+    data = np.load(os.path.join(FIXTURES, "tf2onnx_mobile.npz"))
+    model, weights = load_source(path)
+    assert model.input_shape == (3, 32, 32)
+    assert "transpose" in model.description
+    counts = {op: ops(model).count(op) for op in set(ops(model))}
+    # every batch norm folded into its conv; the hard-swish chains fused; the two stride-1 blocks keep their add
+    assert counts == {"conv": 11, "clip": 3, "hardswish": 5, "add": 2, "gap": 1, "dense": 1, "softmax": 1}, counts
+    convs = [layer for layer in model.layers if layer.op == "conv"]
+    depthwise = [c for c in convs if c.attrs.get("groups", 1) == c.attrs["out"] > 1]
+    assert [c.attrs["out"] for c in depthwise] == [24, 32, 48]
+    strided = [c for c in convs if c.attrs["stride"] == [2, 2]]
+    assert len(strided) == 2 and all(c.attrs["padding"] == [[0, 1], [0, 1]] for c in strided)
+    got = forward(model, weights, data["x"][0].transpose(2, 0, 1))
+    assert_close(got, data["y"][0])
+    assert np.ptp(data["y"]) > 0.1  # a softmax that is not saturated: every logit matters
+    ort = _ort_if_available(path, data["x"])
+    if ort is not None:
+        assert_close(got, ort)
+
+
 def _tiny_onnx(tmp_path, name, nodes, inits, in_shape, out_shape, opset=13):
     onnx = pytest.importorskip("onnx", reason="onnx is needed to write and read ONNX files")
     from onnx import TensorProto, helper, numpy_helper

@@ -16,6 +16,10 @@ tests/test_runtime.py for the sum code: the decode is a subtraction, the rest fl
 rounding of the same products in another order.  A 2MR replica computes the same product
 as the block it copies, so with only AlexNet's grouped layers distributed the output with
 the data worker killed equals the fault-free output bit for bit.
+
+The committed tf2onnx fixture of a Keras MobileNet-style model (tests/fixtures/tf2onnx_mobile.onnx,
+written by TensorFlow: strided 'same' convs, depthwise convs, ReLU6, hard swish, inverted residual
+adds) is served the same way and compared with TensorFlow's own stored output.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime is the reference")
 pytest.importorskip("onnxscript", reason="torch.onnx.export (dynamo exporter) needs onnxscript")
 nn = torch.nn
 
-from test_importers import _export  # noqa: E402
+from test_importers import FIXTURES, _export  # noqa: E402
 from test_modern_cnn import TWINS, _randomise  # noqa: E402
 from test_onnx_modern import photo, run_ort  # noqa: E402
 from test_reference import rel_err  # noqa: E402
@@ -174,3 +178,27 @@ def test_other_imported_graphs_served_with_a_worker_killed(tmp_path, name, size,
     for r in job.results["requests"]:
         got = np.asarray(r["output"], np.float32)
         assert got.shape == want.reshape(-1).shape and rel_err(got, want.reshape(-1)) <= RTOL, (name, r["request"])
+
+
+def test_tf2onnx_mobilenet_served_with_a_worker_killed(tmp_path):
+    """The Keras MobileNet-style model exported by tf2onnx (committed fixture): 4 workers + sum parity,
+    the worker holding the first block of a mid-network layer killed in request 1; every request
+    equals TensorFlow's stored output within RTOL (and the serial forward, by --check)."""
+    import os
+    path = os.path.join(FIXTURES, "tf2onnx_mobile.onnx")
+    data = np.load(os.path.join(FIXTURES, "tf2onnx_mobile.npz"))
+    np.save(tmp_path / "x.npy", data["x"][0].transpose(2, 0, 1))  # TF takes NHWC, mpicdc CHW
+    want = data["y"][0]
+    folder = tmp_path / "shards"
+    manifest = _prepare(path, folder)
+    plan, model = manifest.plan, manifest.model
+    assert model.name == "tf2onnx_mobile"
+    assert all(lp.code == "sum" for lp in plan.layers) and len(plan.layers) == 9  # 8 pointwise/stem convs + dense
+    depthwise = [layer.name for layer in model.linear_layers
+                 if layer.attrs.get("groups", 1) == model.shapes()[layer.inputs[0]][0] > 1]
+    assert len(depthwise) == 3 and all(plan.for_layer(d) is None for d in depthwise)
+    lp = plan.layers[len(plan.layers) // 2]
+    job = _serve(manifest, folder, tmp_path / "x.npy", tmp_path, lp.ranks[0], lp.layer)
+    for r in job.results["requests"]:
+        got = np.asarray(r["output"], np.float32)
+        assert got.shape == want.shape and rel_err(got, want) <= RTOL, (r["request"], rel_err(got, want))

@@ -39,6 +39,8 @@ FUSED_PATTERNS = {
     "LocalResponseNorm (torch dynamo export)": "Mul/Pow -> Reshape -> Pad -> AveragePool -> Squeeze -> Mul -> "
                                                "Add -> Pow -> Div  =>  lrn",
     "channel shuffle": "Reshape (1,g,C/g,*sp) -> Transpose (0,2,1,...) -> Reshape (1,C,*sp)  =>  channel_shuffle",
+    "hard swish (tf2onnx / Keras)": "Mul(x, Mul(Clip(Add(x, 3), 0, 6), 1/6) or Div(..., 6) or "
+                                    "HardSigmoid(x, alpha=1/6, beta=0.5))  =>  hardswish",
 }
 #: ops evaluated at import time when all their inputs are constants.
 CONSTANT_OPS = ("Constant", "Identity", "Cast", "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat",
@@ -265,6 +267,7 @@ class _OnnxConverter:
                     self.consts.update(zip(node.output, outs))
         self._find_lrn_patterns()
         self._find_shuffle_patterns()
+        self._find_hardswish_patterns()
         self._setup_input()
         for node in g.node:
             if id(node) in self.skip:
@@ -439,6 +442,60 @@ class _OnnxConverter:
             self.skip.update((id(r1), id(tr)))
             self.fused[id(r2)] = ("shuffle", r1.input[0], dict(split=self._target(r1), merged=self._target(r2)))
 
+    # ------------------------------------------------------------ hard swish written with elementwise ops
+    def _find_hardswish_patterns(self):
+        """``x * hard_sigmoid(x)`` as tf2onnx writes Keras's MobileNet v3 hard swish (``x * relu6(x + 3) / 6``)."""
+        for node in self.graph.node:
+            if node.op_type != "Mul" or len(node.input) != 2 or any(n in self.consts for n in node.input):
+                continue
+            for x_i in (0, 1):
+                chain = self._match_hard_sigmoid(node.input[1 - x_i], node.input[x_i])
+                if chain is not None:
+                    self.skip.update(id(n) for n in chain)
+                    self.fused[id(node)] = ("hardswish", node.input[x_i], {})
+                    break
+
+    def _clip_bounds(self, clip) -> tuple:
+        if self.opset < 11:
+            a = _attrs(self.onnx, clip)
+            return a.get("min"), a.get("max")
+        return tuple(self._scalar(clip.input[i]) if len(clip.input) > i and clip.input[i] else None
+                     for i in (1, 2))
+
+    def _match_hard_sigmoid(self, gate: str, x: str) -> Optional[list]:
+        """The nodes computing ``gate = relu6(x + 3) / 6`` (or ``HardSigmoid(x)`` with torch's 1/6, 0.5), each
+        read only by the next one; None when ``gate`` is anything else."""
+        def near(value, want):
+            return value is not None and abs(value - want) <= 1e-6 * abs(want)
+
+        hs = self._single(gate, ("HardSigmoid",))
+        if hs is not None:
+            a = _attrs(self.onnx, hs)
+            ok = hs.input[0] == x and near(float(a.get("alpha", 0.2)), 1 / 6) and near(float(a.get("beta", 0.5)), 0.5)
+            return [hs] if ok else None
+        scale = self._single(gate, ("Mul", "Div"))
+        if scale is None:
+            return None
+        if scale.op_type == "Div":
+            c_i, want = 1, 6.0
+        else:
+            c_i, want = (1 if self._scalar(scale.input[1]) is not None else 0), 1 / 6
+        if not near(self._scalar(scale.input[c_i]), want):
+            return None
+        clip = self._single(scale.input[1 - c_i], ("Clip",))
+        if clip is None:
+            return None
+        low, high = self._clip_bounds(clip)
+        if low is None or high is None or float(low) != 0.0 or float(high) != 6.0:
+            return None
+        add = self._single(clip.input[0], ("Add",))
+        if add is None:
+            return None
+        k_i = 1 if self._scalar(add.input[1]) is not None else 0
+        if add.input[1 - k_i] != x or self._scalar(add.input[k_i]) != 3.0:
+            return None
+        return [scale, clip, add]
+
     def _target(self, reshape) -> tuple:
         """``(shape, allowzero)`` of a Reshape node with a constant shape."""
         return ([int(d) for d in self.consts[reshape.input[1]].reshape(-1)],
@@ -462,6 +519,9 @@ class _OnnxConverter:
         v = self.values.get(x_name)
         if v is None:
             raise ModelImportError(f"{self.where(node)}: input {x_name!r} is not an activation")
+        if kind == "hardswish":
+            self.values[node.output[0]] = self.state.elementwise("hardswish", v, self.hint(node))
+            return
         if kind == "lrn":
             self.state.require_spatial(v, identity_perm(len(v.shape)), f"{self.where(node)} (LocalResponseNorm)")
             self.values[node.output[0]] = self.state.elementwise("lrn", v, self.hint(node) + "_lrn", **attrs)
