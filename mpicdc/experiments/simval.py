@@ -103,8 +103,8 @@ class _BlockTimeDevice(DeviceModel):
     times: dict = field(default_factory=dict, compare=False, hash=False)
 
     def gemm_time(self, rows, cols, spatial=1):
-        rows = np.asarray(rows, dtype=float)
-        out = [self.times[(int(r), int(cols), int(spatial))] for r in np.atleast_1d(rows).ravel()]
+        rows, cols = np.broadcast_arrays(np.asarray(rows, dtype=float), np.asarray(cols, dtype=float))
+        out = [self.times[(int(r), int(c), int(spatial))] for r, c in zip(rows.ravel(), cols.ravel())]
         return np.array(out).reshape(rows.shape)[()]
 
 
