@@ -272,6 +272,10 @@ def plot(path, rows: list, parts: list, kill_at: int, title: str) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--cluster" in argv:  # per fault kind on a network-namespace cluster: its own module and options
+        from mpicdc.experiments import cluster_recovery
+        return cluster_recovery.main([a for a in argv if a != "--cluster"])
     p = common.parser("recovery", "Recovery latency under a real SIGKILL: CDC (decode around the dead rank) "
                                   "against restart-based recovery (detect, relaunch without it, redo the request).")
     add_common_options(p)
@@ -279,6 +283,9 @@ def main(argv=None) -> int:
     p.add_argument("--kill-at", type=int, default=None, help="request in which rank 2 is killed (default 5, quick 2)")
     p.add_argument("--trials", type=int, default=None, help="repetitions (default 3, quick 1)")
     p.add_argument("--device", default=DEVICE, help=f"device the workers emulate (default {DEVICE})")
+    p.add_argument("--cluster", action="store_true",
+                   help="instead: recovery per fault kind on a cluster of network namespaces (root; see "
+                        "python -m mpicdc.experiments.cluster_recovery --help for its options)")
     args = p.parse_args(argv)
     requests = args.requests or (5 if args.quick else 12)
     kill_at = args.kill_at if args.kill_at is not None else (2 if args.quick else 5)
