@@ -107,11 +107,20 @@ def _run(tiny, fault, repeat=250, timeout=60, after=1.0, then=None):
         done = job.finish()
         results = json.loads(out.read_text()) if out.exists() else None
         seen = done.first("rank 3 failed")
-        time.sleep(0.5)
-        left = c.leftovers()
+        cut_off = fault == "link_cut"  # a cut device's processes live on, cut off, until teardown
+        left = _leftovers_after(c, lambda left: all(ns.endswith("-d2") for ns in left) if cut_off else not left)
     _gone(prefix)
     assert not done.timed_out, done.explain()
     return done, results, None if seen is None else seen - at, left
+
+
+def _leftovers_after(c, settled, within_s: float = 15.0) -> dict:
+    """The cluster's processes left once ``settled(left)`` holds, or ``within_s`` after the job ended (polled:
+    remote daemons end their ranks and themselves once the head's runtime is gone, which takes a moment)."""
+    end = time.monotonic() + within_s
+    while not settled(left := c.leftovers()) and time.monotonic() < end:
+        time.sleep(0.25)
+    return left
 
 
 def _all_ok(done, results):

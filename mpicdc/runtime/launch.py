@@ -32,6 +32,7 @@ from pathlib import Path
 
 from mpicdc._threads import THREAD_VARS
 from mpicdc.runtime.mpienv import EXIT_FILE_VAR, FT_FLAGS
+from mpicdc.runtime.stale import remove_stale_session_dirs
 
 SURVIVE_NONZERO_EXIT = ["--prtemca", "state_base_error_non_zero_exit", "0"]
 
@@ -123,6 +124,7 @@ def run_once(cmd: list, np_ranks: int, hostfile: str | None = None, *, grace_s: 
     once it has run that long; with ``progress`` too (a callable polled every 0.1 s), that long
     since the value ``progress()`` returns last changed (a stall deadline).
     """
+    remove_stale_session_dirs()  # a killed mpirun's folder would make a new mpirun with its pid fail
     with tempfile.TemporaryDirectory(prefix="mpicdc-") as tmp:
         exit_file = Path(tmp) / "exit-code"
         env = thread_env(np_ranks, hostfile)
