@@ -29,6 +29,21 @@ requires_mpi = pytest.mark.skipif(not mpirun_available(),
                                   reason="needs mpi4py and an mpirun launcher (pip install 'mpicdc[mpi]')")
 
 
+def cluster_unavailable() -> str | None:
+    """Why network-namespace clusters cannot be made here (root, ip, tc), or None when they can."""
+    from mpicdc.cluster import ClusterUnavailable, check_available
+    try:
+        check_available()
+    except ClusterUnavailable as exc:
+        return str(exc)
+    return None
+
+
+CLUSTER_UNAVAILABLE = cluster_unavailable()
+requires_cluster = pytest.mark.skipif(CLUSTER_UNAVAILABLE is not None,
+                                      reason=f"no network namespaces here: {CLUSTER_UNAVAILABLE}")
+
+
 @dataclass
 class JobResult:
     returncode: int

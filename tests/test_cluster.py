@@ -14,21 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-from mpi_helpers import requires_mpi
+from mpi_helpers import CLUSTER_UNAVAILABLE, requires_cluster, requires_mpi
 
-from mpicdc.cluster import Cluster, ClusterUnavailable, check_available
+from mpicdc.cluster import Cluster
 from mpicdc.cluster.netns import list_links, list_netns
 from mpicdc.store import prepare_zoo
 
-pytestmark = [requires_mpi, pytest.mark.mpi, pytest.mark.cluster]
-
-try:
-    check_available()
-    UNAVAILABLE = None
-except ClusterUnavailable as exc:
-    UNAVAILABLE = str(exc)
-if UNAVAILABLE:
-    pytestmark.append(pytest.mark.skip(reason=f"no network namespaces here: {UNAVAILABLE}"))
+pytestmark = [requires_mpi, pytest.mark.mpi, pytest.mark.cluster, requires_cluster]
+UNAVAILABLE = CLUSTER_UNAVAILABLE  # test_healing reads it
 
 
 def _prefix(tag: str) -> str:

@@ -7,21 +7,12 @@ supervisor's relaunch of the uncoded job must answer every request too, the hit 
 from __future__ import annotations
 
 import pytest
-from mpi_helpers import requires_mpi
+from mpi_helpers import requires_cluster, requires_mpi
 
-from mpicdc.cluster import ClusterUnavailable, check_available
 from mpicdc.cluster.netns import list_netns
 from mpicdc.experiments import common, recovery
 
-pytestmark = [requires_mpi, pytest.mark.mpi, pytest.mark.cluster, pytest.mark.slow]
-
-try:
-    check_available()
-    UNAVAILABLE = None
-except ClusterUnavailable as exc:
-    UNAVAILABLE = str(exc)
-if UNAVAILABLE:
-    pytestmark.append(pytest.mark.skip(reason=f"no network namespaces here: {UNAVAILABLE}"))
+pytestmark = [requires_mpi, pytest.mark.mpi, pytest.mark.cluster, pytest.mark.slow, requires_cluster]
 
 
 def test_power_off_in_job_decoding_against_supervisor_relaunch(tmp_path):
