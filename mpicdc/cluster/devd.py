@@ -1,4 +1,4 @@
-"""The device daemon of the daemons-on-the-head arrangement: ``devd.py ADDRESS [PORT]``.
+"""The device daemon of the daemons-on-the-head arrangement: ``devd.py ADDRESS [--port P] [--private-tmp]``.
 
 Runs inside a device's namespace (started by the cluster, not by MPI) and listens on the
 device's address.  For each relay that connects (one per rank placed on the device) it starts
@@ -12,11 +12,11 @@ Standard library only: it runs as a plain script, without mpicdc on the path.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import signal
-import sys
 
 if __package__:
     from mpicdc.cluster import tunnel as t
@@ -24,7 +24,45 @@ else:  # a plain script: tunnel.py is beside it
     import tunnel as t
 
 
-async def serve_rank(reader, writer) -> None:
+#: the folder a device does not share with the head (it has its own); ``/dev/shm`` is always private too
+PRIVATE_ROOT = "/tmp"
+
+#: run as ``sh -c ISOLATE sh CWD N PATH1..PATHN COMMAND...`` in a new mount namespace: a fresh tmpfs
+#: (staged on /dev/shm) holding bind mounts of the N deployed paths becomes /tmp, another fresh
+#: tmpfs becomes /dev/shm, and COMMAND runs in CWD looked up again, with neither of the head's
+#: folders in sight
+ISOLATE = r"""set -e
+cwd=$1; n=$2; shift 2
+mount -t tmpfs -o mode=1777 mpicdc-tmp /dev/shm
+while [ "$n" -gt 0 ]; do
+  p=$1; stage="/dev/shm${p#/tmp}"; shift; n=$((n - 1))
+  if [ -d "$p" ]; then mkdir -p "$stage"; else mkdir -p "$(dirname "$stage")"; touch "$stage"; fi
+  mount --bind "$p" "$stage"
+done
+mount --move /dev/shm /tmp
+mount -t tmpfs -o mode=1777 mpicdc-shm /dev/shm
+cd "$cwd"
+exec "$@"
+"""
+
+
+def deployed_paths(argv: list, cwd: str) -> list:
+    """The head's files under ``/tmp`` a rank's command names (``--weights DIR``, ``--plan=FILE``, its
+    working folder ``cwd``): a real device holds copies of them at the same paths, so with
+    ``--private-tmp`` they are bind-mounted into the rank's own ``/tmp``.  Parents before children."""
+    named = [cwd] + [a.partition("=")[2] if a.startswith("-") else a for a in argv]
+    found = {os.path.realpath(os.path.join(cwd, n)) for n in named if n}
+    return sorted(p for p in found if p.startswith(PRIVATE_ROOT + "/") and os.path.exists(p))
+
+
+def isolated(argv: list, cwd: str) -> list:
+    """``argv`` to run in a mount namespace of its own with empty ``/tmp`` and ``/dev/shm`` (:data:`ISOLATE`)."""
+    paths = deployed_paths(argv, cwd)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", ISOLATE, "sh", cwd, str(len(paths)),
+            *paths, *argv]
+
+
+async def serve_rank(reader, writer, private_tmp: bool = False) -> None:
     link = t.Link(reader, writer)
     proc = None
     locals_: dict = {}  # channel -> writer of a PMIx connection of the rank
@@ -43,9 +81,12 @@ async def serve_rank(reader, writer) -> None:
 
         listener = await asyncio.start_server(pmix_client, "127.0.0.1", 0)
         port = listener.sockets[0].getsockname()[1]
+        argv, cwd = start["argv"], start.get("cwd") or "/"
+        if private_tmp:
+            argv = isolated(argv, cwd)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *start["argv"], env=t.repoint_pmix(start["env"], port), cwd=start.get("cwd") or "/",
+                *argv, env=t.repoint_pmix(start["env"], port), cwd=cwd,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True)
         except OSError as exc:  # said through the relay, which exits 127 like a shell
@@ -95,15 +136,24 @@ async def _inbound(link: t.Link, locals_: dict) -> None:
         return  # the relay closed, or was silent for SILENCE_S: the link or the head is gone
 
 
-async def main(address: str, port: int) -> None:
-    server = await asyncio.start_server(serve_rank, address, port)
-    print(f"mpicdc devd: listening on {address}:{port}", flush=True)
+async def serve(address: str, port: int, private_tmp: bool) -> None:
+    server = await asyncio.start_server(lambda r, w: serve_rank(r, w, private_tmp), address, port)
+    print(f"mpicdc devd: listening on {address}:{port}{' (each rank with its own /tmp and /dev/shm)' if private_tmp else ''}",
+          flush=True)
     async with server:
         await server.serve_forever()
 
 
+def main(argv: list | None = None) -> None:
+    p = argparse.ArgumentParser(prog="devd.py", description="start ranks for relays on the head (docs/deploy-pi.md)")
+    p.add_argument("address", help="the device's address to listen on")
+    p.add_argument("--port", type=int, default=t.PORT, help=f"port to listen on (default {t.PORT})")
+    p.add_argument("--private-tmp", action="store_true",
+                   help="emulation on one machine: every rank in a mount namespace with its own empty /tmp and "
+                        "/dev/shm, holding only the head's files its command names (needs root and util-linux)")
+    args = p.parse_args(argv)
+    asyncio.run(serve(args.address, args.port, args.private_tmp))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        print("usage: devd.py ADDRESS [PORT]", file=sys.stderr)
-        sys.exit(2)
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) == 3 else t.PORT))
+    main()

@@ -7,7 +7,11 @@ namespace with the device's hostname) and ends like a crashed local process when
 goes silent.  PRRTE never loses a daemon, so no device's death can end the job (docs/cluster.md).
 
 PRRTE believes every rank is on one node, so shared memory must be kept out of the data path:
-``--mca btl tcp,self`` over the cluster's subnet.
+``--mca btl tcp,self`` over the cluster's subnet, and out of PMIx: the head's daemon keeps the job's
+data in its ``hash`` store (``--pmixmca gds hash``) and sends it over each rank's PMIx connection,
+instead of a shared-memory segment that only the head can map.  So a device needs no file system,
+``/tmp`` or ``/dev/shm`` shared with the head; the device daemons prove it by giving every rank its
+own (``devd.py --private-tmp``).
 """
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ START_S = 10.0
 
 
 def mpirun_extra(net) -> list:
-    """mpirun options of the head arrangement (ranks talk TCP over the cluster's links only)."""
+    """mpirun options of the head arrangement: ranks talk TCP over the cluster's links only, and get the
+    job's PMIx data over their PMIx connection (``gds`` ``hash``), not from the head's shared memory."""
     return ["--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", net.cidr,
-            "--mca", "mpi_ft_propagator_with_rbcast", "true"]
+            "--mca", "mpi_ft_propagator_with_rbcast", "true",
+            "--pmixmca", "gds", "hash"]
 
 
 def relay_wrap(net) -> list:
@@ -39,7 +45,7 @@ def start_device_daemons(net) -> None:
         with open(net.state / f"devd-{node.name}.log", "ab") as log:
             subprocess.Popen(["ip", "netns", "exec", node.netns, "unshare", "--uts", "sh", "-c",
                               'hostname "$0" && exec "$@"', node.hostname,
-                              sys.executable, str(HERE / "devd.py"), node.address],
+                              sys.executable, str(HERE / "devd.py"), node.address, "--private-tmp"],
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                              close_fds=True)
     probe = ("import socket, sys, time\nend = time.monotonic() + float(sys.argv[2])\nwhile True:\n"
