@@ -17,6 +17,7 @@ import pytest
 from mpi_helpers import CLUSTER_UNAVAILABLE, requires_cluster, requires_mpi
 
 from mpicdc.cluster import Cluster
+from mpicdc.cluster.faults import rank_pids
 from mpicdc.cluster.netns import list_links, list_netns
 from mpicdc.store import prepare_zoo
 
@@ -183,14 +184,17 @@ def test_link_cut_on_a_20mbit_link_is_survived(tiny):
 
 # ---------------------------------------------------------------- daemons on the head (relays)
 
-def _run_head(tiny, fault, repeat=250, timeout=60, after=1.0):
-    """As :func:`_run`, with every daemon on the head and each device's rank behind a relay."""
+def _run_head(tiny, fault, repeat=250, timeout=60, after=1.0, look=None):
+    """As :func:`_run`, with every daemon on the head and each device's rank behind a relay; ``look(c)``
+    is called once every rank is running, before the fault."""
     prefix = _prefix("h")
     with Cluster(5, prefix=prefix, daemons="head") as c:
         out = c.state / "run.json"
         job = c.launch(6, ["tiny", "--weights", tiny, "--repeat", str(repeat), "--check", "-q", "--output", str(out)],
                        timeout=timeout)
         job.wait_for("on 6 ranks")
+        if look:
+            look(c)
         time.sleep(after)
         at = getattr(c, fault)(2)
         done = job.finish()
@@ -219,6 +223,45 @@ def test_head_arrangement_survives_every_device_death(tiny, fault):
     assert "mpicdc relay: rank 3 on d2" in done.output and why in done.output, done.explain()
     limit = 1.0 if fault == "loud_death" else 15.0  # a reset is seen at once; silence after the 2 s detector
     assert seen is not None and seen < limit, (seen, done.explain())
+    assert not left and not head_left, (left, head_left)
+
+
+def _rank_view(c, device: int, marker: Path) -> dict:
+    """What the rank on ``device`` sees, read through /proc (so in its own mount namespace): its PMIx
+    ``gds`` module, whether ``marker`` and the head daemon's PMIx session folder exist for it (and the
+    folder on the head), and what its /tmp holds."""
+    pids = rank_pids(c, device)
+    assert len(pids) == 1, (device, pids)
+    root = Path(f"/proc/{pids[0]}/root")
+    env = dict(kv.split(b"=", 1) for kv in (root.parent / "environ").read_bytes().split(b"\0") if b"=" in kv)
+    session = env[b"PMIX_SERVER_TMPDIR"].decode()
+    return {"gds": env.get(b"PMIX_GDS_MODULE", b"").decode(), "marker_seen": (root / marker.relative_to("/")).exists(),
+            "session_on_head": Path(session).is_dir(), "session_seen": (root / session.lstrip("/")).exists(),
+            "tmp": sorted(p.name for p in (root / "tmp").iterdir())}
+
+
+def test_head_arrangement_device_ranks_share_no_shm_or_tmp_with_the_head(tiny):
+    """The head arrangement as on real devices: a device rank gets PMIx's job data over its tunnelled
+    connection (``gds`` ``hash``) and has its own empty /dev/shm and /tmp (a file the head puts in
+    /dev/shm and the head daemon's PMIx session folder are absent in its view; its /tmp holds only the
+    weights and working folder its command names), and the job still serves every request, MATCHED,
+    with a device powered off."""
+    marker = Path("/dev/shm") / f"mpicdc-head-only-{random.randrange(10 ** 9)}"
+    views = {}
+    marker.write_text("only on the head")
+    try:
+        done, results, seen, left, head_left = _run_head(
+            tiny, "power_off", look=lambda c: views.update({d: _rank_view(c, d, marker) for d in range(len(c.devices))}))
+    finally:
+        marker.unlink(missing_ok=True)
+    deployed = {Path(p).relative_to("/tmp").parts[0] for p in (tiny,) if p.startswith("/tmp/")} | {"mpicdc-cluster"}
+    assert len(views) == 5, views
+    for view in views.values():
+        assert view["gds"] == "hash" and not view["marker_seen"], view
+        assert view["session_on_head"] and not view["session_seen"], view
+        assert set(view["tmp"]) <= deployed, (view, deployed)
+    _all_ok(done, results)
+    assert results["dead_ranks"] == [3] and seen is not None and seen < 15.0, (seen, done.explain())
     assert not left and not head_left, (left, head_left)
 
 
