@@ -1,4 +1,4 @@
-"""The device daemon of the daemons-on-the-head arrangement: ``devd.py ADDRESS [--port P] [--private-tmp]``.
+"""The device daemon of the daemons-on-the-head arrangement: ``devd.py ADDRESS --head HEAD [--port P] [--private-tmp]``.
 
 Runs inside a device's namespace (started by the cluster, not by MPI) and listens on the
 device's address.  For each relay that connects (one per rank placed on the device) it starts
@@ -6,7 +6,8 @@ the rank with the environment PRRTE gave the relay, the PMIx server URI repointe
 listener whose connections are tunnelled back to the head's daemon, and carries the rank's
 stdout/stderr, heartbeats and exit over the same connection (:mod:`tunnel`).  When the relay's
 connection ends (the job ended, the link or the head died) the rank is killed: a rank cut off
-from its daemon has no future.
+from its daemon has no future.  It runs whatever a relay asks, so it accepts connections from the
+head's address (``--head``) only.
 
 Standard library only: it runs as a plain script, without mpicdc on the path.
 """
@@ -63,6 +64,7 @@ def isolated(argv: list, cwd: str) -> list:
 
 
 async def serve_rank(reader, writer, private_tmp: bool = False) -> None:
+    """Start one rank for the relay at the other end of ``reader``/``writer`` and carry it until either ends."""
     link = t.Link(reader, writer)
     proc = None
     locals_: dict = {}  # channel -> writer of a PMIx connection of the rank
@@ -136,10 +138,18 @@ async def _inbound(link: t.Link, locals_: dict) -> None:
         return  # the relay closed, or was silent for SILENCE_S: the link or the head is gone
 
 
-async def serve(address: str, port: int, private_tmp: bool) -> None:
-    server = await asyncio.start_server(lambda r, w: serve_rank(r, w, private_tmp), address, port)
-    print(f"mpicdc devd: listening on {address}:{port}{' (each rank with its own /tmp and /dev/shm)' if private_tmp else ''}",
-          flush=True)
+async def serve(address: str, port: int, head: str, private_tmp: bool) -> None:
+    async def from_head(reader, writer):
+        peer = writer.get_extra_info("peername")[0]
+        if peer != head:
+            print(f"mpicdc devd: refused a connection from {peer} (only the head, {head}, may start ranks)", flush=True)
+            writer.close()
+            return
+        await serve_rank(reader, writer, private_tmp)
+
+    server = await asyncio.start_server(from_head, address, port)
+    print(f"mpicdc devd: listening on {address}:{port} for {head}"
+          f"{' (each rank with its own /tmp and /dev/shm)' if private_tmp else ''}", flush=True)
     async with server:
         await server.serve_forever()
 
@@ -147,12 +157,14 @@ async def serve(address: str, port: int, private_tmp: bool) -> None:
 def main(argv: list | None = None) -> None:
     p = argparse.ArgumentParser(prog="devd.py", description="start ranks for relays on the head (docs/deploy-pi.md)")
     p.add_argument("address", help="the device's address to listen on")
+    p.add_argument("--head", required=True, metavar="ADDRESS",
+                   help="the head's address: connections from anywhere else are refused (a relay can run any command)")
     p.add_argument("--port", type=int, default=t.PORT, help=f"port to listen on (default {t.PORT})")
     p.add_argument("--private-tmp", action="store_true",
                    help="emulation on one machine: every rank in a mount namespace with its own empty /tmp and "
                         "/dev/shm, holding only the head's files its command names (needs root and util-linux)")
     args = p.parse_args(argv)
-    asyncio.run(serve(args.address, args.port, args.private_tmp))
+    asyncio.run(serve(args.address, args.port, args.head, args.private_tmp))
 
 
 if __name__ == "__main__":

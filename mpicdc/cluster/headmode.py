@@ -45,7 +45,8 @@ def start_device_daemons(net) -> None:
         with open(net.state / f"devd-{node.name}.log", "ab") as log:
             subprocess.Popen(["ip", "netns", "exec", node.netns, "unshare", "--uts", "sh", "-c",
                               'hostname "$0" && exec "$@"', node.hostname,
-                              sys.executable, str(HERE / "devd.py"), node.address, "--private-tmp"],
+                              sys.executable, str(HERE / "devd.py"), node.address, "--head", net.head.address,
+                              "--private-tmp"],
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                              close_fds=True)
     probe = ("import socket, sys, time\nend = time.monotonic() + float(sys.argv[2])\nwhile True:\n"

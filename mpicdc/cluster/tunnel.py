@@ -51,9 +51,9 @@ def pmix_port(env: dict) -> int:
 def repoint_pmix(env: dict, port: int) -> dict:
     """``env`` with every PMIx server URI pointing at ``127.0.0.1:port`` (the tunnel's near end).
 
-    PMIx's job data stays in the head daemon's shared-memory segment (``PMIX_GDS_MODULE=shmem2``),
-    which the rank maps through the shared filesystem of this one machine: with ``hash`` instead,
-    ``MPI_Init`` fails ("local rank: Not found", measured)."""
+    Everything else PMIx needs then comes through that connection: the head's server runs with
+    ``gds`` ``hash`` (:func:`mpicdc.cluster.headmode.mpirun_extra`), so the job's data is sent to
+    the rank instead of left in a shared-memory segment only the head can map."""
     return {k: PMIX_URI.sub(f"tcp4://127.0.0.1:{port}", v) if k.startswith("PMIX_SERVER_URI") else v
             for k, v in env.items()}
 
