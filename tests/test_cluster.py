@@ -184,6 +184,14 @@ def test_link_cut_on_a_20mbit_link_is_survived(tiny):
 
 # ---------------------------------------------------------------- daemons on the head (relays)
 
+def _cmdline(pid: int) -> bytes | None:
+    """A process's command line; None for one that ended since it was listed."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+
+
 def _run_head(tiny, fault, repeat=250, timeout=60, after=1.0, look=None):
     """As :func:`_run`, with every daemon on the head and each device's rank behind a relay; ``look(c)``
     is called once every rank is running, before the fault."""
@@ -202,7 +210,7 @@ def _run_head(tiny, fault, repeat=250, timeout=60, after=1.0, look=None):
         seen = done.first("rank 3 failed")
         time.sleep(0.5)
         # only the device daemons may be left (one per namespace still alive), never a rank or a relay
-        left = {ns: [p for p in pids if b"devd.py" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+        left = {ns: [p for p in pids if (cmd := _cmdline(p)) is not None and b"devd.py" not in cmd]
                 for ns, pids in c.leftovers().items()}
         head_left = c.leftovers().get(c.head.netns, [])
     _gone(prefix)
