@@ -26,7 +26,7 @@ else:  # a plain script: tunnel.py is beside it
 
 async def serve_rank(reader, writer) -> None:
     link = t.Link(reader, writer)
-    proc = None
+    proc, cut_off = None, False
     locals_: dict = {}  # channel -> writer of a PMIx connection of the rank
     try:
         kind, _, payload = await link.recv()
@@ -60,6 +60,7 @@ async def serve_rank(reader, writer) -> None:
         done, _ = await asyncio.wait({inbound, ended}, return_when=asyncio.FIRST_COMPLETED)
         if ended in done:
             await link.send(t.frame_json(t.EXIT, {"returncode": proc.returncode}))
+        cut_off = inbound in done and inbound.result() == "silent"
         for task in (beat, inbound, ended):
             task.cancel()
         listener.close()
@@ -72,9 +73,28 @@ async def serve_rank(reader, writer) -> None:
             except ProcessLookupError:
                 pass
             await proc.wait()
+        if cut_off:
+            await _drop_queued_sends()
         for w in locals_.values():
             w.close()
         writer.close()
+
+
+async def _drop_queued_sends() -> None:
+    """Abort the sockets a killed rank left with data queued (FIN-WAIT-1) in this namespace.
+
+    A rank cut off from the head (link down) outlives the job's failure detector: it accuses the peer it
+    watches of being dead, and that message waits in its socket.  Killed for its silence, the rank is
+    gone but the kernel keeps the socket; when the link comes back it would deliver the accusation and
+    the job would lose a second, healthy rank (measured: link cut 4 s, then restored -> "rank 2 failed",
+    exit 4).  ``ss -K`` (iproute2) aborts those sockets instead."""
+    try:
+        proc = await asyncio.create_subprocess_exec("ss", "-K", "-t", "state", "fin-wait-1",
+                                                    stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.DEVNULL)
+        await asyncio.wait_for(proc.wait(), 5.0)
+    except (OSError, asyncio.TimeoutError):
+        pass
 
 
 async def _rank_end(proc, outs) -> None:
@@ -82,8 +102,8 @@ async def _rank_end(proc, outs) -> None:
     await proc.wait()
 
 
-async def _inbound(link: t.Link, locals_: dict) -> None:
-    """Frames from the relay: PMIx bytes for the rank, closes, heartbeats; returns when the relay is gone."""
+async def _inbound(link: t.Link, locals_: dict) -> str:
+    """Frames from the relay: PMIx bytes for the rank, closes, heartbeats; returns why the relay is gone."""
     try:
         while True:
             kind, channel, payload = await link.recv()
@@ -91,8 +111,10 @@ async def _inbound(link: t.Link, locals_: dict) -> None:
                 await t.deliver(locals_, channel, payload)
             elif kind == t.CLOSE and channel in locals_:
                 locals_.pop(channel).close()
-    except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError):
-        return  # the relay closed, or was silent for SILENCE_S: the link or the head is gone
+    except asyncio.TimeoutError:
+        return "silent"  # nothing for SILENCE_S: the link or the head is gone
+    except (asyncio.IncompleteReadError, ConnectionError, OSError):
+        return "closed"  # the relay closed: the job ended
 
 
 async def main(address: str, port: int) -> None:
