@@ -182,7 +182,9 @@ def test_alexnet_sum_parity_survives_each_fault_kind_at_a_random_moment(shards, 
     seen = done.first("rank 3 failed")
     assert seen is not None and seen - faults[0][1] < 15.0, done.explain()  # relay (3 s) or detector (2.5 s), slack for load
     if kind == "freeze_then_thaw":
-        assert "rank 3 was stopped for" in done.output, done.explain()  # thawed, it left instead of accusing a peer
+        # thawed, it left (it knew it overslept, or learned it was declared dead) instead of accusing a peer
+        assert "rank 3 was stopped for" in done.output or "reported dead by someone else" in done.output, \
+            done.explain()
 
 
 def test_alexnet_mds_r2_survives_two_losses_in_sequence_at_random_moments(shards, reference):

@@ -24,6 +24,10 @@ else:  # a plain script: tunnel.py is beside it
     import tunnel as t
 
 
+#: no frame from the relay for this long (its heartbeats come every second) means the device is cut off
+CUT_OFF_S = 1.5 * t.HEARTBEAT_S
+
+
 async def serve_rank(reader, writer) -> None:
     link = t.Link(reader, writer)
     proc, cut_off = None, False
@@ -58,9 +62,12 @@ async def serve_rank(reader, writer) -> None:
         inbound = asyncio.ensure_future(_inbound(link, locals_))
         ended = asyncio.ensure_future(_rank_end(proc, outs))
         done, _ = await asyncio.wait({inbound, ended}, return_when=asyncio.FIRST_COMPLETED)
-        if ended in done:
+        # cut off: the relay went silent, or the rank ended (its own watchdog: "lost the master") while
+        # nothing had been heard from the relay for longer than its heartbeats allow
+        silent_s = asyncio.get_running_loop().time() - link.heard
+        cut_off = inbound.result() == "silent" if inbound in done else silent_s > CUT_OFF_S
+        if ended in done and not cut_off:
             await link.send(t.frame_json(t.EXIT, {"returncode": proc.returncode}))
-        cut_off = inbound in done and inbound.result() == "silent"
         for task in (beat, inbound, ended):
             task.cancel()
         listener.close()
@@ -84,10 +91,10 @@ async def _drop_queued_sends() -> None:
     """Abort the sockets a killed rank left with data queued (FIN-WAIT-1) in this namespace.
 
     A rank cut off from the head (link down) outlives the job's failure detector: it accuses the peer it
-    watches of being dead, and that message waits in its socket.  Killed for its silence, the rank is
-    gone but the kernel keeps the socket; when the link comes back it would deliver the accusation and
-    the job would lose a second, healthy rank (measured: link cut 4 s, then restored -> "rank 2 failed",
-    exit 4).  ``ss -K`` (iproute2) aborts those sockets instead."""
+    watches of being dead, and that message waits in its socket.  Killed for its silence (or ended by
+    its own watchdog), the rank is gone but the kernel keeps the socket; when the link comes back it
+    would deliver the accusation and the job would lose a second, healthy rank (measured: link cut 4 s,
+    then restored -> "rank 2 failed", exit 4).  ``ss -K`` (iproute2) aborts those sockets instead."""
     try:
         proc = await asyncio.create_subprocess_exec("ss", "-K", "-t", "state", "fin-wait-1",
                                                     stdout=asyncio.subprocess.DEVNULL,
