@@ -41,7 +41,10 @@ REPEAT = 20             # ~0.85 s per AlexNet request here (2 cores, 100 Mbit/s)
 WARM_ANSWERS = 2        # the fault is drawn after this many answers ...
 FAULT_WINDOW_S = 6.0    # ... uniformly within this many seconds, so it lands mid-run
 AFTER_FAULT_ANSWERS = 3  # and at least this many requests must be answered after it (else the test proves nothing)
-OFF_S = 4.0             # a freeze or a link cut lasts this long: past the detector (2.5 s) and the relay (3 s)
+FROZEN_S = 4.0          # a freeze lasts this long: past the detector's 2.5 s timeout
+# a link cut lasts this long: past the device daemon's kill of the cut-off rank (3 s of silence, later on a loaded
+# machine); a shorter cut that ends after the rank's own detector accused its peer is a race left open (cluster.md)
+CUT_S = 8.0
 END_AFTER_SUMMARY_S = 10.0  # bounded exit: the launcher is out this soon after the master's summary line
 
 
@@ -127,9 +130,18 @@ def _run(weights: str, code: str, devices: int, test: str, faults) -> tuple:
     return done, results, after, done_faults, left
 
 
-def _assert_served(done, results, after, left, reference, code: str, dead: list) -> None:
+def _explain(done, faults) -> str:
+    """The job's output, then its warnings and the faults on one clock (s after the first fault), to replay a failure."""
+    zero = faults[0][1]
+    events = sorted([(at, f"** {what}") for what, at in faults]
+                    + [(at, line.rstrip()) for at, line in done.lines if "INFO" not in line])
+    return done.explain() + "\ntimeline (s after the first fault):\n" + \
+        "\n".join(f"{at - zero:8.2f} {line}" for at, line in events)
+
+
+def _assert_served(done, faults, results, after, left, reference, code: str, dead: list) -> None:
     """0 lost, 0 wrong, exit 0, bounded end, nothing of the job left; the fault landed mid-run."""
-    text = done.explain()
+    text = _explain(done, faults)
     assert not done.timed_out and done.returncode == 0, text
     assert after >= AFTER_FAULT_ANSWERS, f"the fault came after {REPEAT - after} of {REPEAT} answers: too late\n{text}"
     assert results is not None and [r["request"] for r in results["requests"]] == list(range(REPEAT)), text
@@ -147,7 +159,7 @@ def _assert_served(done, results, after, left, reference, code: str, dead: list)
     assert not left, (left, text)
 
 
-def _then(first: str, then: str, off_s: float = OFF_S):
+def _then(first: str, then: str, off_s: float):
     """A fault to device 2 undone ``off_s`` later (freeze/thaw, link cut/restore)."""
     def faults(c):
         at = getattr(c, first)(2)
@@ -166,9 +178,9 @@ def _once(kind: str):
 
 FAULTS = {
     "crash": _once("crash"),
-    "freeze_then_thaw": _then("freeze", "thaw"),
+    "freeze_then_thaw": _then("freeze", "thaw", FROZEN_S),
     "power_off": _once("power_off"),
-    "link_cut_then_restore": _then("link_cut", "link_restore"),
+    "link_cut_then_restore": _then("link_cut", "link_restore", CUT_S),
     "loud_death": _once("loud_death"),
 }
 
@@ -178,13 +190,13 @@ def test_alexnet_sum_parity_survives_each_fault_kind_at_a_random_moment(shards, 
     """Sum parity 4+1 on 5 devices: device 2 (rank 3) lost at a random moment; rank 3 reported dead,
     every request served and matched in the job."""
     done, results, after, faults, left = _run(shards["sum"], "sum", 5, f"alexnet-{kind}", FAULTS[kind])
-    _assert_served(done, results, after, left, reference, "sum", dead=[3])
+    _assert_served(done, faults, results, after, left, reference, "sum", dead=[3])
     seen = done.first("rank 3 failed")
-    assert seen is not None and seen - faults[0][1] < 15.0, done.explain()  # relay (3 s) or detector (2.5 s), slack for load
+    assert seen is not None and seen - faults[0][1] < 15.0, _explain(done, faults)  # relay (3 s) or detector (2.5 s), slack for load
     if kind == "freeze_then_thaw":
         # thawed, it left (it knew it overslept, or learned it was declared dead) instead of accusing a peer
         assert "rank 3 was stopped for" in done.output or "reported dead by someone else" in done.output, \
-            done.explain()
+            _explain(done, faults)
 
 
 def test_alexnet_mds_r2_survives_two_losses_in_sequence_at_random_moments(shards, reference):
@@ -199,7 +211,7 @@ def test_alexnet_mds_r2_survives_two_losses_in_sequence_at_random_moments(shards
         return [("power_off d1", first), ("loud_death d3", c.loud_death(3))]
 
     done, results, after, times, left = _run(shards["mds"], "mds", 6, "alexnet-mds", faults)
-    _assert_served(done, results, after, left, reference, "mds", dead=[2, 4])
+    _assert_served(done, times, results, after, left, reference, "mds", dead=[2, 4])
     for rank, (_what, at) in zip((2, 4), times):
         seen = done.first(f"rank {rank} failed")
-        assert seen is not None and seen - at < 15.0, done.explain()
+        assert seen is not None and seen - at < 15.0, _explain(done, times)
