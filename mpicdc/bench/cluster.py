@@ -161,34 +161,20 @@ def main(argv=None) -> int:
     except ClusterUnavailable as exc:
         print(f"bench cluster: cannot make network namespaces here: {exc}", file=sys.stderr)
         return 2
-    from mpicdc.cluster.netns import list_netns
     from mpicdc.core.plan import make_plan
     from mpicdc.experiments.fig5b import ensure_weights
 
     system = SYSTEM[args.arrangement]
     started = time.perf_counter()
-    rows, problems, prefixes = [], [], []
     with tempfile.TemporaryDirectory(prefix="mpicdc-bench-") as tmp:
         root = Path(args.weights_dir or tmp)
         print(f"bench cluster: preparing {args.model} shards (sum 4+1) in {root} ...", flush=True)
         weights = {"sum": ensure_weights(args.model_spec, make_plan(args.model_spec, 4, 1, "sum"), root,
                                          args.seed).resolve()}
-        for trial in range(args.trials):
-            for fault in args.faults:
-                print(f"bench cluster: trial {trial + 1}/{args.trials}: {fault} ({args.arrangement} arrangement) ...",
-                      flush=True)
-                row, pr, prefix, _failed = cr.run_retrying(
-                    system, fault, model=args.model, weights=weights, rate=args.rate, requests=args.requests,
-                    fault_after=args.fault_after, timeout=args.timeout, trial=trial,
-                    supervise=args.arrangement == "device")
-                problems += pr
-                if row is not None:
-                    rows.append(row)
-                    prefixes.append(prefix)
-                    print(f"  {cr.cell(row)}; exit {row['exit_code']}, {row['seconds']:.0f} s", flush=True)
-    left = [ns for ns in list_netns() if any(ns.startswith(pf + "-") for pf in prefixes)]
-    if left:
-        problems.append(f"namespaces left behind: {left}")
+        cells = [(trial, fault, system) for trial in range(args.trials) for fault in args.faults]
+        rows, problems, _start_failures = cr.run_all(
+            cells, "bench cluster", model=args.model, weights=weights, rate=args.rate, requests=args.requests,
+            fault_after=args.fault_after, timeout=args.timeout, supervise=args.arrangement == "device")
     missed = judge(rows) + problems + [f"{f}: no run finished" for f in args.faults
                                        if not any(r["fault"] == f for r in rows)]
     print(f"\ncluster: {args.model}, sum parity 4+1, head + {cr.DEVICES} devices at {args.rate}, daemons on the "

@@ -208,6 +208,29 @@ def run_retrying(system: str, fault: str, **run) -> tuple:
     return None, problems, None, start_failures
 
 
+def run_all(cells: list, label: str, **run) -> tuple:
+    """Every ``(trial, fault, system)`` of ``cells`` through :func:`run_retrying` (keywords ``run``), each on a
+    fresh cluster, said as it goes.  Returns (rows, problems, start failures); a namespace left is a problem."""
+    from mpicdc.cluster.netns import list_netns
+
+    rows, problems, prefixes, start_failures = [], [], [], []
+    trials = max((trial for trial, _, _ in cells), default=0) + 1
+    for trial, fault, system in cells:
+        print(f"{label}: trial {trial + 1}/{trials}: {fault} on {system} ...", flush=True)
+        row, pr, prefix, failed = run_retrying(system, fault, trial=trial, **run)
+        problems += pr
+        start_failures += failed
+        if row is None:
+            continue
+        rows.append(row)
+        prefixes.append(prefix)
+        print(f"  {cell(row)}; exit {row['exit_code']}, {row['seconds']:.0f} s", flush=True)
+    left = [ns for ns in list_netns() if any(ns.startswith(pf + "-") for pf in prefixes)]
+    if left:
+        problems.append(f"namespaces left behind: {left}")
+    return rows, problems, start_failures
+
+
 def cell(row: dict) -> str:
     """``1.05x (21 ms), 300/300, det 1.85 s`` for the printed table: the hit request against the median
     (its latency in the job, or its lateness when it straddled a relaunch), requests answered, detection."""
@@ -292,26 +315,10 @@ def main(argv=None) -> int:
                for code in ("sum", "none")}
     folder = common.out_dir(args.out)
     started = time.perf_counter()
-    from mpicdc.cluster.netns import list_netns
-
-    rows, problems, prefixes, start_failures = [], [], [], []
-    for trial in range(args.trials):
-        for fault in faults:
-            for system in systems:
-                print(f"recovery --cluster: trial {trial + 1}/{args.trials}: {fault} on {system} ...", flush=True)
-                row, pr, prefix, failed = run_retrying(system, fault, model=args.model, weights=weights,
-                                                       rate=args.rate, requests=requests, fault_after=fault_after,
-                                                       timeout=timeout, trial=trial)
-                problems += pr
-                start_failures += failed
-                if row is None:
-                    continue
-                rows.append(row)
-                prefixes.append(prefix)
-                print(f"  {cell(row)}; exit {row['exit_code']}, {row['seconds']:.0f} s", flush=True)
-    left = [ns for ns in list_netns() if any(ns.startswith(pf + "-") for pf in prefixes)]
-    if left:
-        problems.append(f"namespaces left behind: {left}")
+    cells = [(trial, fault, system) for trial in range(args.trials) for fault in faults for system in systems]
+    rows, problems, start_failures = run_all(cells, "recovery --cluster", model=args.model, weights=weights,
+                                             rate=args.rate, requests=requests, fault_after=fault_after,
+                                             timeout=timeout)
     if rows:
         common.write_csv(folder / "runs.csv", rows)
     load = os.getloadavg()[0]
