@@ -13,6 +13,7 @@ SUITES = {
     "strict": "latency cost of --integrity strict against off and opportunistic on real ranks (MPI)",
     "healing": "time from a worker's loss to full tolerance with a spare rank, latency meanwhile (MPI)",
     "wire": "float16/bfloat16 wire formats: bytes per request, output error, top-1 agreement, modeled speedup",
+    "cluster": "per fault kind on a namespace cluster (root): requests lost, detection, hit latency, relaunch delay",
 }
 
 USAGE = "usage: python -m mpicdc.bench SUITE [options]   (python -m mpicdc.bench SUITE --help for its options)"
@@ -29,6 +30,7 @@ examples:
   python -m mpicdc.bench strict --model tiny              # what strict integrity costs on real ranks (MPI)
   python -m mpicdc.bench healing                          # loss -> full tolerance with a spare (MPI)
   python -m mpicdc.bench wire --models alexnet            # half the bytes: error, top-1, modeled speedup
+  sudo python -m mpicdc.bench cluster --model alexnet     # every device fault on a namespace cluster (root)
   make bench                                              # the usual suites, one after the other"""
 
 

@@ -25,6 +25,10 @@ else:  # a plain script: tunnel.py is beside it
     import tunnel as t
 
 
+#: no frame from the relay for this long (its heartbeats come every second) means the device is cut off
+CUT_OFF_S = 1.5 * t.HEARTBEAT_S
+
+
 #: the folder a device does not share with the head (it has its own); ``/dev/shm`` is always private too
 PRIVATE_ROOT = "/tmp"
 
@@ -66,7 +70,7 @@ def isolated(argv: list, cwd: str) -> list:
 async def serve_rank(reader, writer, private_tmp: bool = False) -> None:
     """Start one rank for the relay at the other end of ``reader``/``writer`` and carry it until either ends."""
     link = t.Link(reader, writer)
-    proc = None
+    proc, cut_off = None, False
     locals_: dict = {}  # channel -> writer of a PMIx connection of the rank
     try:
         kind, _, payload = await link.recv()
@@ -101,7 +105,11 @@ async def serve_rank(reader, writer, private_tmp: bool = False) -> None:
         inbound = asyncio.ensure_future(_inbound(link, locals_))
         ended = asyncio.ensure_future(_rank_end(proc, outs))
         done, _ = await asyncio.wait({inbound, ended}, return_when=asyncio.FIRST_COMPLETED)
-        if ended in done:
+        # cut off: the relay went silent, or the rank ended (its own watchdog: "lost the master") while
+        # nothing had been heard from the relay for longer than its heartbeats allow
+        silent_s = asyncio.get_running_loop().time() - link.heard
+        cut_off = inbound.result() == "silent" if inbound in done else silent_s > CUT_OFF_S
+        if ended in done and not cut_off:
             await link.send(t.frame_json(t.EXIT, {"returncode": proc.returncode}))
         for task in (beat, inbound, ended):
             task.cancel()
@@ -115,9 +123,28 @@ async def serve_rank(reader, writer, private_tmp: bool = False) -> None:
             except ProcessLookupError:
                 pass
             await proc.wait()
+        if cut_off:
+            await _drop_queued_sends()
         for w in locals_.values():
             w.close()
         writer.close()
+
+
+async def _drop_queued_sends() -> None:
+    """Abort the sockets a killed rank left with data queued (FIN-WAIT-1) in this namespace.
+
+    A rank cut off from the head (link down) outlives the job's failure detector: it accuses the peer it
+    watches of being dead, and that message waits in its socket.  Killed for its silence (or ended by
+    its own watchdog), the rank is gone but the kernel keeps the socket; when the link comes back it
+    would deliver the accusation and the job would lose a second, healthy rank (measured: link cut 4 s,
+    then restored -> "rank 2 failed", exit 4).  ``ss -K`` (iproute2) aborts those sockets instead."""
+    try:
+        proc = await asyncio.create_subprocess_exec("ss", "-K", "-t", "state", "fin-wait-1",
+                                                    stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.DEVNULL)
+        await asyncio.wait_for(proc.wait(), 5.0)
+    except (OSError, asyncio.TimeoutError):
+        pass
 
 
 async def _rank_end(proc, outs) -> None:
@@ -125,8 +152,8 @@ async def _rank_end(proc, outs) -> None:
     await proc.wait()
 
 
-async def _inbound(link: t.Link, locals_: dict) -> None:
-    """Frames from the relay: PMIx bytes for the rank, closes, heartbeats; returns when the relay is gone."""
+async def _inbound(link: t.Link, locals_: dict) -> str:
+    """Frames from the relay: PMIx bytes for the rank, closes, heartbeats; returns why the relay is gone."""
     try:
         while True:
             kind, channel, payload = await link.recv()
@@ -134,8 +161,10 @@ async def _inbound(link: t.Link, locals_: dict) -> None:
                 await t.deliver(locals_, channel, payload)
             elif kind == t.CLOSE and channel in locals_:
                 locals_.pop(channel).close()
-    except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError):
-        return  # the relay closed, or was silent for SILENCE_S: the link or the head is gone
+    except asyncio.TimeoutError:
+        return "silent"  # nothing for SILENCE_S: the link or the head is gone
+    except (asyncio.IncompleteReadError, ConnectionError, OSError):
+        return "closed"  # the relay closed: the job ended
 
 
 async def serve(address: str, port: int, head: str, private_tmp: bool) -> None:

@@ -94,10 +94,26 @@ def hit_request(journal: Path, fault_unix: float, detected_unix: float | None) -
     return {"id": rid, "in_job": in_job, "ms": float(ms)}
 
 
+def launch_supervised(c, ranks: int, run_args: list, timeout: float):
+    """``python -m mpicdc.launch --supervise`` from the head of cluster ``c`` with its whole hostfile (a
+    daemon per device), so a job the runtime ends is relaunched on the devices still reachable."""
+    from mpicdc.cluster import ROOT, ClusterJob, mpirun_extra
+
+    cmd = ["ip", "netns", "exec", c.head.netns, sys.executable, "-m", "mpicdc.launch", "--supervise",
+           "--probe-timeout", "1", "-np", str(ranks), "--hostfile", c.hostfile,
+           *(f"--mpirun-arg={a}" for a in mpirun_extra(c)), *run_args]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    job = ClusterJob(c, cmd, env, timeout=timeout)
+    c._jobs = [*getattr(c, "_jobs", []), job]
+    return job
+
+
 def one_run(system: str, fault: str, *, model: str, weights: dict, rate: str, requests: int,
-            fault_after: int, timeout: float, trial: int) -> tuple:
-    """One fault done to one system on a fresh cluster; returns (row, problems, prefix)."""
-    from mpicdc.cluster import ROOT, Cluster, ClusterJob, mpirun_extra
+            fault_after: int, timeout: float, trial: int, supervise: bool = False) -> tuple:
+    """One fault done to one system on a fresh cluster; returns (row, problems, prefix).  ``supervise``
+    runs a ``cdc-device`` job under ``launch --supervise`` too (``relaunch`` always is)."""
+    from mpicdc.cluster import Cluster
     from mpicdc.run import CHECK_RTOL
     from mpicdc.runtime.journal import read_journal
 
@@ -110,14 +126,8 @@ def one_run(system: str, fault: str, *, model: str, weights: dict, rate: str, re
         journal, out = c.state / "journal.jsonl", c.state / "run.json"
         run_args = [model, "--weights", str(weights[code]), "--repeat", str(requests), "--check", "-q",
                     "--journal", str(journal), "--output", str(out), "--link", rate]
-        if system == "relaunch":
-            cmd = ["ip", "netns", "exec", c.head.netns, sys.executable, "-m", "mpicdc.launch", "--supervise",
-                   "--probe-timeout", "1", "-np", str(ranks), "--hostfile", c.hostfile,
-                   *(f"--mpirun-arg={a}" for a in mpirun_extra(c)), *run_args]
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-            job = ClusterJob(c, cmd, env, timeout=timeout)
-            c._jobs = [*getattr(c, "_jobs", []), job]
+        if system == "relaunch" or (supervise and daemons == "device"):
+            job = launch_supervised(c, ranks, run_args, timeout)
         else:
             job = c.launch(ranks, run_args, timeout=timeout)
         have = _wait_answers(journal, fault_after, job, timeout=min(timeout, 120))
@@ -169,7 +179,56 @@ def one_run(system: str, fault: str, *, model: str, weights: dict, rate: str, re
         row["relaunch_ready_s"] = None if rec.get("ready_s") is None else round(rec["ready_s"], 2)
     else:
         row["relaunch_ready_s"] = None
+    relaunched = [a["t"] for run in state.runs[1:] for a in run.answers if a.get("ok")]
+    row["relaunch_first_answer_s"] = round(min(relaunched) - fault_unix, 2) if relaunched else None  # fault -> it
     return row, problems, prefix
+
+
+def run_retrying(system: str, fault: str, **run) -> tuple:
+    """:func:`one_run` (keywords ``run``), once more on a fresh cluster when the job did not start.
+    Returns (row or None, problems, prefix or None, start failures as ``"system/fault (why)"``)."""
+    problems, start_failures = [], []
+    for attempt in (1, 2):
+        try:
+            row, pr, prefix = one_run(system, fault, **run)
+        except DidNotStart as exc:
+            print(f"  the job did not start (retried once, on a fresh cluster): {exc}", file=sys.stderr, flush=True)
+            why = next((x.strip() for x in str(exc).splitlines()[1:] if "fail" in x or "error" in x.lower()),
+                       "no answer, no reason printed")
+            start_failures.append(f"{system}/{fault} ({why})")
+            if attempt == 2:
+                problems.append(str(exc).splitlines()[0])
+            continue
+        except RuntimeError as exc:
+            problems.append(str(exc).splitlines()[0])
+            print(f"  {exc}", file=sys.stderr, flush=True)
+            break
+        row["start_retries"] = attempt - 1
+        return row, problems + pr, prefix, start_failures
+    return None, problems, None, start_failures
+
+
+def run_all(cells: list, label: str, **run) -> tuple:
+    """Every ``(trial, fault, system)`` of ``cells`` through :func:`run_retrying` (keywords ``run``), each on a
+    fresh cluster, said as it goes.  Returns (rows, problems, start failures); a namespace left is a problem."""
+    from mpicdc.cluster.netns import list_netns
+
+    rows, problems, prefixes, start_failures = [], [], [], []
+    trials = max((trial for trial, _, _ in cells), default=0) + 1
+    for trial, fault, system in cells:
+        print(f"{label}: trial {trial + 1}/{trials}: {fault} on {system} ...", flush=True)
+        row, pr, prefix, failed = run_retrying(system, fault, trial=trial, **run)
+        problems += pr
+        start_failures += failed
+        if row is None:
+            continue
+        rows.append(row)
+        prefixes.append(prefix)
+        print(f"  {cell(row)}; exit {row['exit_code']}, {row['seconds']:.0f} s", flush=True)
+    left = [ns for ns in list_netns() if any(ns.startswith(pf + "-") for pf in prefixes)]
+    if left:
+        problems.append(f"namespaces left behind: {left}")
+    return rows, problems, start_failures
 
 
 def cell(row: dict) -> str:
@@ -256,42 +315,10 @@ def main(argv=None) -> int:
                for code in ("sum", "none")}
     folder = common.out_dir(args.out)
     started = time.perf_counter()
-    from mpicdc.cluster.netns import list_netns
-
-    rows, problems, prefixes, start_failures = [], [], [], []
-    for trial in range(args.trials):
-        for fault in faults:
-            for system in systems:
-                print(f"recovery --cluster: trial {trial + 1}/{args.trials}: {fault} on {system} ...", flush=True)
-                row = None
-                for attempt in (1, 2):
-                    try:
-                        row, pr, prefix = one_run(system, fault, model=args.model, weights=weights, rate=args.rate,
-                                                  requests=requests, fault_after=fault_after, timeout=timeout,
-                                                  trial=trial)
-                        row["start_retries"] = attempt - 1
-                        break
-                    except DidNotStart as exc:
-                        print(f"  the job did not start (retried once, on a fresh cluster): {exc}", file=sys.stderr,
-                              flush=True)
-                        why = next((x.strip() for x in str(exc).splitlines()[1:] if "fail" in x or "error" in x.lower()),
-                                   "no answer, no reason printed")
-                        start_failures.append(f"{system}/{fault} ({why})")
-                        if attempt == 2:
-                            problems.append(str(exc).splitlines()[0])
-                    except RuntimeError as exc:
-                        problems.append(str(exc).splitlines()[0])
-                        print(f"  {exc}", file=sys.stderr, flush=True)
-                        break
-                if row is None:
-                    continue
-                rows.append(row)
-                problems += pr
-                prefixes.append(prefix)
-                print(f"  {cell(row)}; exit {row['exit_code']}, {row['seconds']:.0f} s", flush=True)
-    left = [ns for ns in list_netns() if any(ns.startswith(pf + "-") for pf in prefixes)]
-    if left:
-        problems.append(f"namespaces left behind: {left}")
+    cells = [(trial, fault, system) for trial in range(args.trials) for fault in faults for system in systems]
+    rows, problems, start_failures = run_all(cells, "recovery --cluster", model=args.model, weights=weights,
+                                             rate=args.rate, requests=requests, fault_after=fault_after,
+                                             timeout=timeout)
     if rows:
         common.write_csv(folder / "runs.csv", rows)
     load = os.getloadavg()[0]
