@@ -109,7 +109,7 @@ def modeled_latency(model: Model, plan: Plan, device, link=None, master=None) ->
 
 def auto_plan(model, workers: int, code: str = "sum", device="rpi3", link=None, master=None,
               memory_limit: float | None = None, *, parity: int | None = None, speeds=None,
-              bands: bool = False) -> Plan:
+              bands: bool = True) -> Plan:
     """The plan minimising modeled request latency: each linear layer on the master, split by output
     rows over all ``workers`` data workers (plus the code's parity workers) or, for a 2-D conv, split
     into bands of its output height (``bands``, :mod:`mpicdc.core.bands`), under every device's memory.
