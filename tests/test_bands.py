@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from mpicdc.core import bands
-from mpicdc.core.codes import make_code
 from mpicdc.core.kernels import forward
 from mpicdc.core.models import GraphBuilder, get_model
 from mpicdc.core.plan import LayerPlan, Plan, make_plan

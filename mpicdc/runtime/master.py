@@ -273,7 +273,6 @@ class Coordinator:
         li = self.linear_index[layer.name]
         out_shape = self.shapes[layer.name]
         shape = slices.reply_shape(self.model, lp)  # every block's product: (rows, cols)
-        cols = shape[1]
         tag = self.tags.tag(request, li)
         code = lp.code_obj
         jobs = self._jobs(layer, lp, x, request, li)
