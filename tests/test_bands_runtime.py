@@ -108,3 +108,20 @@ def test_a_wrong_band_reply_is_located_and_decoded_around(tiny_bands_mds, cluste
     assert r.flagged and r.integrity[0].layer == "conv2" and r.integrity[0].rank == 2 and r.integrity[0].corrected
     assert 2 in c.master.quarantined
     c.close()
+
+
+def test_a_spare_takes_over_a_lost_band_rank(tiny_bands_sum, cluster):  # noqa: F811
+    from test_healing import healed, serve_until
+
+    c = cluster(tiny_bands_sum, spares=1)
+    assert c.infer().ok
+    c.kill(2)
+    serve_until(c, healed(c))
+    assert c.master.healer.takeovers[0].spare == 6
+    serve_until(c, lambda: any(a.rank == 6 and a.status == "reply" and a.layer in BANDED
+                               for a in c.master.arrivals))
+    c.kill(3)  # the sum parity covers this one too, with the spare computing band 1
+    r = c.infer()
+    assert r.ok, r.error
+    assert any(rec.decoded_blocks == [2] for rec in r.layers if rec.layer in BANDED)
+    c.close()
