@@ -132,8 +132,14 @@ def test_speedup_bench_prints_ratios_and_targets(capsys, tmp_path):
     assert "met    VGG16 auto faster than even and one device at 100 Mbit/s" in out
     # AlexNet cannot reach 2x at 100 Mbit/s under this model; the bench says which term dominates
     assert "MISSED AlexNet" in out and "why: in the even plan send dominates" in out
+    assert "conv2(b)" in out and "auto plan: " in out and "band layers" in out  # bands chosen, and where time goes
     assert png.stat().st_size > 10_000
     assert main(["--models", "alexnet", "--links", "100mbit", "--check"]) == 1
+    capsys.readouterr()
+    assert main(["--models", "alexnet", "--links", "100mbit", "--wire", "float16"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("alexnet"))
+    even_x, rows_x, auto_x = map(float, row.split()[6:9])
+    assert auto_x > rows_x > even_x > 1  # half the bytes: even splitting pays, bands pay more
 
 
 def test_straggler_frontier_mds_beats_replication_with_the_same_extra_devices(capsys):
@@ -146,3 +152,35 @@ def test_straggler_frontier_mds_beats_replication_with_the_same_extra_devices(ca
             assert p99[(delay, f"MDS +{r}")] < p99[(delay, f"replication +{r}")] < p99[(delay, "uncoded")]
     assert _print_frontier(rows) == int(p99[("paper", "uncoded")] / p99[("paper", "MDS +2")] < 2)
     assert "MDS with 2 extra devices" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["alexnet", "vgg16"])
+@pytest.mark.parametrize("link", ["20mbit", "100mbit", "200mbit"])
+def test_auto_with_bands_never_models_worse_than_without(name, link):
+    model = get_model(name)
+    plan = auto_plan(model, 4, "sum", "rpi3", link, bands=True)
+    plan.validate(model)
+    assert Plan.from_json(plan.to_json()) == plan
+    with_bands = modeled_latency(model, plan, "rpi3", link)
+    rows_only = modeled_latency(model, auto_plan(model, 4, "sum", "rpi3", link, bands=False), "rpi3", link)
+    convs = [layer.name for layer in model.linear_layers if layer.op == "conv"]
+    all_bands = modeled_latency(model, make_plan(model, 4, code="sum", bands=convs), "rpi3", link)
+    assert with_bands <= min(rows_only, all_bands) * (1 + 1e-9)
+    assert simulate(model, plan, requests=1, device=with_link("rpi3", link)).latency[0] == pytest.approx(with_bands)
+
+
+def test_auto_bands_where_they_pay_and_within_memory():
+    model = get_model("alexnet")
+    plan = auto_plan(model, 4, "sum", "rpi3", "200mbit", bands=True)
+    assert {lp.layer for lp in plan.layers if lp.banded} == {"conv2", "conv3", "conv4", "conv5"}
+    assert not plan.for_layer("fc6").banded
+    rows_only = auto_plan(model, 4, "sum", "rpi3", "200mbit", bands=False)
+    assert modeled_latency(model, plan, "rpi3", "200mbit") < 0.9 * modeled_latency(model, rows_only, "rpi3", "200mbit")
+    # a band layer puts its whole kernel on every worker: a worker budget just under that moves it to rows
+    sizes = {lp.layer: weight_bytes(model, lp.layer) for lp in plan.layers if lp.banded}
+    from mpicdc.core.plan import rank_bytes
+    worst = max(b for rank, b in rank_bytes(plan, model).items() if rank)
+    limit = worst - 1
+    tight = auto_plan(model, 4, "sum", "rpi3", "200mbit", memory_limit=max(limit, 1), bands=True)
+    assert max(b for rank, b in rank_bytes(tight, model).items()) <= limit
+    assert {lp.layer for lp in tight.layers if lp.banded} < set(sizes)

@@ -4,16 +4,19 @@ Simulator numbers, not measurements: one request without stragglers through
 :func:`mpicdc.sim.simulate` (send, compute, reply, decode per layer; the master's link shared),
 on emulated devices (default ``rpi3``: 6 GFLOP/s, 2 GB/s, 1 GiB), for three plans: one device
 doing everything (:func:`~mpicdc.core.plan.single_device_plan`), ``even`` (every conv and fc
-layer split over the data workers, :func:`~mpicdc.core.plan.make_plan`) and ``auto``
-(:func:`~mpicdc.sim.autoplan.auto_plan`).  ``bound`` is the best any output-splitting plan could
-do at that rate with any number of workers: each layer at the smaller of its master time and
-its link floor (input sent once, output returned once).  Then it checks the targets of issue 14
+layer split over the data workers, :func:`~mpicdc.core.plan.make_plan`), ``rows`` (the auto plan
+with output splitting only) and ``auto`` (:func:`~mpicdc.sim.autoplan.auto_plan`: per layer the
+master, output splitting or, for a conv, bands of its output height, :mod:`mpicdc.core.bands`).
+``bound`` is the best any output-splitting plan could do at that rate with any number of
+workers: each layer at the smaller of its master time and its link floor (input sent once,
+output returned once).  ``--wire float16`` models 2-byte values as the same link at twice the
+rate (latency unchanged, conversion not modeled).  Then it checks the targets of issue 14
 and says which term dominates where one is missed.
 
 ``--ranks K`` adds a measurement on real MPI ranks of this machine (not the simulator): K
 requests of one emulated device (``run --workers 0 --master-device DEV``) against the even plan
-with every rank emulated (``--device DEV --master-device DEV``), with float32 and float16 on the
-wire.  Emulation pads each layer to the device model and each worker's transfers to its own
+and the auto plan for DEV's link (``prepare --plan auto``) with every rank emulated (``--device
+DEV --master-device DEV``), with float32 and float16 on the wire.  Emulation pads each layer to the device model and each worker's transfers to its own
 link (links in parallel, unlike the simulator's shared link); when the machine's cores are busy,
 real compute can exceed the modeled time and the run says so.
 """
@@ -28,39 +31,66 @@ examples:
   python -m mpicdc.bench speedup --links 20mbit,100mbit,1gbit --workers 8
   python -m mpicdc.bench speedup --plot docs/img/speedup.png  # latency against link rate, per plan
   python -m mpicdc.bench speedup --check                      # exit 1 when a target is missed
+  python -m mpicdc.bench speedup --wire float16               # 2-byte values on the wire
   python -m mpicdc.bench speedup --models alexnet --ranks 5   # also 5 requests on real emulated ranks
 """
 
 TERMS = ("send", "compute", "reply", "decode")
 
 
-def measure(model, workers: int, code: str, device: str, link: str) -> dict:
-    """Modeled seconds of one request for one device, the even plan and the auto plan, the bound,
-    and the even plan's summed send/compute/reply/decode terms over its distributed layers."""
+def wire_link(link: str, wire: str = "float32") -> float:
+    """The link rate in bytes/s that carries ``wire``'s values as the simulator's 4-byte ones: 2-byte
+    values are the same link at twice the rate."""
+    from mpicdc.core.wirefmt import get_format
+    from mpicdc.sim.devices import parse_rate
+
+    return parse_rate(link) * 4 / get_format(wire).itemsize
+
+
+def measure(model, workers: int, code: str, device: str, link, wire: str = "float32") -> dict:
+    """Modeled seconds of one request for one device, the even plan, the auto plan with output splitting
+    only (``rows``) and with bands, the bound, the even plan's summed send/compute/reply/decode terms
+    over its distributed layers and the auto plan's per band layer."""
     from mpicdc.core.plan import make_plan, single_device_plan
     from mpicdc.sim.autoplan import auto_plan, layer_costs, layer_terms
 
+    link = wire_link(link, wire)
     alone_costs = layer_costs(model, single_device_plan(model), device, link)
     even = make_plan(model, workers, code=code)
     auto = auto_plan(model, workers, code, device, link)
+    rows = auto_plan(model, workers, code, device, link, bands=False)
     terms = layer_terms(model, even, device, link)
     bound = sum(min(alone_costs[name], terms[name]["floor"]) if name in terms else cost
                 for name, cost in alone_costs.items())
+    auto_costs = layer_costs(model, auto, device, link)
     return {"alone": sum(alone_costs.values()),
             "even": sum(layer_costs(model, even, device, link).values()),
-            "auto": sum(layer_costs(model, auto, device, link).values()),
-            "bound": bound, "split": [lp.layer for lp in auto.layers],
-            "terms": {t: sum(v[t] for v in terms.values()) for t in TERMS}}
+            "rows": sum(layer_costs(model, rows, device, link).values()),
+            "auto": sum(auto_costs.values()),
+            "bound": bound, "split": [lp.layer + ("(b)" if lp.banded else "") for lp in auto.layers],
+            "terms": {t: sum(v[t] for v in terms.values()) for t in TERMS},
+            "auto_costs": auto_costs, "alone_costs": alone_costs,
+            "band_terms": {k: v for k, v in layer_terms(model, auto, device, link).items()
+                           if auto.for_layer(k).banded}}
 
 
 def _why(name: str, link: str, m: dict) -> str:
-    """Which term of the even plan dominates, and the bound of any output-splitting plan."""
+    """Which term of the even plan dominates, the bound of any output-splitting plan, and where the
+    auto plan's time goes (its band layers' link terms, the rest)."""
     t = m["terms"]
     top = max(TERMS, key=t.get)
     share = ", ".join(f"{k} {1e3 * t[k]:.0f} ms" for k in TERMS)
+    bands = m["band_terms"]
+    spent = sum(m["auto_costs"][k] for k in bands)
+    detail = "; ".join(f"{k} {1e3 * m['auto_costs'][k]:.0f} ms (one device {1e3 * m['alone_costs'][k]:.0f}: "
+                       f"send {1e3 * v['send']:.0f}, reply {1e3 * v['reply']:.0f}, compute {1e3 * v['compute']:.0f})"
+                       for k, v in bands.items())
     return (f"    why: in the even plan {top} dominates ({share} summed over its split layers); with any number "
             f"of workers, each layer's input sent once and output returned once bound {name} at "
-            f"{m['alone'] / m['bound']:.2f}x one device at {link}")
+            f"{m['alone'] / m['bound']:.2f}x one device at {link}"
+            + (f"\n    auto plan: {1e3 * m['auto']:.0f} ms, of which band layers {1e3 * spent:.0f} ms: {detail}; the "
+               f"replies (each band's whole output, plus the parity's) are what the link cannot shrink"
+               if bands else ""))
 
 
 def check(results: dict) -> list:
@@ -68,7 +98,7 @@ def check(results: dict) -> list:
     out = []
     a = results.get(("alexnet", "100mbit"))
     if a:
-        best = max(a["alone"] / a["even"], a["alone"] / a["auto"])
+        best = max(a["alone"] / a["even"], a["alone"] / a["auto"], a["alone"] / a["rows"])
         out.append(("AlexNet >= 2x one device at 100 Mbit/s, CDC on", best >= 2,
                     f"{best:.2f}x" + ("" if best >= 2 else "\n" + _why("alexnet", "100mbit", a))))
     v = results.get(("vgg16", "100mbit"))
@@ -97,7 +127,9 @@ def plot(path: str, models: list, workers: int, code: str, device: str) -> None:
     for ax, model in zip(axes[0], models):
         rows = [measure(model, workers, code, device, f"{r:g}mbit") for r in rates]
         for key, label, style in (("alone", "one device", "k--"), ("even", "even plan", "C1-"),
-                                  ("auto", "auto plan", "C0-"), ("bound", "bound (any workers)", "C2:")):
+                                  ("rows", "auto plan, output splitting only", "C3-."),
+                                  ("auto", "auto plan with bands", "C0-"),
+                                  ("bound", "bound of output splitting", "C2:")):
             ax.plot(rates, [r[key] for r in rows], style, label=label)
         for mark in (20, 100):
             ax.axvline(mark, color="0.8", lw=0.8)
@@ -181,25 +213,58 @@ def _job(np_ranks: int, args: list, timeout: float = 600.0) -> dict:
             return json.load(f)
 
 
+def _prepare_auto(model, workers: int, code: str, device: str, folder: str, wire: str) -> str | None:
+    """``prepare --plan auto`` for ``device``'s own link (as ``wire`` carries it) into ``folder``; an error or None."""
+    import subprocess
+    import sys
+
+    from mpicdc.sim.devices import get_device
+
+    rate = wire_link(f"{get_device(device).bandwidth_MBps * 8:g}mbit", wire)
+    cmd = [sys.executable, "-m", "mpicdc.prepare", model.name, "--workers", str(workers), "--code", code,
+           "--plan", "auto", "--device", device, "--link", f"{rate * 8 / 1e6:g}mbit", "--dir", folder, "-q"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    except subprocess.TimeoutExpired:
+        return f"did not end within 600 s: {' '.join(cmd)}"
+    return None if proc.returncode == 0 else f"exit {proc.returncode}: {' '.join(cmd)}\n{proc.stderr[-2000:]}"
+
+
 def on_ranks(model, workers: int, code: str, device: str, requests: int) -> list:
     """``[(label, median latency s of requests 1.., worst real/modeled compute, error)]`` measured on
-    ranks: one emulated device, then the even plan in float32 and float16 (request 0 is a warm-up)."""
+    ranks: one emulated device, then the even plan and the auto plan (bands where they pay) in float32
+    and float16 (request 0 is a warm-up)."""
+    import tempfile
+
     from mpicdc.core.plan import parity_count
 
     world = 1 + workers + parity_count(code, None)
     emulate = ["--master-device", device, "--repeat", str(requests + 1)]
+    runs = [("one device", 1, ["--workers", "0"])]
+    for wire in ("float32", "float16"):
+        runs.append((f"even, {wire}", world, ["--code", code, "--device", device, "--wire", wire]))
+        runs.append((f"auto, {wire}", world, ["--device", device, "--wire", wire, "--weights", wire]))
     rows = []
-    for label, np_ranks, extra in (("one device", 1, ["--workers", "0"]),
-                                   ("even, float32", world, ["--code", code, "--device", device]),
-                                   ("even, float16", world, ["--code", code, "--device", device, "--wire", "float16"])):
-        res = _job(np_ranks, [model.name, *emulate, *extra])
-        if "error" in res:
-            rows.append((label, float("nan"), float("nan"), res["error"]))
-            continue
-        lat = sorted(r["latency_ms"] / 1e3 for r in res["requests"][1:] if r["ok"])
-        worst = res["summary"].get("emulation_worst_compute_fraction", float("nan"))
-        rows.append((label, lat[len(lat) // 2] if lat else float("nan"), worst, None))
+    with tempfile.TemporaryDirectory(prefix="mpicdc-speedup-auto-") as tmp:
+        for label, np_ranks, extra in runs:
+            if "--weights" in extra:  # the auto plan for this wire format, prepared first
+                folder = f"{tmp}/{extra[-1]}"
+                extra = extra[:-1] + [folder]
+                problem = _prepare_auto(model, workers, code, device, folder, extra[3])
+                if problem:
+                    rows.append((label, float("nan"), float("nan"), problem))
+                    continue
+            rows.append(_ranks_row(label, _job(np_ranks, [model.name, *emulate, *extra])))
     return rows
+
+
+def _ranks_row(label: str, res: dict) -> tuple:
+    """One row of :func:`on_ranks` from a job's JSON results."""
+    if "error" in res:
+        return label, float("nan"), float("nan"), res["error"]
+    lat = sorted(r["latency_ms"] / 1e3 for r in res["requests"][1:] if r["ok"])
+    worst = res["summary"].get("emulation_worst_compute_fraction", float("nan"))
+    return label, lat[len(lat) // 2] if lat else float("nan"), worst, None
 
 
 def _print_ranks(model, rows: list) -> None:
@@ -233,6 +298,9 @@ def main(argv=None) -> int:
                    help="also measure K requests on real MPI ranks of this machine, every rank emulating "
                         "--rank-device: one device (--workers 0) against the even plan, float32 and float16 "
                         "on the wire (default 0: skip)")
+    p.add_argument("--wire", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="values on the wire of the modeled plans: 2-byte formats are the link at twice the rate "
+                        "(default float32)")
     p.add_argument("--rank-device", default="rpi3-eth",
                    help="device the ranks emulate, with its own link (default rpi3-eth: about 94 Mbit/s)")
     args = p.parse_args(argv)
@@ -240,17 +308,18 @@ def main(argv=None) -> int:
     links = [x.strip() for x in args.links.split(",") if x.strip()]
     dev = get_device(args.device)
     print(f"speedup (simulator: one request, no stragglers, shared link): {args.workers} data + {args.code} parity "
-          f"workers of {dev.name} ({dev.gflops:g} GFLOP/s, {dev.mem_GBps:g} GB/s, {dev.memory_MB:g} MB)")
-    print(f"{'model':<9}{'link':>9}{'one dev s':>11}{'even s':>9}{'auto s':>9}{'even x':>8}{'auto x':>8}"
-          f"{'bound x':>9}  auto splits")
+          f"workers of {dev.name} ({dev.gflops:g} GFLOP/s, {dev.mem_GBps:g} GB/s, {dev.memory_MB:g} MB), "
+          f"{args.wire} on the wire")
+    print(f"{'model':<9}{'link':>9}{'one dev s':>11}{'even s':>9}{'rows s':>9}{'auto s':>9}{'even x':>8}"
+          f"{'rows x':>8}{'auto x':>8}{'bound x':>9}  auto splits ((b): bands)")
     results = {}
     for model in models:
         for link in links:
-            m = results[(model.name, link)] = measure(model, args.workers, args.code, args.device, link)
-            split = ",".join(m["split"]) if len(m["split"]) <= 4 else f"{len(m['split'])} layers"
-            print(f"{model.name:<9}{link:>9}{m['alone']:>11.3f}{m['even']:>9.3f}{m['auto']:>9.3f}"
-                  f"{m['alone'] / m['even']:>8.2f}{m['alone'] / m['auto']:>8.2f}{m['alone'] / m['bound']:>9.2f}"
-                  f"  {split or '-'}")
+            m = results[(model.name, link)] = measure(model, args.workers, args.code, args.device, link, args.wire)
+            split = ",".join(m["split"]) if len(m["split"]) <= 6 else f"{len(m['split'])} layers"
+            print(f"{model.name:<9}{link:>9}{m['alone']:>11.3f}{m['even']:>9.3f}{m['rows']:>9.3f}{m['auto']:>9.3f}"
+                  f"{m['alone'] / m['even']:>8.2f}{m['alone'] / m['rows']:>8.2f}{m['alone'] / m['auto']:>8.2f}"
+                  f"{m['alone'] / m['bound']:>9.2f}  {split or '-'}")
     missed = 0
     targets = check(results)
     if targets:

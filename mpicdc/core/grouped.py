@@ -59,11 +59,11 @@ def embedded_blocks(code: Code, j: int) -> tuple:
 def stored_cols(model: Model, lp, block: int) -> int:
     """Columns of the weight block ``block`` of layer plan ``lp`` as stored and computed.
 
-    ``cols`` of the layer, except a parity block of a grouped convolution: one slab of
-    ``cols`` per data block it embeds.
+    ``cols`` of the layer, except a parity block of a grouped convolution split by rows: one
+    slab of ``cols`` per data block it embeds (a band split codes the input, not the weights).
     """
     cols = model.weight_shapes()[lp.layer][1]
-    if block < lp.n or layer_groups(model, lp.layer) == 1:
+    if block < lp.n or getattr(lp, "banded", False) or layer_groups(model, lp.layer) == 1:
         return cols
     return cols * len(embedded_blocks(lp.code_obj, block - lp.n))
 

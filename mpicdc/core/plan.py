@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from mpicdc.core import grouped
+from mpicdc.core.bands import band_problem
 from mpicdc.core.codes import (
     Code,
     make_code,
@@ -24,6 +25,11 @@ from mpicdc.core.codes import (
 from mpicdc.core.grouped import layer_groups
 from mpicdc.core.models import Model
 from mpicdc.core.ranges import format_ranges
+
+#: How a layer is distributed: ``rows`` of its weight matrix (output channels; every rank reads the
+#: whole input) or ``bands`` of a conv's output height (every rank holds the whole kernel and reads
+#: only its band of the input, :mod:`mpicdc.core.bands`).
+SPLITS = ("rows", "bands")
 
 _FIX = "build the plan for this model with make_plan (python -m mpicdc.prepare MODEL --workers N ...)"
 
@@ -45,13 +51,22 @@ class LayerPlan:
     """How one linear layer is distributed.
 
     ``ranks[i]`` computes block ``i``: blocks ``0..n-1`` are the data row blocks
-    ``rows[i] = (start, stop)``, blocks ``n..n+r-1`` are parity blocks of the code.
+    ``rows[i] = (start, stop)``, blocks ``n..n+r-1`` are parity blocks of the code.  With
+    ``split == "bands"`` (a 2-D conv, :mod:`mpicdc.core.bands`) ``rows`` are bands of the
+    layer's output height instead, and a parity block is computed on the code's combination
+    of the data bands' inputs.
     """
 
     layer: str
     code: str
     ranks: tuple
     rows: tuple
+    split: str = "rows"
+
+    @property
+    def banded(self) -> bool:
+        """Whether the layer is split into bands of its output height (every rank holds the whole kernel)."""
+        return self.split == "bands"
 
     @property
     def n(self) -> int:
@@ -84,10 +99,17 @@ class LayerPlan:
         if self.layer not in shapes:
             raise ValueError(f"plan layer {self.layer!r} is not a linear layer of {model.name}; "
                              f"linear layers: {', '.join(shapes)}; {_FIX}")
-        m = shapes[self.layer][0]
+        if self.split not in SPLITS:
+            raise ValueError(f"plan for layer {self.layer!r}: split {self.split!r} is not one of {', '.join(SPLITS)}")
+        m, what = shapes[self.layer][0], "rows"
+        if self.banded:
+            problem = band_problem(model, self.layer)
+            if problem:
+                raise ValueError(f"plan for layer {self.layer!r}: cannot split it into bands: {problem}; {_FIX}")
+            m, what = model.shapes()[self.layer][1], "output rows (bands)"
         problem = row_blocks_problem(self.rows, m)
         if problem:
-            raise ValueError(f"plan for layer {self.layer!r} ({m} rows): {problem}; {_FIX}")
+            raise ValueError(f"plan for layer {self.layer!r} ({m} {what}): {problem}; {_FIX}")
         top = "" if world_size is None else f" in 1..{world_size - 1}"
         outside = [x for x in self.ranks if x < 1 or (world_size is not None and x >= world_size)]
         if outside or len(set(self.ranks)) != len(self.ranks) or len(self.ranks) < self.n:
@@ -104,12 +126,16 @@ class LayerPlan:
         return self._block_index.get(rank)
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "code": self.code, "ranks": list(self.ranks),
-                "rows": [list(r) for r in self.rows]}
+        out = {"layer": self.layer, "code": self.code, "ranks": list(self.ranks),
+               "rows": [list(r) for r in self.rows]}
+        if self.banded:  # a row split writes what older plan files hold
+            out["split"] = self.split
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerPlan":
-        return cls(d["layer"], d["code"], tuple(d["ranks"]), tuple(tuple(r) for r in d["rows"]))
+        return cls(d["layer"], d["code"], tuple(d["ranks"]), tuple(tuple(r) for r in d["rows"]),
+                   d.get("split", "rows"))
 
 
 @dataclass(frozen=True)
@@ -196,7 +222,7 @@ def grouped_choice(model: Model, name: str, n: int, r: int) -> str:
 
 def make_plan(model: Model, workers: int, parity: int | None = None, code: str = "none", *,
               keep_on_master=(), layer_workers: dict | None = None, speeds=None,
-              min_rows_per_worker: int = 1) -> Plan:
+              min_rows_per_worker: int = 1, bands=()) -> Plan:
     """Build a plan: every conv and dense layer split over the data workers, plus parity workers.
 
     Grouped convolutions are split by whole groups; with parity workers each is coded,
@@ -216,6 +242,8 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
         (the paper's distributions assign layers to device groups); parity ranks serve every layer.
     speeds : relative speed of each data worker, for proportional row blocks.
     min_rows_per_worker : layers with fewer output rows per worker stay on the master.
+    bands : conv layer names split into bands of their output height instead of by output
+        channels (:mod:`mpicdc.core.bands`; grouped and depthwise convs too).
     """
     if workers < 0:
         raise ValueError(f"workers must be 0 (one device) or more, got workers={workers}")
@@ -228,9 +256,12 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
     if speeds is not None and len(speeds) != workers:
         raise ValueError(f"speeds has {len(speeds)} entries but there are {workers} workers")
     linear = {layer.name for layer in model.linear_layers}
-    for name in list(keep_on_master) + list(layer_workers or {}):
+    for name in list(keep_on_master) + list(layer_workers or {}) + list(bands):
         if name not in linear:
             raise ValueError(f"{name!r} is not a linear layer of {model.name}; linear layers: {sorted(linear)}")
+    for name in bands:
+        if band_problem(model, name):
+            raise ValueError(f"layer {name!r} cannot be split into bands: {band_problem(model, name)}")
     data_ranks = tuple(range(1, workers + 1))
     parity_ranks = tuple(range(workers + 1, workers + 1 + r))
     layers = []
@@ -241,9 +272,15 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
         bad = [x for x in ranks if not 1 <= x <= workers]
         if bad:
             raise ValueError(f"layer {name!r}: ranks {bad} are not data workers (1..{workers})")
+        layer_speeds = None if speeds is None else [speeds[x - 1] for x in ranks]
+        if name in bands:
+            height = model.shapes()[name][1]
+            if height >= len(ranks) * min_rows_per_worker:
+                layers.append(LayerPlan(name, code, ranks + parity_ranks, _row_ranges(height, len(ranks), layer_speeds),
+                                        "bands"))
+            continue
         if rows < len(ranks) * min_rows_per_worker or grouped_choice(model, name, len(ranks), r):
             continue
-        layer_speeds = None if speeds is None else [speeds[x - 1] for x in ranks]
         groups = layer_groups(model, name)   # units of whole groups (of rows // groups rows) or of rows
         if groups > 1 and r:
             pick = grouped.choose(grouped.options(model, name, ranks, parity_ranks, code, layer_speeds))
@@ -280,6 +317,10 @@ def rank_bytes(plan: Plan, model: Model) -> dict:
         if lp is None:
             totals[0] += 4 * rows * (cols + 1)
         else:
+            if lp.banded:  # every rank, the master too (it adds the bias), holds the whole layer
+                for rank in {0, *lp.ranks}:
+                    totals[rank] += 4 * rows * (cols + 1)
+                continue
             for block, rank in enumerate(lp.ranks):
                 totals[rank] += 4 * lp.block_rows * (grouped.stored_cols(model, lp, block) + 1)
     return totals
@@ -322,9 +363,13 @@ def format_plan_table(plan: Plan, model: Model, rank_extra: dict | None = None, 
         sizes = sorted({stop - start for start, stop in lp.rows})
         block = str(lp.block_rows) if len(sizes) == 1 else f"{lp.block_rows} ({sizes[0]}-{sizes[-1]})"
         groups = layer_groups(model, name)
-        split = f"{lp.n}+{lp.r}" + (f" ({groups} groups)" if groups > 1 else "")
+        split = f"{lp.n}+{lp.r}" + (" bands" if lp.banded else "") + (f" ({groups} groups)" if groups > 1 else "")
+        if lp.banded:
+            blocks[0] += 1  # the master holds the layer too: it adds the bias
+            block = f"{block} out rows"
+        held = rows if lp.banded else lp.block_rows
         lines.append((name, f"{rows}x{cols}", split, ranks, lp.code, block,
-                      _mb(4 * lp.block_rows * (cols + 1))) + tail)
+                      _mb(4 * held * (cols + 1))) + tail)
     widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
     right = {1, 5, 6, 7}
 

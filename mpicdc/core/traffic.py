@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import re
 
+from mpicdc.core.bands import geometry
+
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "kibit": 1024, "mibit": 1 << 20, "gibit": 1 << 30}
 WIRE_ITEMSIZE = 4  # float32 payloads (a narrower wire format only shortens the queue)
 
@@ -32,9 +34,12 @@ def link_backlog_bytes(model, plan, itemsize: int = WIRE_ITEMSIZE) -> int:
         lp = plan.for_layer(layer.name)
         if lp is None:
             continue
-        out = shapes[layer.name]
-        cols = math.prod(out[1:]) if len(out) > 1 else 1
-        jobs = len(lp.ranks) * math.prod(shapes[layer.inputs[0]]) * itemsize
-        replies = len(lp.ranks) * lp.block_rows * cols * itemsize
+        if lp.banded:  # each rank its band of the input, its band of the output
+            geo = geometry(model, layer.name, lp.rows)
+            job, reply = math.prod(geo.input_shape), math.prod(geo.block_shape)
+        else:
+            out = shapes[layer.name]
+            job, reply = math.prod(shapes[layer.inputs[0]]), lp.block_rows * (math.prod(out[1:]) if len(out) > 1 else 1)
+        jobs, replies = len(lp.ranks) * job * itemsize, len(lp.ranks) * reply * itemsize
         worst = max(worst, jobs, replies)
     return worst

@@ -169,7 +169,9 @@ def check_tolerance(plan, fmt) -> float:
     a block decoded from ``n`` data replies and a sum parity reply errs by up to ``2 n u`` of the
     layer's largest value.  Errors are taken to add across layers (a ReLU network passes a
     relative perturbation on about unchanged; measured errors are 10-40x below this bound,
-    ``docs/performance.md``).
+    ``docs/performance.md``).  A layer split into bands (:mod:`mpicdc.core.bands`) adds ``2 n u``: a
+    parity block's input is the rounded sum of ``n`` bands, not the sum of the rounded bands, so
+    the block decoded from it carries the ``n`` data bands' input roundings and the parity's.
     """
     u = get_format(fmt).roundoff
-    return float(sum((2 * lp.n + 1) * u for lp in plan.layers))
+    return float(sum(((4 if getattr(lp, "banded", False) else 2) * lp.n + 1) * u for lp in plan.layers))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mpicdc.core import bands
 from mpicdc.core import integrity as checks
 from mpicdc.core.graph import walk
 from mpicdc.core.grouped import stored_cols
@@ -138,6 +139,7 @@ class _LateCheck:
     replies: dict
     flags: list
     layer: str
+    roundoff: float
     flag: IntegrityFlag | None = None
 
 
@@ -270,13 +272,13 @@ class Coordinator:
     def _distributed(self, layer, lp, x, request, record):
         li = self.linear_index[layer.name]
         out_shape = self.shapes[layer.name]
-        cols = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1
+        shape = slices.reply_shape(self.model, lp)  # every block's product: (rows, cols)
         tag = self.tags.tag(request, li)
         code = lp.code_obj
         jobs = self._jobs(layer, lp, x, request, li)
         pending = {}
         sent_at = time.perf_counter()
-        record.sent_bytes += self._send_job(lp, jobs, tag, cols, self._targets(lp), pending, request, li, sent_at)
+        record.sent_bytes += self._send_job(lp, jobs, tag, shape, self._targets(lp), pending, request, li, sent_at)
         received = {}
         decodable_at = None
         while not self._ready(code, received, pending, sent_at):
@@ -292,7 +294,7 @@ class Coordinator:
                 # started, or re-admitted since): a stall that overlaps losses costs time, not the request
                 unused = [(b, r) for b, r in enumerate(lp.ranks) if b not in alive and b not in received
                           and r not in self.dead | self.quarantined and r not in record.out_of_range]
-                record.sent_bytes += self._send_job(lp, jobs, tag, cols, unused, pending, request, li, sent_at)
+                record.sent_bytes += self._send_job(lp, jobs, tag, shape, unused, pending, request, li, sent_at)
                 alive |= {b for b, p in pending.items() if p.rank not in self.dead}
             lost = [r for b, r in enumerate(lp.ranks) if b not in alive]
             if not code.decodable(alive):
@@ -309,19 +311,11 @@ class Coordinator:
         if decodable_at is not None and self.integrity == "strict":
             record.check_wait_s = time.perf_counter() - decodable_at
         if self.integrity != "off":
-            received = self._check(lp, layer.name, request, received, (lp.block_rows, cols), record)
-        out = np.empty((out_shape[0], cols), dtype=np.float32)
-        # rebuilt blocks are written straight into the layer output when they need no trimming
-        direct = {b: out[start:stop] for b, (start, stop) in enumerate(lp.rows)
-                  if b not in received and stop - start == lp.block_rows}
-        t0 = time.perf_counter()
-        data = code.decode({b: wire.payload(buf, (lp.block_rows, cols)) for b, buf in received.items()},
-                           out=direct)
-        record.decode_s = time.perf_counter() - t0
-        for b, ((start, stop), blockdata) in enumerate(zip(lp.rows, data)):
-            if b not in direct:
-                out[start:stop] = blockdata[:stop - start]
-        record.assemble_s = time.perf_counter() - t0 - record.decode_s
+            received = self._check(lp, layer.name, request, received, shape, record)
+        if lp.banded:
+            out = self._assemble_bands(layer, lp, received, shape, record)
+        else:
+            out = self._assemble_rows(lp, received, out_shape, shape, record)
         record.used = sorted(lp.ranks[b] for b in received)
         record.received_bytes = sum(buf.nbytes for buf in received.values())
         record.decoded_blocks = sorted(set(range(lp.n)) - set(received))
@@ -332,11 +326,41 @@ class Coordinator:
         record.late = sorted(p.rank for p in pending.values())
         if pending and self.integrity != "off":
             self.late_checks[request, li] = _LateCheck(code, self.accumulation[layer.name], lp.ranks,
-                                                       (lp.block_rows, cols), dict(received), self.flags,
-                                                       layer.name,
+                                                       shape, dict(received), self.flags,
+                                                       layer.name, self._roundoff(lp),
                                                        next((f for f in self.flags if f.layer == layer.name), None))
         self._retire(pending, layer.name)
         return out.reshape(out_shape)
+
+    def _assemble_rows(self, lp, received: dict, out_shape: tuple, shape: tuple, record: LayerRecord) -> np.ndarray:
+        """Decode the missing row blocks and stack the blocks into the layer output ``(rows, cols)``."""
+        out = np.empty((out_shape[0], shape[1]), dtype=np.float32)
+        # rebuilt blocks are written straight into the layer output when they need no trimming
+        direct = {b: out[start:stop] for b, (start, stop) in enumerate(lp.rows)
+                  if b not in received and stop - start == lp.block_rows}
+        t0 = time.perf_counter()
+        data = lp.code_obj.decode({b: wire.payload(buf, shape) for b, buf in received.items()}, out=direct)
+        record.decode_s = time.perf_counter() - t0
+        for b, ((start, stop), blockdata) in enumerate(zip(lp.rows, data)):
+            if b not in direct:
+                out[start:stop] = blockdata[:stop - start]
+        record.assemble_s = time.perf_counter() - t0 - record.decode_s
+        return out
+
+    def _assemble_bands(self, layer, lp, received: dict, shape: tuple, record: LayerRecord) -> np.ndarray:
+        """Decode the missing bands and put the bands together into the layer output, plus the bias."""
+        t0 = time.perf_counter()
+        data = lp.code_obj.decode({b: wire.payload(buf, shape) for b, buf in received.items()})
+        record.decode_s = time.perf_counter() - t0
+        out = bands.geometry(self.model, layer.name, lp.rows).assemble(data, self.master_weights[layer.name][1])
+        record.assemble_s = time.perf_counter() - t0 - record.decode_s
+        return out
+
+    def _roundoff(self, lp) -> float:
+        """The wire format's unit roundoff a layer's check allows for.  A band split's inputs were rounded
+        to it too (a parity input is the rounded combination of the bands, not the combination of the
+        rounded bands): counted twice."""
+        return self.wire.roundoff * (2 if lp.banded else 1)
 
     def _ready(self, code, received: dict, pending: dict, sent_at: float) -> bool:
         """Whether to decode now: decodable, and in strict mode checkable (or nothing more can come)."""
@@ -351,7 +375,7 @@ class Coordinator:
         """Check the decoding set; returns it without a located wrong block (whose rank is quarantined)."""
         code = lp.code_obj
         replies = {b: wire.payload(buf, shape) for b, buf in received.items()}
-        verdict = checks.check(code, replies, self.accumulation[layer_name], self.wire.roundoff)
+        verdict = checks.check(code, replies, self.accumulation[layer_name], self._roundoff(lp))
         record.checks = verdict.checks
         if verdict.ok:
             return received
@@ -374,7 +398,7 @@ class Coordinator:
             return
         late.replies[p.block] = p.buf
         verdict = checks.check(late.code, {b: wire.payload(buf, late.shape) for b, buf in late.replies.items()},
-                               late.accumulation, self.wire.roundoff)
+                               late.accumulation, late.roundoff)
         if verdict.ok:
             return
         rank = None if verdict.suspect is None else late.ranks[verdict.suspect]
@@ -402,23 +426,30 @@ class Coordinator:
 
     def _jobs(self, layer, lp, x, request: int, li: int) -> dict:
         """``{block: job message}``: the layer input in the wire format, or only the input channels a
-        block reads (:mod:`~mpicdc.runtime.slices`); blocks needing the same part share one message."""
+        block reads (:mod:`~mpicdc.runtime.slices`); blocks needing the same part share one message.
+        A band split: each data block its band of the input, each parity block the code's combination
+        of the bands (:mod:`mpicdc.core.bands`)."""
+        what = f"request {request} failed at layer {layer.name!r}: its input"
+        if lp.banded:
+            parts = bands.geometry(self.model, layer.name, lp.rows).inputs(x, lp.code_obj)
+            return {block: wire.message(wire.Header(wire.JOB, request, li, -1, part.shape, wire=self.wire.code),
+                                        part, what) for block, part in enumerate(parts)}
         made, jobs = {}, {}
         for block in range(len(lp.ranks)):
             channels = slices.needed_channels(self.model, lp, block)
             if channels not in made:
                 part = slices.job_input(self.model, lp, block, x)
                 made[channels] = wire.message(wire.Header(wire.JOB, request, li, -1, part.shape, wire=self.wire.code),
-                                              part, f"request {request} failed at layer {layer.name!r}: its input")
+                                              part, what)
             jobs[block] = made[channels]
         return jobs
 
-    def _send_job(self, lp, jobs, tag, cols, targets, pending, request, li, sent_at) -> int:
+    def _send_job(self, lp, jobs, tag, shape, targets, pending, request, li, sent_at) -> int:
         """Post each target's reply receive and send it its job; a rank found lost is marked dead.
         Returns the bytes sent."""
         sent = 0
         for block, rank in targets:
-            buf = wire.reply_buffer(lp.block_rows, cols, self.wire.code)
+            buf = wire.reply_buffer(*shape, self.wire.code)
             try:
                 handle = self.data.irecv(buf, rank, tag)
                 self.data.isend(jobs[block], rank, wire.TAG_JOB)  # the channel keeps the request until released

@@ -1,7 +1,8 @@
 """The worker loop: receive a layer input, compute this rank's row block, reply.
 
 A worker holds only its own shard (one weight row block per distributed
-layer, already encoded for parity ranks).  It never blocks on a collective,
+layer, already encoded for parity ranks; the whole kernel of a layer split
+into bands, which it convolves over the band of input it was sent).  It never blocks on a collective,
 skips a job when a newer one is already waiting (it has fallen behind and the
 master has moved on), and is ended by a control message that a watchdog
 thread listens for, so that even a worker stuck in its compute loop ends in
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpicdc.core import bands
 from mpicdc.core.faults import corrupt_block
 from mpicdc.core.grouped import block_gemm
 from mpicdc.core.kernels import Workspace
@@ -172,8 +174,11 @@ def worker_loop(data: Channel, state: WorkerState, stop_event: threading.Event) 
         start = time.perf_counter()
         W, b = state.blocks[layer.name]
         x = slices.full_input(state.model, lp, block, wire.payload(buf, head.shape))
-        Y, lowered = block_gemm(layer, lp, block, W, b, x, workspace=workspace)  # grouped: own channels
-        out = lowered.finish(Y)
+        if lp.banded:  # the whole kernel over its band (or the bands' combination), no bias
+            out = bands.band_conv(bands.geometry(state.model, layer.name, lp.rows), W, x, workspace=workspace)
+        else:
+            Y, lowered = block_gemm(layer, lp, block, W, b, x, workspace=workspace)  # grouped: own channels
+            out = lowered.finish(Y)
         compute = time.perf_counter() - start
         modeled = 0.0
         if state.device is not None:  # emulate a slower device: pad to its modeled time

@@ -3,15 +3,18 @@
 Output splitting sends a layer's whole input to every worker, so on a slow link a
 conv layer with a large input is faster on the master alone (VGG16's conv1_2 reads
 12.8 MB: four workers on a shared 100 Mbit/s link spend 4 s receiving it).
-:func:`auto_plan` costs every linear layer both ways with the simulator's own
-timing model (:func:`layer_costs`: one request, no stragglers) and keeps each layer
-where it is faster, then repairs memory:
+:func:`auto_plan` costs every linear layer every way -- on the master, split by output
+rows, and for a 2-D conv split into bands of its output height, which sends each rank only
+its band of the input (:mod:`mpicdc.core.bands`) -- with the simulator's own timing model
+(:func:`layer_costs`: one request, no stragglers) and keeps each layer where it is
+fastest, then repairs memory:
 
 * the weights the master keeps must fit its budget: over it, the layers that lose
   least per byte moved are distributed instead (a layer larger than the master's
   whole budget is always distributed);
-* each worker's shard must fit its budget: over it, distributed layers move back to
-  the master while it has room, and a plan that still does not fit is refused.
+* each worker's shard must fit its budget: over it, band layers (every rank holds the
+  whole kernel) are split by rows instead, then distributed layers move back to the
+  master while it has room, and a plan that still does not fit is refused.
 
 A device's budget for weights is its RAM (``DeviceModel.memory_MB``) less
 :data:`OS_RESERVE_MB` and the model's largest layer workspace (the lowered input
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+from mpicdc.core.bands import band_problem
 from mpicdc.core.models import Model, get_model
 from mpicdc.core.plan import Plan, make_plan, parity_count, rank_bytes, single_device_plan
 from mpicdc.sim.devices import DeviceModel, format_rate, get_device, with_link
@@ -91,9 +95,10 @@ def layer_terms(model: Model, plan: Plan, device, link=None, master=None) -> dic
     out = {}
     for st in _steps(model, plan, device, master_device, SimConfig()):
         if isinstance(st, _DistStep):
+            once = st.n * st.send if st.banded else st.send  # the input sent once (bands: with halos)
             out[st.name] = {"send": st.ranks.size * st.send, "compute": float(st.compute.max()),
-                            "reply": float(st.reply.sum()), "decode": st.decode_cost,
-                            "floor": 2 * st.latency + st.send + float(st.reply[:st.n].sum())}
+                            "reply": float(st.reply.sum()), "decode": st.decode_cost + st.prepare,
+                            "floor": 2 * st.latency + once + float(st.reply[:st.n].sum())}
     return out
 
 
@@ -103,9 +108,11 @@ def modeled_latency(model: Model, plan: Plan, device, link=None, master=None) ->
 
 
 def auto_plan(model, workers: int, code: str = "sum", device="rpi3", link=None, master=None,
-              memory_limit: float | None = None, *, parity: int | None = None, speeds=None) -> Plan:
-    """The plan minimising modeled request latency: each linear layer on the master or split over
-    all ``workers`` data workers (plus the code's parity workers), under every device's memory.
+              memory_limit: float | None = None, *, parity: int | None = None, speeds=None,
+              bands: bool = True) -> Plan:
+    """The plan minimising modeled request latency: each linear layer on the master, split by output
+    rows over all ``workers`` data workers (plus the code's parity workers) or, for a 2-D conv, split
+    into bands of its output height (``bands``, :mod:`mpicdc.core.bands`), under every device's memory.
 
     Parameters
     ----------
@@ -117,6 +124,7 @@ def auto_plan(model, workers: int, code: str = "sum", device="rpi3", link=None, 
     master : the master's device (default: ``device``).
     memory_limit : bytes of weights each device may hold (default: :func:`memory_budget`).
     speeds : relative compute speed of each data worker (rows split in proportion; default equal).
+    bands : whether conv layers may be split into bands (False: output splitting only, as before).
 
     Raises ``ValueError`` when no plan fits: a worker's shard over its budget even with the
     master holding all it can, or layers the master must keep over the master's budget.
@@ -126,39 +134,58 @@ def auto_plan(model, workers: int, code: str = "sum", device="rpi3", link=None, 
     master_device = device if master is None else get_device(master)
     r = parity_count(code, parity)
     even = make_plan(model, workers, parity, code, speeds=speeds)
-    on_workers = layer_costs(model, even, device, None, master_device, speeds)
-    on_master = layer_costs(model, single_device_plan(model), device, None, master_device)
-    distributable = [lp.layer for lp in even.layers]
-    gain = {name: on_master[name] - on_workers[name] for name in distributable}  # > 0: workers faster
+    cost = {"master": layer_costs(model, single_device_plan(model), device, None, master_device),
+            "rows": layer_costs(model, even, device, None, master_device, speeds)}
+    banded = {lp.layer for lp in even.layers if not band_problem(model, lp.layer)} if bands else set()
+    if banded:
+        cost["bands"] = layer_costs(model, make_plan(model, workers, parity, code, speeds=speeds, bands=sorted(banded)),
+                                    device, None, master_device, speeds)
     size = {name: weight_bytes(model, name) for name in model.weight_shapes()}
+    split = {lp.layer for lp in even.layers}
+    options = {name: ["master"] + (["rows"] if name in split else []) + (["bands"] if name in banded else [])
+               for name in size}
+    choice = {name: min(opts, key=lambda k: cost[k][name]) for name, opts in options.items()}
     master_cap = memory_budget(model, master_device, memory_limit)
     worker_cap = memory_budget(model, device, memory_limit)
 
-    keep = {name for name in size if name not in gain or gain[name] <= 0}
-    fixed = sum(size[name] for name in size if name not in gain)  # too few rows to split
-    # master over budget: distribute the kept layers that cost least per byte freed
-    for name in sorted((x for x in keep if x in gain), key=lambda x: -gain[x] / size[x]):
-        if sum(size[x] for x in keep) <= master_cap:
+    def loss(name, to):  # seconds lost per byte freed by moving a layer to ``to``
+        return (cost[to][name] - cost[choice[name]][name]) / size[name]
+
+    def master_held():  # the master holds the layers it computes and those split into bands (it adds their bias)
+        return sum(size[x] for x in size if choice[x] != "rows")
+
+    # master over budget: split by rows the layers it holds that lose least per byte freed
+    for name in sorted((x for x in size if choice[x] != "rows" and x in split), key=lambda x: loss(x, "rows")):
+        if master_held() <= master_cap:
             break
-        keep.discard(name)
-    held = sum(size[x] for x in keep)
-    if held > master_cap:
-        raise ValueError(f"{model.name}: the master must hold {held / 1e6:.1f} MB of weights (layers with fewer "
-                         f"rows than workers: {fixed / 1e6:.1f} MB) but its budget is {master_cap / 1e6:.1f} MB "
+        choice[name] = "rows"
+    if master_held() > master_cap:
+        fixed = sum(size[x] for x in size if x not in split)
+        raise ValueError(f"{model.name}: the master must hold {master_held() / 1e6:.1f} MB of weights (layers with "
+                         f"fewer rows than workers: {fixed / 1e6:.1f} MB) but its budget is {master_cap / 1e6:.1f} MB "
                          f"({master_device.name}); use a master with more memory")
 
     def build():
-        return make_plan(model, workers, parity, code, keep_on_master=sorted(keep), speeds=speeds)
+        return make_plan(model, workers, parity, code, speeds=speeds,
+                         keep_on_master=sorted(x for x in size if choice[x] == "master" and x in split),
+                         bands=sorted(x for x in size if choice[x] == "bands"))
+
+    def worst_shard(plan):
+        return max((b for rank, b in rank_bytes(plan, model).items() if rank), default=0)
 
     plan = build()
-    # a worker over budget: bring back to the master the distributed layers that lose least per byte
-    for name in sorted((x for x in gain if x not in keep), key=lambda x: gain[x] / size[x]):
-        worst = max((b for rank, b in rank_bytes(plan, model).items() if rank), default=0)
-        if worst <= worker_cap:
+    # a worker over budget: band layers (whole kernels on every worker) go to row blocks first, then
+    # row-split layers come back to the master while it has room, least loss per byte first
+    for name in sorted((x for x in size if choice[x] == "bands"), key=lambda x: loss(x, "rows")):
+        if worst_shard(plan) <= worker_cap:
             break
-        if held + size[name] <= master_cap:
-            keep.add(name)
-            held += size[name]
+        choice[name] = "rows"
+        plan = build()
+    for name in sorted((x for x in size if choice[x] == "rows"), key=lambda x: loss(x, "master")):
+        if worst_shard(plan) <= worker_cap:
+            break
+        if master_held() + size[name] <= master_cap:
+            choice[name] = "master"
             plan = build()
     shards = {rank: b for rank, b in rank_bytes(plan, model).items() if rank}
     worst_rank = max(shards, key=shards.get, default=None)

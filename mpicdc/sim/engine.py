@@ -5,7 +5,9 @@ runtime, but with time computed instead of spent, so it scales to thousands of
 devices and requests.  For every request, layer by layer in graph order:
 
 1. **send** -- the master sends the layer input (``4 * prod(input shape)`` bytes) to
-   every rank of the layer it does not know to be dead.  On a ``shared`` link the
+   every rank of the layer it does not know to be dead (a band split,
+   :mod:`mpicdc.core.bands`: each rank its band of the input, halo included, after the
+   master spent ``prepare`` cutting the bands and encoding the parity inputs).  On a ``shared`` link the
    sends leave one after another in block order (the k-th arrives after
    ``latency + k * size / bandwidth``); on a ``parallel`` link all take
    ``latency + size / bandwidth``.
@@ -57,6 +59,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mpicdc.core import bands as band_split
 from mpicdc.core.decodability import Decodability, decode_structure
 from mpicdc.core.faults import (
     DELAY_HELP,
@@ -164,6 +167,8 @@ class _DistStep:
     compute: np.ndarray      # (m,) seconds per block before slowdown
     decode_cost: float       # master seconds per missing block
     rule: Decodability
+    prepare: float = 0.0     # master seconds before the first send (band split: cut bands, encode parity inputs)
+    banded: bool = False     # a band split: ``send`` is one block's band, not the whole input
     compute_slow: np.ndarray = None   # compute times the rank's slowdown (set by simulate)
     columns: object = None            # ranks as a slice when contiguous (views, not copies)
     delay_groups: list = None         # [(DelayModel, block indices)] (set by simulate)
@@ -207,6 +212,8 @@ def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config:
     bw = device.bandwidth_MBps * 1e6
 
     def distributed(layer, lp, in_shape, out_shape) -> _DistStep:
+        if lp.banded:
+            return banded(layer, lp)
         spatial = math.prod(out_shape[1:])
         block_rows = np.array([b - a for a, b in lp.rows] + [lp.block_rows] * lp.r, dtype=float)
         block_cols = np.array([stored_cols(model, lp, i) for i in range(lp.n + lp.r)], dtype=float)  # grouped parity
@@ -220,6 +227,27 @@ def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config:
             compute=np.asarray(device.gemm_time(block_rows, block_cols, spatial), dtype=float),
             decode_cost=config.decode_scale * float(master.compute_time(dec_flops, dec_bytes)),
             rule=lp.code_obj.decodability(config.verify))
+
+    def banded(layer, lp) -> _DistStep:
+        geo = band_split.geometry(model, layer.name, lp.rows)
+        m = lp.n + lp.r
+        rows, cols = model.weight_shapes()[layer.name]
+        band_in, elems = math.prod(geo.input_shape), math.prod(geo.block_shape)
+        spatial = elems // rows
+        dec_flops, dec_bytes = 2.0 * lp.n * elems, 4.0 * (lp.n + 1) * elems
+        out = math.prod(geo.out_shape)
+        # cut n bands (copies), encode r parity inputs from them, add the bias to the assembled output
+        prep_flops = lp.r * lp.n * band_in + out
+        prep_bytes = 4.0 * (2 * lp.n * band_in + lp.r * (lp.n + 1) * band_in + 2 * out)
+        return _DistStep(
+            name=layer.name, n=lp.n, ranks=np.asarray(lp.ranks, dtype=np.intp),
+            latency=device.latency_s,
+            send=4.0 * band_in / bw,
+            reply=np.full(m, 4.0 * elems / bw),
+            compute=np.full(m, float(device.gemm_time(rows, cols, spatial))),
+            decode_cost=config.decode_scale * float(master.compute_time(dec_flops, dec_bytes)),
+            rule=lp.code_obj.decodability(config.verify),
+            prepare=float(master.compute_time(prep_flops, prep_bytes)), banded=True)
 
     executor = _StepExecutor(model, plan, master, config, distributed)
     walk(model, tuple(model.input_shape), executor)
@@ -434,6 +462,7 @@ def _run_chunk(steps, req, rng, world, fail_prob, faults: _Faults, config: SimCo
         else:
             cols = st.columns
             m = st.ranks.size
+            t = t + st.prepare
             known, silent = _masks(st, si, req, faults, drop)
             if not shared:
                 arrive = t[:, None] + (st.latency + st.send)

@@ -114,12 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "parity workers serve every layer")
     g.add_argument("--speeds", metavar="S1,S2,...",
                    help="relative speed of each data worker: row blocks proportional to it")
+    g.add_argument("--bands", action="append", default=[], metavar="LAYER[,LAYER]",
+                   help="conv layers split into bands of their output height instead of by output channels: each "
+                        "rank gets only its band of the input and holds the whole kernel (repeatable; "
+                        "docs/codes.md#band-split)")
     g.add_argument("--min-rows", type=int, default=1, metavar="K",
                    help="layers with fewer than K output rows per worker stay on the master (default 1)")
     g.add_argument("--plan", choices=("even", "auto"), default="even",
                    help="even: split every conv and fc layer (default); auto: split a layer only where the "
-                        "simulator models it faster than the master alone on --device and --link, within "
-                        "each device's memory (mpicdc.sim.autoplan)")
+                        "simulator models it faster than the master alone on --device and --link, by output "
+                        "channels or (a conv) into bands, whichever models faster, within each device's memory "
+                        "(mpicdc.sim.autoplan)")
     g.add_argument("--device", default="rpi3", metavar="NAME",
                    help="device model of every rank for --plan auto and the modeled latency printed by "
                         "--dry-run and --show (default rpi3; see python -m mpicdc.sim --help)")
@@ -156,7 +161,7 @@ def _make_plan(args, model):
     if args.workers < 0:
         raise UsageError(f"--workers must be 0 (one device doing everything) or more, got {args.workers}")
     if args.workers == 0:
-        if args.plan == "auto" or args.keep_on_master or args.layer_workers or args.speeds or args.parity:
+        if args.plan == "auto" or args.keep_on_master or args.layer_workers or args.speeds or args.parity or args.bands:
             raise UsageError("--workers 0 keeps every layer on the master (one device): drop --plan auto, "
                              "--keep-on-master, --layer-workers, --speeds and --parity")
         from mpicdc.core.plan import single_device_plan
@@ -170,6 +175,7 @@ def _make_plan(args, model):
     except ValueError as exc:
         raise UsageError(f"bad --code {args.code!r}: {exc}") from None
     keep = [name for item in args.keep_on_master for name in _comma_list(item)]
+    bands = [name for item in args.bands for name in _comma_list(item)]
     layer_workers = {}
     for item in args.layer_workers:
         name, sep, ranks = item.partition("=")
@@ -186,14 +192,16 @@ def _make_plan(args, model):
             raise UsageError(f"--speeds {args.speeds!r}: every speed must be positive")
     try:
         if args.plan == "auto":
-            if keep or layer_workers or args.min_rows != 1:
-                raise UsageError("--plan auto chooses which layers stay on the master and splits the others over "
-                                 "every data worker: drop --keep-on-master, --layer-workers and --min-rows")
+            if keep or layer_workers or bands or args.min_rows != 1:
+                raise UsageError("--plan auto chooses which layers stay on the master and how the others are split "
+                                 "over every data worker: drop --keep-on-master, --layer-workers, --bands and "
+                                 "--min-rows")
             from mpicdc.sim.autoplan import auto_plan
             return auto_plan(model, args.workers, args.code, args.device, args.link, parity=args.parity,
                              speeds=speeds)
         return make_plan(model, args.workers, args.parity, args.code, keep_on_master=keep,
-                         layer_workers=layer_workers or None, speeds=speeds, min_rows_per_worker=args.min_rows)
+                         layer_workers=layer_workers or None, speeds=speeds, min_rows_per_worker=args.min_rows,
+                         bands=bands)
     except ImportError as exc:
         raise UsageError(f"cannot build codes: {exc}") from None
     except ValueError as exc:

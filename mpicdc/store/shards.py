@@ -232,7 +232,8 @@ class _Block:
 
     layer: str
     op: str
-    kind: str            # "data", "parity" or "full" (a layer kept on the master)
+    kind: str            # "data", "parity", "full" (a layer kept on the master, or the master's copy of a
+    #                      band layer: it adds the bias) or "band" (a rank's whole kernel of a band layer)
     index: int           # block index in the layer's n + r blocks, -1 for "full"
     rows: tuple          # (start, stop) of the layer's weight rows (data/full), (0, block_rows) for parity
     stored_rows: int     # rows stored in the file (a data block is not padded on disk)
@@ -250,6 +251,8 @@ class _Block:
             tag = f"full-rows-{self.rows[0]}-{self.rows[1]}"
         elif self.kind == "data":
             tag = f"data-block-{self.index}-rows-{self.rows[0]}-{self.rows[1]}"
+        elif self.kind == "band":
+            tag = f"band-block-{self.index}"
         else:
             tag = f"parity-block-{self.index}"
         return f"{_group_name(self.layer)}/{tag}"
@@ -258,6 +261,11 @@ class _Block:
         m, cols = weight_shape
         if self.kind == "full":
             return f"whole layer {self.layer} ({m}x{cols}), computed by the master"
+        if self.kind == "band":
+            what = "its band of the input" if self.index < self.n else "the code's combination of the bands' inputs"
+            return (f"whole kernel of layer {self.layer} ({m}x{cols}) for block {self.index} of {self.n}+{self.r} "
+                    f"of a band split (bands of output rows, code {self.code}): computed on {what}; the master "
+                    f"adds the bias")
         if self.kind == "data":
             return (f"data block {self.index} of {self.n} of layer {self.layer} ({m}x{cols}): rows "
                     f"{self.rows[0]}:{self.rows[1]}, code {self.code}, zero-padded to {self.block_rows} rows on load")
@@ -280,14 +288,17 @@ def _layout(model: Model, plan: Plan, rank: int) -> list:
     for layer in model.linear_layers:
         m, cols = shapes[layer.name]
         lp = plan.for_layer(layer.name)
-        if lp is None:
+        if lp is None or (lp.banded and rank == 0):
             if rank == 0:
                 out.append(_Block(layer.name, layer.op, "full", -1, (0, m), m, m, cols, "none", 1, 0, (0,)))
             continue
         i = lp.block_of(rank)
         if i is None:
             continue
-        if i < lp.n:
+        if lp.banded:
+            out.append(_Block(layer.name, layer.op, "band", i, (0, m), m, m, cols, lp.code, lp.n, lp.r,
+                              tuple(lp.ranks)))
+        elif i < lp.n:
             start, stop = lp.rows[i]
             out.append(_Block(layer.name, layer.op, "data", i, (start, stop), stop - start, lp.block_rows, cols,
                               lp.code, lp.n, lp.r, tuple(lp.ranks)))
@@ -1122,6 +1133,8 @@ def reference_weights(manifest: Manifest) -> dict:
     weights = dict(load_rank(manifest.directory, 0, manifest))
     per_rank = {}
     for lp in manifest.plan.layers:
+        if lp.banded:  # rank 0 holds the whole layer
+            continue
         parts_W, parts_b = [], []
         for block, (start, stop) in enumerate(lp.rows):
             rank = lp.ranks[block]
@@ -1192,6 +1205,12 @@ def _parity_problems(manifest: Manifest, ranks: set, fix: str) -> list:
         for index, rank in enumerate(lp.ranks):
             with h5py.File(manifest.path(rank), "r") as f:
                 pairs.append(_read_block(f, manifest.path(rank), blocks[rank][lp.layer, index], "", True, fix))
+        if lp.banded:  # every rank holds the same whole kernel
+            problems += [f"{manifest.path(rank)}: layer {lp.layer!r}: band block {index} differs from band block 0 "
+                         f"(every rank of a band split holds the same whole layer); {fix}"
+                         for index, (rank, pair) in enumerate(zip(lp.ranks, pairs))
+                         if not all(np.array_equal(a, b) for a, b in zip(pair, pairs[0]))]
+            continue
         code = lp.code_obj
         for part, name in ((0, "W"), (1, "b")):
             data = [pair[part] for pair in pairs[:lp.n]]
