@@ -62,7 +62,9 @@ class Cluster(Network):
     def __init__(self, devices: int, rate: str | None = None, prefix: str | None = None, daemons: str = "device"):
         if daemons not in ARRANGEMENTS:
             raise ValueError(f"daemons={daemons!r}: choose one of {', '.join(ARRANGEMENTS)}")
-        super().__init__(devices, rate=rate, prefix=prefix)
+        # no remote daemon for mpirun to give up on with daemons on the head: the head's TCP keeps
+        # the kernel's patience, so a stalled link never kills a live worker's MPI connection
+        super().__init__(devices, rate=rate, prefix=prefix, fast_give_up=daemons == "device")
         self.daemons = daemons
 
     def up(self) -> None:

@@ -8,8 +8,12 @@ Layout of one cluster with prefix ``P`` (at most 10 characters: link names are a
   /24 (head ``.1``, device i ``.{10+i}``), loopback up, IPv6 off and no default route, so no
   traffic leaves the machine;
 * with a rate, ``tbf`` on both ends of every veth (each direction of every link shaped);
-* ``net.ipv4.tcp_retries2=4`` in the head: after a device dies silently, ``mpirun`` gives up
-  retransmitting to its daemon in seconds instead of ~15 minutes.
+* ``net.ipv4.tcp_retries2=4`` in the head unless ``fast_give_up=False``: after a device dies
+  silently, ``mpirun`` gives up retransmitting to its daemon in seconds instead of ~15 minutes.
+  The master's MPI connections live there too, and the kernel then also gives up on a *live*
+  worker's connection after ~6 s without an acknowledgement (a stalled or lossy link), which ULFM
+  takes for that worker's death (docs/cluster.md, "VGG16 over 20 Mbit/s"): the daemons-on-the-head
+  arrangement, which has no remote daemon to give up on, leaves the kernel's default.
 
 The master (rank 0) runs on the head, next to ``mpirun``: losing the node that runs ``mpirun``
 ends any Open MPI job whatever runs there, so the master adds no second fatal node, and every
@@ -119,7 +123,7 @@ class Node:
 class Network:
     """The namespaces, links and addresses of one cluster (no MPI here: see :class:`mpicdc.cluster.Cluster`)."""
 
-    def __init__(self, devices: int, rate: str | None = None, prefix: str | None = None):
+    def __init__(self, devices: int, rate: str | None = None, prefix: str | None = None, fast_give_up: bool = True):
         if devices < 1:
             raise ValueError(f"a cluster needs at least 1 device, got {devices}")
         if devices > 200:
@@ -129,6 +133,7 @@ class Network:
             raise ValueError(f"bad prefix {self.prefix!r}: a lowercase letter, then up to 9 letters or digits")
         self.rate = rate
         self.rate_bps = rate_bits(rate) if rate else None
+        self.fast_give_up = fast_give_up
         self.subnet = subnet_of(self.prefix)
         self.bridge = f"{self.prefix}br"
         self.state = STATE_ROOT / self.prefix
@@ -167,7 +172,7 @@ class Network:
         ip("netns", "add", ns)
         _sysctl(ns, "net/ipv6/conf/all/disable_ipv6", "1")
         _sysctl(ns, "net/ipv6/conf/default/disable_ipv6", "1")
-        if node is self.head:
+        if node is self.head and self.fast_give_up:
             _sysctl(ns, "net/ipv4/tcp_retries2", "4")
         ip("link", "add", node.veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
         ip("link", "set", node.veth, "master", self.bridge)
