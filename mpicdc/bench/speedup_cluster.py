@@ -37,8 +37,10 @@ The full run (AlexNet and VGG16 at 100 and 20 Mbit/s, 2 measured requests each) 
 VGG16's even plan at 20 Mbit/s: about 250 MB on the master's link per float32 request (~100 s).
 """
 
+PLANS = ("even", "auto")
+WIRES = ("float32", "float16")
 #: (plan, wire format) of every distributed run; the one-device run comes first
-RUNS = (("even", "float32"), ("even", "float16"), ("auto", "float32"), ("auto", "float16"))
+RUNS = tuple((plan, wire) for plan in PLANS for wire in WIRES)
 #: the worker device: a Pi 3's compute without link time (the namespace's link is real)
 COMPUTE_ONLY = {"rpi3": "rpi3-cpu"}
 #: fewest measured requests for which a p99 is printed (below it, p99 is just the slowest request)
@@ -105,19 +107,21 @@ def job_timeout(model, plan, device: str, link: str, requests: int) -> float:
 
 
 def measure(models: list, links: list, *, workers: int, code: str, device: str, requests: int,
-            weights_root: Path, log=print) -> list:
-    """Rows of measured and predicted latency, one cluster per link rate (see the module docstring)."""
+            weights_root: Path, runs=RUNS, prefix: str | None = None, log=print) -> list:
+    """Rows of measured and predicted latency, one cluster per link rate (see the module docstring):
+    one device, then each ``(plan, wire)`` of ``runs``; ``prefix`` names the clusters' namespaces
+    (default ``cdc<pid>``)."""
     from mpicdc import store
     from mpicdc.cluster import Cluster
     from mpicdc.core.plan import parity_count
 
     rows = []
     for link in links:
-        with Cluster(workers + parity_count(code, None), rate=link) as cluster:
+        with Cluster(workers + parity_count(code, None), rate=link, prefix=prefix) as cluster:
             for model in models:
                 ps = plans(model, workers, code, device, link)
                 base = None
-                for name, wire in (("one", "float32"), *RUNS):
+                for name, wire in (("one", "float32"), *runs):
                     plan = ps[name]
                     key = f"auto-{link}" if name == "auto" else name
                     folder = store.ensure_prepared(model, plan, weights_root / key)
@@ -153,6 +157,15 @@ def print_rows(rows: list) -> None:
               f"{r['predicted_vs_one_device']:>10.2f}x  {check}")
 
 
+def _names(parser, option: str, text: str, known: tuple) -> list:
+    """The comma-separated names of ``text``, each one of ``known`` (else a usage error)."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    wrong = [x for x in names if x not in known]
+    if wrong or not names:
+        parser.error(f"{option} {text!r}: choose from {', '.join(known)}")
+    return names
+
+
 def main(argv=None) -> int:
     from mpicdc.cluster import ClusterUnavailable
     from mpicdc.core.models import get_model
@@ -169,15 +182,20 @@ def main(argv=None) -> int:
     p.add_argument("--code", default="sum", help="code of the even and auto plans (default sum: 1 parity worker)")
     p.add_argument("--device", default="rpi3", choices=sorted(COMPUTE_ONLY),
                    help="device every rank emulates (default rpi3)")
+    p.add_argument("--plans", default=",".join(PLANS), help="distributed plans to run (default even,auto)")
+    p.add_argument("--wires", default=",".join(WIRES), help="wire formats to run (default float32,float16)")
     p.add_argument("--requests", type=int, default=2, metavar="K",
                    help=f"measured requests per run after one warm-up (default 2; p99 printed from "
                         f"{P99_MIN_REQUESTS})")
     p.add_argument("--weights-dir", default="weights/speedup", metavar="DIR",
                    help="where the prepared shards are kept and reused (default weights/speedup)")
     p.add_argument("--output", metavar="JSON", help="also write every row to this JSON file")
+    p.add_argument("--prefix", help="names of the cluster's namespaces and links (default cdc<pid>)")
     args = p.parse_args(argv)
     if args.requests < 1:
         p.error(f"--requests must be >= 1, got {args.requests}")
+    runs = [(plan, wire) for plan in _names(p, "--plans", args.plans, PLANS)
+            for wire in _names(p, "--wires", args.wires, WIRES)]
     models = [get_model(x.strip()) for x in args.models.split(",") if x.strip()]
     links = [x.strip() for x in args.links.split(",") if x.strip()]
     doc = {"device": args.device, "workers": args.workers, "code": args.code}
@@ -188,7 +206,8 @@ def main(argv=None) -> int:
               f"'sim' is the simulator's prediction", flush=True)
         try:
             rows = measure(models, links, workers=args.workers, code=args.code, device=args.device,
-                           requests=args.requests, weights_root=Path(args.weights_dir).resolve(),
+                           requests=args.requests, weights_root=Path(args.weights_dir).resolve(), runs=runs,
+                           prefix=args.prefix,
                            log=lambda s: print(s, file=sys.stderr, flush=True))
         except ClusterUnavailable as exc:
             print(f"speedup --cluster: cannot make namespaces here: {exc}", file=sys.stderr)
