@@ -106,12 +106,26 @@ def job_timeout(model, plan, device: str, link: str, requests: int) -> float:
     return 120.0 + (requests + 1) * max(60.0, 4 * predicted(model, plan, device, link, "float32"))
 
 
+def measure_row(cluster, model, name: str, plan, wire: str, *, device: str, link: str, requests: int,
+                weights_root: Path) -> dict:
+    """One row: ``plan`` (named ``name``) prepared under ``weights_root``, run on ``cluster``, predicted."""
+    from mpicdc import store
+
+    folder = store.ensure_prepared(model, plan, weights_root / (f"auto-{link}" if name == "auto" else name))
+    res = run_on_cluster(cluster, model, plan, folder, wire=wire, device=device, link=link, requests=requests,
+                         timeout=job_timeout(model, plan, device, link, requests))
+    row = {"mode": "cluster", "model": model.name, "link": link, "plan": name, "wire": wire,
+           "ranks": plan.world_size, "split": [lp.layer for lp in plan.layers],
+           "predicted_s": predicted(model, plan, device, link, wire)}
+    row.update({"error": res["error"]} if "error" in res else latency_stats(res))
+    return row
+
+
 def measure(models: list, links: list, *, workers: int, code: str, device: str, requests: int,
             weights_root: Path, runs=RUNS, prefix: str | None = None, log=print) -> list:
     """Rows of measured and predicted latency, one cluster per link rate (see the module docstring):
     one device, then each ``(plan, wire)`` of ``runs``; ``prefix`` names the clusters' namespaces
     (default ``cdc<pid>``)."""
-    from mpicdc import store
     from mpicdc.cluster import Cluster
     from mpicdc.core.plan import parity_count
 
@@ -122,18 +136,10 @@ def measure(models: list, links: list, *, workers: int, code: str, device: str, 
                 ps = plans(model, workers, code, device, link)
                 base = None
                 for name, wire in (("one", "float32"), *runs):
-                    plan = ps[name]
-                    key = f"auto-{link}" if name == "auto" else name
-                    folder = store.ensure_prepared(model, plan, weights_root / key)
-                    log(f"  {model.name} {link} {name} {wire}: {plan.world_size} ranks ...")
-                    res = run_on_cluster(cluster, model, plan, folder, wire=wire, device=device, link=link,
-                                         requests=requests, timeout=job_timeout(model, plan, device, link, requests))
-                    row = {"mode": "cluster", "model": model.name, "link": link, "plan": name, "wire": wire,
-                           "ranks": plan.world_size, "split": [lp.layer for lp in plan.layers],
-                           "predicted_s": predicted(model, plan, device, link, wire)}
-                    row.update({"error": res["error"]} if "error" in res else latency_stats(res))
-                    if name == "one":
-                        base = row
+                    log(f"  {model.name} {link} {name} {wire}: {ps[name].world_size} ranks ...")
+                    row = measure_row(cluster, model, name, ps[name], wire, device=device, link=link,
+                                      requests=requests, weights_root=weights_root)
+                    base = base or row
                     row["vs_one_device"] = base.get("median_s", math.nan) / row.get("median_s", math.nan)
                     row["predicted_vs_one_device"] = base["predicted_s"] / row["predicted_s"]
                     rows.append(row)
