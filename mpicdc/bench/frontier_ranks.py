@@ -109,5 +109,6 @@ def run(requests: int, device: str, weights_root: Path, log=print) -> list:
             check = "matched" if row["matched"] else "NOT MATCHED: " + "; ".join(row["problems"])
             log(f"{head}{row['mean_s']:>8.3f}{row['p99_s']:>8.3f}{gain:>8.2f}x{row['sim_mean_s']:>9.3f}"
                 f"{row['sim_p99_s']:>8.3f}{sim_gain:>8.2f}x  {check}")
-    log(f"({time.monotonic() - start:.0f} s)")
+    log(f"({time.monotonic() - start:.0f} s; this machine's load average {os.getloadavg()[0]:.1f} at the end, "
+        f"on {os.cpu_count()} cores)")
     return rows

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -219,6 +220,7 @@ def main(argv=None) -> int:
             print(f"speedup --cluster: cannot make namespaces here: {exc}", file=sys.stderr)
             return 2
         print_rows(rows)
+        print(f"(this machine's load average {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores)")
         doc["cluster"] = rows
     if args.stragglers_ranks:
         from mpicdc.bench import frontier_ranks
