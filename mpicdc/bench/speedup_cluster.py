@@ -103,8 +103,9 @@ def run_on_cluster(cluster, model, plan, folder: Path, *, wire: str, device: str
 
 
 def job_timeout(model, plan, device: str, link: str, requests: int) -> float:
-    """A bound for one job: start-up plus each request at 4x its float32 prediction (at least 60 s each)."""
-    return 120.0 + (requests + 1) * max(60.0, 4 * predicted(model, plan, device, link, "float32"))
+    """A bound for one job: start-up plus each request at 8x its float32 prediction (at least 60 s each):
+    on a loaded machine VGG16's even plan at 20 Mbit/s took longer than 4x (measured)."""
+    return 120.0 + (requests + 1) * max(60.0, 8 * predicted(model, plan, device, link, "float32"))
 
 
 def measure_row(cluster, model, name: str, plan, wire: str, *, device: str, link: str, requests: int,
