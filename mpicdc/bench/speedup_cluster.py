@@ -30,12 +30,14 @@ from pathlib import Path
 
 EPILOG = """\
 examples:
-  python -m mpicdc.bench speedup --cluster --models alexnet --links 100mbit   # about 2 minutes
-  python -m mpicdc.bench speedup --cluster --output speedup-cluster.json      # everything: about 40 minutes
-  python -m mpicdc.bench speedup --stragglers-ranks 60                        # the frontier on ranks
+  python -m mpicdc.bench speedup --cluster --models alexnet --links 100mbit   # about 4 minutes
+  python -m mpicdc.bench speedup --cluster --output speedup-cluster.json      # everything: about an hour
+  python -m mpicdc.bench speedup --stragglers-ranks 100                       # the frontier on ranks: 35 min
 
-The full run (AlexNet and VGG16 at 100 and 20 Mbit/s, 2 measured requests each) is dominated by
-VGG16's even plan at 20 Mbit/s: about 250 MB on the master's link per float32 request (~100 s).
+The full run (AlexNet and VGG16 at 100 and 20 Mbit/s, 2 measured requests each) took 55 minutes
+on a loaded 2-core machine, most of it VGG16's even plan at 20 Mbit/s: about 250 MB on the
+master's link per float32 request (over 100 s each); --models, --links, --plans and --wires
+run subsets.
 """
 
 PLANS = ("even", "auto")
