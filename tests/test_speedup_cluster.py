@@ -80,3 +80,15 @@ def test_cluster_mode_runs_every_plan_matches_the_serial_forward_and_writes_the_
     assert text.count("cluster tiny") == len(rows) and "matched" in text
     assert not [ns for ns in list_netns() if ns.startswith(prefix + "-")]
     assert not [link for link in list_links() if link.startswith(prefix)]
+
+
+def test_the_frontier_on_ranks_compares_uncoded_mds_and_replication_with_equal_mean_delays():
+    from mpicdc.bench import frontier_ranks
+    from mpicdc.core.faults import parse_delay
+
+    model = get_model(frontier_ranks.MODEL)
+    got = [(name, plan.code, plan.world_size) for name, plan in frontier_ranks.systems(model)]
+    assert got == [("uncoded", "none", 5)] + [(f"{kind} +{r}", code, 5 + r) for r in (1, 2, 3)
+                                              for kind, code in (("MDS", "mds"), ("replication", "replication"))]
+    (_, wifi), (_, pareto) = frontier_ranks.delays("rpi3")
+    assert parse_delay(pareto).mean() == pytest.approx(parse_delay(wifi).mean(), rel=1e-5)
