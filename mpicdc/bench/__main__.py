@@ -8,7 +8,8 @@ SUITES = {
     "runtime": "coded against uncoded MPI inference, and recovery latency after a SIGKILL",
     "prepare": "peak memory of the HDF5 weight preparation tool",
     "plan": "time to plan, print and assign blocks for up to 100,000 devices",
-    "speedup": "modeled latency of a Pi cluster against one Pi, per plan and link rate (simulator; --ranks: on ranks)",
+    "speedup": "latency of a Pi cluster against one Pi, per plan and link rate (simulator; --ranks: on ranks; "
+               "--cluster: measured on the namespace cluster)",
     "integrity": "false alarms and detection of wrong replies checked against the code (no MPI)",
     "strict": "latency cost of --integrity strict against off and opportunistic on real ranks (MPI)",
     "healing": "time from a worker's loss to full tolerance with a spare rank, latency meanwhile (MPI)",

@@ -282,6 +282,9 @@ def main(argv=None) -> int:
     from mpicdc.core.models import get_model
     from mpicdc.sim.devices import get_device
 
+    if argv is not None and {"--cluster", "--stragglers-ranks"} & {a.split("=")[0] for a in argv}:
+        from mpicdc.bench import speedup_cluster  # measured, with options of its own
+        return speedup_cluster.main(argv)
     p = argparse.ArgumentParser(prog="python -m mpicdc.bench speedup", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="alexnet,vgg16", help="zoo models, comma separated (default alexnet,vgg16)")
@@ -301,6 +304,11 @@ def main(argv=None) -> int:
     p.add_argument("--wire", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="values on the wire of the modeled plans: 2-byte formats are the link at twice the rate "
                         "(default float32)")
+    p.add_argument("--cluster", action="store_true",
+                   help="measure instead on the namespace cluster, links shaped at each rate (needs root; "
+                        "--cluster --help for its options: mpicdc.bench.speedup_cluster)")
+    p.add_argument("--stragglers-ranks", type=int, metavar="K",
+                   help="measure the straggler frontier instead on real ranks, K requests per system")
     p.add_argument("--rank-device", default="rpi3-eth",
                    help="device the ranks emulate, with its own link (default rpi3-eth: about 94 Mbit/s)")
     args = p.parse_args(argv)
