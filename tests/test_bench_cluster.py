@@ -40,6 +40,10 @@ def test_table_gives_ranges_over_trials_and_the_outcome_per_fault():
     assert power[:5] == ["power_off", "0", "0", "1.90-2.10", "1.06-1.10x"] and text[1].endswith("absorbed in the job")
     assert loud[:5] == ["loud_death", "0", "0", "-", "-"] and "7.25" in loud and "9.50" in loud
     assert text[2].endswith("relaunched by the supervisor")
+    ended_at_the_end = _row(runtime_ended_s=30.0)  # a daemon per device: all served, PRRTE gave up at the end
+    assert bench.table([ended_at_the_end]).endswith("absorbed in the job (the runtime lost the daemon at its end)")
+    mixed = bench.table([_row(), _row(trial=1, answered=15)])
+    assert mixed.endswith("1/2 absorbed in the job; 1/2 the job ended"), mixed
 
 
 @pytest.mark.parametrize("args, message", [

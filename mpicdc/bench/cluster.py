@@ -81,6 +81,22 @@ def _noise(r: dict) -> str | None:
     return f"{r['max_before_fault_ms'] / r['median_ms']:.2f}x" if r["max_before_fault_ms"] and r["median_ms"] else None
 
 
+def _outcome(runs: list) -> str:
+    """What became of the job in these runs of one fault kind: absorbed in it, relaunched, or ended."""
+    kinds = []
+    for r in runs:
+        if r["attempts"] > 1:
+            kinds.append("relaunched by the supervisor")
+        elif r["answered"] < r["requests"]:
+            kinds.append("the job ended")
+        elif r["runtime_ended_s"] is not None:  # a daemon per device: PRRTE gives up on the lost one at the end
+            kinds.append("absorbed in the job (the runtime lost the daemon at its end)")
+        else:
+            kinds.append("absorbed in the job")
+    return "; ".join(f"{kinds.count(k)}/{len(kinds)} {k}" if len(set(kinds)) > 1 else k
+                     for k in dict.fromkeys(kinds))
+
+
 def table(rows: list) -> str:
     """One line per fault kind, ranges over its trials."""
     head = (f"{'fault':<11}{'lost':>6}{'wrong':>6}{'detect s':>12}{'hit/median':>13}{'hit ms':>14}{'median ms':>14}"
@@ -92,11 +108,7 @@ def table(rows: list) -> str:
             continue
         in_job = [r for r in mine if r["hit_in_job"]]
         later = [r for r in mine if not r["hit_in_job"]]
-        ended = [r for r in mine if r["attempts"] > 1 or r["runtime_ended_s"] is not None]
-        outcome = ("absorbed in the job" if not ended else
-                   "relaunched by the supervisor" if all(r["attempts"] > 1 for r in ended) else "the job ended")
-        if ended and len(ended) < len(mine):
-            outcome = f"{len(ended)}/{len(mine)} ended; {outcome}"
+        outcome = _outcome(mine)
         lost = sum(r["requests"] - r["answered"] for r in mine)
         wrong = sum(1 for r in mine if r["answered"] and not r["matched"])
         lines.append(

@@ -105,10 +105,7 @@ async def serve_rank(reader, writer, private_tmp: bool = False) -> None:
         inbound = asyncio.ensure_future(_inbound(link, locals_))
         ended = asyncio.ensure_future(_rank_end(proc, outs))
         done, _ = await asyncio.wait({inbound, ended}, return_when=asyncio.FIRST_COMPLETED)
-        # cut off: the relay went silent, or the rank ended (its own watchdog: "lost the master") while
-        # nothing had been heard from the relay for longer than its heartbeats allow
-        silent_s = asyncio.get_running_loop().time() - link.heard
-        cut_off = inbound.result() == "silent" if inbound in done else silent_s > CUT_OFF_S
+        cut_off = await _cut_off(link, inbound)
         if ended in done and not cut_off:
             await link.send(t.frame_json(t.EXIT, {"returncode": proc.returncode}))
         for task in (beat, inbound, ended):
@@ -128,6 +125,20 @@ async def serve_rank(reader, writer, private_tmp: bool = False) -> None:
         for w in locals_.values():
             w.close()
         writer.close()
+
+
+async def _cut_off(link: t.Link, inbound) -> bool:
+    """Whether the device is cut off from the head now that the rank or the relay ended: the relay went
+    silent, or the rank ended (its own watchdog: "lost the master") while nothing had been heard from the
+    relay for longer than its heartbeats allow and nothing comes within ``SILENCE_S`` (a loop merely late
+    on a loaded machine hears the next heartbeat)."""
+    if inbound.done():
+        return inbound.result() == "silent"
+    if asyncio.get_running_loop().time() - link.heard <= CUT_OFF_S:
+        return False
+    heard = link.heard
+    await asyncio.wait({inbound}, timeout=t.SILENCE_S)
+    return link.heard == heard
 
 
 async def _drop_queued_sends() -> None:
