@@ -109,9 +109,10 @@ def run_mpi_job(np_ranks: int, run_args: list, timeout: float = 600, hostfile: s
 
 # ------------------------------------------------------------------ cluster mode (network namespaces)
 
-#: One-way time of a small MPI message between two namespaces of the cluster (veth + bridge, TCP BTL,
-#: the receiver's polling), measured below (docs/simulator.md, "On the cluster").
-CLUSTER_LATENCY_S = 0.0002
+#: One-way time of a small message between two namespaces of the cluster (veth, bridge, veth): a 32-byte
+#: TCP round trip took 9.4 us (median, p90 17 us) on this machine; MPI's own per-message costs are the
+#: runtime overheads of :mod:`mpicdc.experiments.simval`, not the link's.
+CLUSTER_LATENCY_S = 1e-5
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,8 @@ def run_cluster_job(np_ranks: int, run_args: list, mode: ClusterMode, timeout: f
     prefix = f"x{random.randrange(10 ** 8)}"
     with Cluster(np_ranks - 1, rate=mode.rate, prefix=prefix, daemons=mode.daemons) as c:
         out = c.state / "result.json"
-        job = c.launch(np_ranks, [*run_args, "--link", mode.rate, "--output", str(out), "--quiet"], timeout=timeout)
+        job = c.launch(np_ranks, [*run_args, "--link", mode.rate, "--output", str(out), "--quiet"], timeout=timeout,
+                       env=one_blas_thread_env())
         done = job.finish()
         if done.timed_out:
             raise RuntimeError(f"cluster job timed out after {timeout}s: {run_args}\n{done.explain()}")
@@ -201,6 +203,14 @@ def run_cluster_job(np_ranks: int, run_args: list, mode: ClusterMode, timeout: f
     result["_returncode"] = done.returncode
     result["_cluster"] = {**mode.as_dict(), "prefix": prefix, "devices": np_ranks - 1}
     return result
+
+
+def one_blas_thread_env() -> dict:
+    """This environment with one BLAS thread per rank: the devices of a namespace cluster share this machine's
+    cores, but each rank is alone on its "node", so the launcher would give each all of them (measured: 6
+    AlexNet ranks with 2 threads each on 2 cores took 6-18x the modeled Pi time for their compute)."""
+    from mpicdc._threads import THREAD_VARS
+    return {**os.environ, **{var: "1" for var in THREAD_VARS}}
 
 
 def run_job(np_ranks: int, run_args: list, timeout: float = 600, hostfile: str | None = None,
