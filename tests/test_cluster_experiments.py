@@ -36,7 +36,7 @@ def test_compute_only_device_keeps_the_compute_and_frees_the_link():
 def test_cluster_mode_sim_device_has_the_cluster_link():
     mode = common.ClusterMode("20mbit")
     dev = mode.sim_device("rpi3")
-    assert dev.bandwidth_MBps == pytest.approx(2.5) and dev.latency_s == common.CLUSTER_LATENCY_S
+    assert dev.bandwidth_MBps == pytest.approx(2.5 * common.LINK_GOODPUT) and dev.latency_s == common.CLUSTER_LATENCY_S
     assert dev.gemm_time(100, 100, 10) == get_device("rpi3").gemm_time(100, 100, 10)
     assert mode.worker_device("rpi3") == "rpi3:compute" == mode.worker_device("rpi3:compute")
     assert common.device_rate("rpi3") == "30mbit" and common.device_rate("rpi4-eth") == "940.8mbit"
@@ -82,10 +82,11 @@ def test_fig1_on_the_cluster_matches_the_reference(tmp_path):
     mpi = next(r for r in common.read_csv(out / "fractions.csv") if r["source"] == "mpi")
     assert int(mpi["replies"]) == 3 * 8
     assert float(mpi["worst_check_rel_err"]) <= CHECK_TOL
-    # c is the compute of a 683-row block plus the transfers at 30 Mbit/s, not the device's 2 ms latency
+    # c is the compute of a 683-row block plus the transfers at 30 Mbit/s' goodput, not the device's 2 ms latency
     c = float(mpi["c_ms"]) / 1e3
     dev = get_device("rpi3-paper")
-    assert c == pytest.approx(dev.gemm_time(683, 2048) + (4 * 2048 + 4 * 683) / 3.75e6 + 2e-5, rel=1e-3)
+    link = 3.75e6 * common.LINK_GOODPUT
+    assert c == pytest.approx(dev.gemm_time(683, 2048) + (4 * 2048 + 4 * 683) / link + 2e-5, rel=1e-3)
     assert "namespace cluster, 30mbit links" in (out / "summary.txt").read_text()
     assert (out / "fig1.png").stat().st_size > 0
     assert _cluster_namespaces() <= before, "namespaces left behind"
@@ -105,7 +106,7 @@ def test_fig5b_and_simval_on_the_cluster(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     settings = json.loads((out / "settings.json").read_text())
     assert settings["mode"] == "cluster" and settings["cluster"]["rate"] == "1gbit"
-    assert settings["sim_config"]["link"] == "shared"
+    assert settings["sim_config"]["link"] == "fair"
     stats = [r for r in common.read_csv(out / "stats.csv") if r["source"] == "emulated"]
     assert {r["system"] for r in stats} == {"uncoded", "2MR+1", "CDC+1"}
     for r in stats:

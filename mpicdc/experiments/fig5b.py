@@ -21,7 +21,7 @@ busy, and the master is this machine (``master_device="local"``).
 device per worker, every link shaped to ``--rate``, default the device's own 30 Mbit/s): workers
 emulate only their compute (``--device rpi3:compute``) and every transfer crosses the real shaped
 links, the master's one link carrying all its sends and replies; the simulator then uses a
-``shared`` master link at that rate (:meth:`~mpicdc.experiments.common.ClusterMode.sim_device`).
+``fair`` master link at that rate's TCP goodput (:meth:`~mpicdc.experiments.common.ClusterMode.sim_device`).
 
 Outputs in ``--out``: ``requests.csv`` (every emulated request), ``layers.csv`` (the
 master's wait and decode time per request and layer), ``stats.csv``
@@ -112,10 +112,10 @@ def default_delay_c(device: str = DEVICE) -> float:
 
 def sim_config(cluster=None):
     """Simulator settings that mirror the emulating runtime (see the module docstring); on a cluster
-    (:class:`~mpicdc.experiments.common.ClusterMode`) the master's link is one shaped link that its
-    sends and the replies share."""
+    (:class:`~mpicdc.experiments.common.ClusterMode`) the master's link is one shaped link whose
+    concurrent sends share it equally and whose replies queue (``fair``: TCP flows through one tbf)."""
     from mpicdc.sim import SimConfig
-    return SimConfig(link="shared" if cluster else "parallel", delay_blocks_worker=True)
+    return SimConfig(link="fair" if cluster else "parallel", delay_blocks_worker=True)
 
 
 def check_job(result: dict, label: str) -> list:
