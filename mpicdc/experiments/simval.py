@@ -404,7 +404,7 @@ def main(argv=None) -> int:
                       f"({r['sim_ovh_err_pct']:+.1f}%)" for r in key)
     outside = [f"{r['system']} {r['metric']}" for r in rows if r["within_sampling_interval"] == 0]
     text = (f"Simulator validation on the Fig. 5b systems (AlexNet, {args.device}, {delay}"
-            + (f"; on a cluster of network namespaces, every link {cluster.rate}, the simulator's master link shared"
+            + (f"; on a cluster of network namespaces, every link {cluster.rate}, the simulator's master link fair"
                if cluster else "") + f"; {n} emulated requests "
             f"per system, {source}; {sim_requests} simulated; same device and delay model, plus measured runtime "
             f"overheads of {1e3 * REPLY_OVERHEAD_S:.1f} ms per reply and {1e3 * MASTER_OVERHEAD_S:.0f} ms per "
