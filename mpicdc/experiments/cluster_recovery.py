@@ -332,6 +332,7 @@ def main(argv=None) -> int:
                 if row is None:
                     continue
                 rows.append(row)
+                common.write_csv(folder / "runs.csv", rows)  # after every run: an interrupted session keeps its rows
                 problems += pr
                 prefixes.append(prefix)
                 print(f"  {cell(row)}; exit {row['exit_code']}, {row['seconds']:.0f} s", flush=True)
