@@ -176,7 +176,9 @@ def one_run(system: str, fault: str, *, model: str, weights: dict, rate: str, re
 def cell(row: dict) -> str:
     """``1.05x (21 ms), 300/300, det 1.85 s`` for the printed table: the hit request against the median
     (its latency in the job, or its lateness when it straddled a relaunch), requests answered, detection."""
-    if row["hit_ms"] is None:
+    if row["hit_ms"] is None and row["hit_request"] is None:
+        hit = "no request in flight"
+    elif row["hit_ms"] is None:
         hit = f"request {row['hit_request']} never answered"
     else:
         hit = (f"{row['hit_over_median']:.2f}x ({row['hit_ms']:.0f} ms)" if row["hit_in_job"]
@@ -220,8 +222,10 @@ def plot(path, rows: list, title: str) -> None:
             mine = [r for r in rows if r["system"] == system and r["fault"] == fault]
             for k, r in enumerate(mine):
                 x = i + (j - (len(systems) - 1) / 2) * width + (k - (len(mine) - 1) / 2) * width / (len(mine) + 1)
-                lost = r["answered"] < r["requests"] or r["hit_ms"] is None
-                if lost:
+                lost = r["answered"] < r["requests"] or (r["hit_ms"] is None and r["hit_request"] is not None)
+                if r["hit_ms"] is None and not lost:
+                    pass  # no request was in flight between the fault and its detection: nothing hit
+                elif lost:
                     ax.plot(x, top, "x", color=color, ms=10, mew=2)
                     ax.annotate(f"{r['answered']}/{r['requests']}", (x, top), textcoords="offset points",
                                 xytext=(0, -14 - 10 * k), ha="center", fontsize=7, color=color)
@@ -344,7 +348,7 @@ def main(argv=None) -> int:
         trials = f"{args.trials} trial{'s' if args.trials > 1 else ''} per cell"
         plot(args.plot or folder / "recovery.png", rows,
              f"Recovery per fault kind on the namespace cluster: {args.model}, head + {DEVICES} devices at "
-             f"{args.rate}, fault on device {DEVICE} after {fault_after} of {requests} answers; {trials}")
+             f"{args.rate},\nfault on device {DEVICE} after {fault_after} of {requests} answers; {trials}")
     load = os.getloadavg()[0]
     tab = table(rows)
     in_job = [r for r in rows if r["hit_in_job"] and r["hit_over_median"] is not None and r["max_before_fault_ms"]]
