@@ -127,3 +127,25 @@ def test_fig5b_and_simval_on_the_cluster(tmp_path):
     # the emulated requests of another mode are refused
     done = _run("simval", ["--from-fig5b", str(out), "--sim-requests", "2000", "--out", str(sv)], timeout=120)
     assert done.returncode != 0 and "other settings" in done.stderr
+
+
+def test_recovery_plot_and_cells_say_what_happened(tmp_path):
+    """recovery --cluster's table cells and plot: a lost run, a relaunch, and a run with no request hit."""
+    pytest.importorskip("matplotlib")
+    from mpicdc.experiments.cluster_recovery import cell, plot
+
+    base = {"requests": 20, "detect_s": 2.1, "runtime_ended_s": None, "median_ms": 900.0, "trial": 0}
+    rows = [{**base, "fault": "power_off", "system": "cdc-head", "answered": 20, "hit_request": 6,
+             "hit_in_job": 1, "hit_ms": 950.0, "hit_over_median": 1.06},
+            {**base, "fault": "power_off", "system": "relaunch", "answered": 20, "hit_request": 6,
+             "hit_in_job": 0, "hit_ms": 14300.0, "hit_over_median": 15.9},
+            {**base, "fault": "loud_death", "system": "cdc-device", "answered": 5, "hit_request": 5,
+             "hit_in_job": 0, "hit_ms": None, "hit_over_median": None, "detect_s": None, "runtime_ended_s": -0.1},
+            {**base, "fault": "loud_death", "system": "cdc-head", "answered": 20, "hit_request": None,
+             "hit_in_job": 0, "hit_ms": None, "hit_over_median": None, "detect_s": -0.01}]
+    assert cell(rows[0]) == "1.06x (950 ms), 20/20, det 2.10 s"
+    assert cell(rows[1]).startswith("late 14.30 s")
+    assert cell(rows[2]) == "request 5 never answered, 5/20, det - (runtime ended the job -0.10 s)"
+    assert cell(rows[3]) == "no request in flight, 20/20, det -0.01 s"
+    plot(tmp_path / "r.png", rows, "test")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
