@@ -9,6 +9,8 @@
 #   bash jobs/fig1.sh [--quick] [options]     here (--quick: ~20 s; full: ~4 min on 2 cores)
 #   sbatch jobs/fig1.sh [--quick]             on Slurm, from the repository root (mkdir -p results first)
 #   bash jobs/fig1.sh --help                  every option
+#   sudo bash jobs/fig1.sh --cluster [--rate 30mbit]   the same on a cluster of network namespaces (root):
+#                                             replies cross real shaped links, compute emulated (~1 min)
 #
 # Writes CSV data, a PNG plot and summary.txt under results/fig1/ (--out DIR elsewhere) and prints
 # a one-paragraph summary with the headline numbers.  Under Slurm the allocation becomes the MPI

@@ -9,6 +9,8 @@
 #   bash jobs/fig5b.sh [--quick] [options]     here (--quick: ~1 min; full: ~14 min on 2 cores)
 #   sbatch jobs/fig5b.sh [--quick]             on Slurm, from the repository root (mkdir -p results first)
 #   bash jobs/fig5b.sh --help                  every option
+#   sudo bash jobs/fig5b.sh --cluster [--rate 30mbit]   the same on clusters of network namespaces (root):
+#                                              transfers cross real shaped links, compute emulated (~10 min, 40 requests)
 #
 # Writes CSV data, a PNG plot and summary.txt under results/fig5b/ (--out DIR elsewhere) and prints
 # a one-paragraph summary with the headline numbers.  Under Slurm the allocation becomes the MPI

@@ -10,7 +10,8 @@
 #   sbatch jobs/recovery.sh [--quick]             on Slurm, from the repository root (mkdir -p results first)
 #   bash jobs/recovery.sh --help                  every option
 #   sudo bash jobs/recovery.sh --cluster [--model alexnet] [--rate 20mbit]   per fault kind on a cluster of
-#                                                 network namespaces (root): in-job decoding vs supervisor relaunch (~3 min)
+#                                                 network namespaces (root): in-job decoding vs supervisor relaunch (~3 min;
+#                                                 --trials N, --plot PNG: the hit request per fault kind)
 #
 # Writes CSV data, a PNG plot and summary.txt under results/recovery/ (--out DIR elsewhere) and prints
 # a one-paragraph summary with the headline numbers.  Under Slurm the allocation becomes the MPI

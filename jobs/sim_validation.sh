@@ -9,6 +9,7 @@
 #   bash jobs/sim_validation.sh [--quick] [options]     here (--quick: ~1 min; full: ~14 min on 2 cores)
 #   sbatch jobs/sim_validation.sh [--quick]             on Slurm, from the repository root (mkdir -p results first)
 #   bash jobs/sim_validation.sh --help                  every option
+#   sudo bash jobs/sim_validation.sh --cluster [--from-fig5b DIR] [--check]   against a namespace cluster (root)
 #
 # Writes CSV data, a PNG plot and summary.txt under results/sim_validation/ (--out DIR elsewhere) and prints
 # a one-paragraph summary with the headline numbers.  Under Slurm the allocation becomes the MPI

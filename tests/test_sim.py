@@ -119,6 +119,20 @@ def test_constant_delay_gives_exact_latency_parallel_link():
     np.testing.assert_allclose(res.latency, 2 * lat + send + compute + d + reply, **EXACT)
 
 
+def test_constant_delay_gives_exact_latency_fair_link():
+    """A fair link: the n + 1 sends share it, all land at lat + (n + 1) send; the replies, ready together,
+    queue, so the n-th decides; with a rank known dead only n sends share it."""
+    n, d = 4, 0.002
+    model = dense_model()
+    plan = make_plan(model, n, code="sum")
+    send, compute, reply, lat = one_layer_times(n)
+    res = simulate(model, plan, requests=3, device=DEV, delay=f"const:{d}", config=SimConfig(link="fair"))
+    np.testing.assert_allclose(res.latency, 2 * lat + (n + 1) * send + compute + d + n * reply, **EXACT)
+    res = simulate(model, plan, requests=3, device=DEV, delay=f"const:{d}", failures=[2],
+                   config=SimConfig(link="fair", decode_scale=0))  # (decoding the dead rank's block: free)
+    np.testing.assert_allclose(res.latency, 2 * lat + n * send + compute + d + n * reply, **EXACT)
+
+
 def test_master_work_nonlinear_and_kept_layers_add_exactly():
     model = dense_model(layers=2, m=M, tail=("relu",))
     n = 4

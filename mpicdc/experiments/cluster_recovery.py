@@ -19,7 +19,8 @@ Per run: the request hit by the fault (the one in flight when it was done), its 
 or lateness (from its first submission to its answer, when it straddled a relaunch) against the
 median latency of every answered request; whether every request was answered and matched the
 serial reference; the detection time (fault -> the master's ``rank 3 failed`` line); the exit code.
-Outputs in ``--out`` (default ``results/recovery-cluster``): ``runs.csv`` (one row per run) and
+Outputs in ``--out`` (default ``results/recovery-cluster``): ``runs.csv`` (one row per run),
+``recovery.png`` (or ``--plot PNG``: the hit request per fault kind and system, every trial) and
 ``summary.txt`` (the table and the paragraph it prints).  Needs root (network namespaces).
 """
 from __future__ import annotations
@@ -208,9 +209,10 @@ def run_retrying(system: str, fault: str, **run) -> tuple:
     return None, problems, None, start_failures
 
 
-def run_all(cells: list, label: str, **run) -> tuple:
+def run_all(cells: list, label: str, on_row=None, **run) -> tuple:
     """Every ``(trial, fault, system)`` of ``cells`` through :func:`run_retrying` (keywords ``run``), each on a
-    fresh cluster, said as it goes.  Returns (rows, problems, start failures); a namespace left is a problem."""
+    fresh cluster, said as it goes; ``on_row(rows)`` after every run (an interrupted session keeps its rows).
+    Returns (rows, problems, start failures); a namespace left is a problem."""
     from mpicdc.cluster.netns import list_netns
 
     rows, problems, prefixes, start_failures = [], [], [], []
@@ -224,6 +226,8 @@ def run_all(cells: list, label: str, **run) -> tuple:
             continue
         rows.append(row)
         prefixes.append(prefix)
+        if on_row is not None:
+            on_row(rows)
         print(f"  {cell(row)}; exit {row['exit_code']}, {row['seconds']:.0f} s", flush=True)
     left = [ns for ns in list_netns() if any(ns.startswith(pf + "-") for pf in prefixes)]
     if left:
@@ -234,7 +238,9 @@ def run_all(cells: list, label: str, **run) -> tuple:
 def cell(row: dict) -> str:
     """``1.05x (21 ms), 300/300, det 1.85 s`` for the printed table: the hit request against the median
     (its latency in the job, or its lateness when it straddled a relaunch), requests answered, detection."""
-    if row["hit_ms"] is None:
+    if row["hit_ms"] is None and row["hit_request"] is None:
+        hit = "no request in flight"
+    elif row["hit_ms"] is None:
         hit = f"request {row['hit_request']} never answered"
     else:
         hit = (f"{row['hit_over_median']:.2f}x ({row['hit_ms']:.0f} ms)" if row["hit_in_job"]
@@ -254,6 +260,50 @@ def table(rows: list) -> str:
             by = {r["system"]: r for r in rows if r["fault"] == f and r["trial"] == trial}
             lines.append(f"{f:<11}" + "".join(f"{(cell(by[s]) if s in by else '-'):<{width}}" for s in systems).rstrip())
     return "\n".join(lines)
+
+
+#: how each system is drawn in :func:`plot`
+STYLE = {"cdc-device": ("tab:blue", "o", "CDC 4+1 in the job, daemon per device"),
+         "cdc-head": ("tab:green", "s", "CDC 4+1 in the job, daemons on the head"),
+         "relaunch": ("tab:red", "^", "uncoded, supervisor relaunch (lateness)")}
+
+
+def plot(path, rows: list, title: str) -> None:
+    """Per fault kind, every run's hit request (its latency in the job, or its lateness across a relaunch) on
+    a log scale, with each run's median latency as a dash; a run that lost requests is a cross at the top."""
+    plt = common.pyplot()
+    faults = [f for f in FAULTS if any(r["fault"] == f for r in rows)]
+    systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    known = [r["hit_ms"] for r in rows if r["hit_ms"]] + [r["median_ms"] for r in rows if r["median_ms"]]
+    top = 3 * max(known) if known else 1e4
+    width = 0.8 / max(1, len(systems))
+    for j, system in enumerate(systems):
+        color, marker, label = STYLE[system]
+        for i, fault in enumerate(faults):
+            mine = [r for r in rows if r["system"] == system and r["fault"] == fault]
+            for k, r in enumerate(mine):
+                x = i + (j - (len(systems) - 1) / 2) * width + (k - (len(mine) - 1) / 2) * width / (len(mine) + 1)
+                lost = r["answered"] < r["requests"] or (r["hit_ms"] is None and r["hit_request"] is not None)
+                if r["hit_ms"] is None and not lost:
+                    pass  # no request was in flight between the fault and its detection: nothing hit
+                elif lost:
+                    ax.plot(x, top, "x", color=color, ms=10, mew=2)
+                    ax.annotate(f"{r['answered']}/{r['requests']}", (x, top), textcoords="offset points",
+                                xytext=(0, -14 - 10 * k), ha="center", fontsize=7, color=color)
+                else:
+                    ax.plot(x, r["hit_ms"], marker, color=color, ms=7, mfc=color if r["hit_in_job"] else "white")
+                if r["median_ms"]:
+                    ax.plot([x - width / 3, x + width / 3], [r["median_ms"]] * 2, "-", color="k", lw=1)
+        ax.plot([], [], marker, color=color, label=label)
+    ax.plot([], [], "-", color="k", label="the run's median request latency")
+    ax.plot([], [], "x", color="gray", mew=2, label="requests lost (answered/requested)")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(faults)), [f.replace("_", " ") for f in faults])
+    ax.set_ylabel("hit request: latency in the job / lateness (ms)")
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    common.save_figure(fig, path, title)
 
 
 def _names(text: str, allowed: tuple, what: str, p) -> list:
@@ -282,6 +332,9 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=1, help="repetitions of every cell (default 1)")
     p.add_argument("--timeout", type=float, default=None, help="bound on each run, s (default 150, alexnet 400)")
     p.add_argument("--weights-dir", default=None, metavar="DIR", help="where prepared shards are kept and reused")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw every run's hit request per fault kind, in-job decoding against supervisor "
+                        "relaunch, into PNG (default: recovery.png in --out)")
     p.add_argument("--hostfile", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.hostfile:
@@ -318,9 +371,14 @@ def main(argv=None) -> int:
     cells = [(trial, fault, system) for trial in range(args.trials) for fault in faults for system in systems]
     rows, problems, start_failures = run_all(cells, "recovery --cluster", model=args.model, weights=weights,
                                              rate=args.rate, requests=requests, fault_after=fault_after,
-                                             timeout=timeout)
+                                             timeout=timeout,
+                                             on_row=lambda rows: common.write_csv(folder / "runs.csv", rows))
     if rows:
         common.write_csv(folder / "runs.csv", rows)
+        trials = f"{args.trials} trial{'s' if args.trials > 1 else ''} per cell"
+        plot(args.plot or folder / "recovery.png", rows,
+             f"Recovery per fault kind on the namespace cluster: {args.model}, head + {DEVICES} devices at "
+             f"{args.rate},\nfault on device {DEVICE} after {fault_after} of {requests} answers; {trials}")
     load = os.getloadavg()[0]
     tab = table(rows)
     in_job = [r for r in rows if r["hit_in_job"] and r["hit_over_median"] is not None and r["max_before_fault_ms"]]

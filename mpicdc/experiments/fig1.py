@@ -22,10 +22,17 @@ run shows how faithfully the runtime realises them (its per-message overhead
 shifts arrivals slightly later).
 
 Outputs in ``--out``: ``arrivals.csv`` (every reply: source, request, rank,
-arrival ms), ``fractions.csv``, ``fig1.png``, ``summary.txt``.
+arrival ms), ``fractions.csv``, ``settings.json`` (``mode``: ``ranks`` or ``cluster``), ``fig1.png``,
+``summary.txt``.
+
+``--cluster`` runs the ranks on a cluster of network namespaces (head + 3 devices, every link
+shaped to ``--rate``, default the device's own 30 Mbit/s): the workers emulate only the device's
+compute (``--device rpi3-paper:compute``), the input and the replies cross real links, and ``c``
+and the simulator use the cluster's link (:meth:`mpicdc.experiments.common.ClusterMode.sim_device`).
 """
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -85,12 +92,13 @@ def fractions(arr_s: np.ndarray, c: float) -> dict:
             "p90_ms": round(1e3 * p90, 2), "p99_ms": round(1e3 * p99, 2)}
 
 
-def plot(path, mpi_s: np.ndarray, sim_s: np.ndarray, c: float, model_cdf, title: str) -> None:
+def plot(path, mpi_s: np.ndarray, sim_s: np.ndarray, c: float, model_cdf, title: str,
+         where: str = "MPI ranks (emulated Pi 3s)") -> None:
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     top = 20 * c
     bins = np.arange(0, top + c / 2, c / 2)
-    for ax, data, name, color in ((axes[0], mpi_s, "MPI ranks (emulated Pi 3s)", "tab:blue"),
+    for ax, data, name, color in ((axes[0], mpi_s, where, "tab:blue"),
                                   (axes[1], sim_s, "simulator", "tab:gray")):
         clipped = np.minimum(data, top - 1e-9)
         ax.hist(1e3 * clipped, bins=1e3 * bins, weights=np.full(data.size, 100.0 / data.size), color=color,
@@ -130,7 +138,9 @@ def main(argv=None) -> int:
                                                                "3 replies each")
     p.add_argument("--sim-requests", type=int, default=None, help="simulated replies (default 50000, quick 5000)")
     p.add_argument("--device", default=DEVICE, help=f"device the workers emulate (default {DEVICE})")
+    common.add_cluster_options(p, "default: the device's own link, 30mbit for rpi3-paper")
     args = p.parse_args(argv)
+    cluster = common.cluster_mode(args, p, default_rate=common.device_rate(args.device))
     requests = args.requests or (60 if args.quick else 800)
     sim_requests = args.sim_requests or (5000 if args.quick else 50000)
     folder = common.out_dir(args.out)
@@ -142,17 +152,22 @@ def main(argv=None) -> int:
     model = fc_model()
     plan = make_plan(model, WORKERS, None, "none")
     rows = plan.layers[0].block_rows
-    c = reply_time(args.device, rows)
+    device_model = cluster.sim_device(args.device) if cluster else args.device
+    c = reply_time(device_model, rows)
     delay = f"wifi:{c:.6f}"
-    weights = ensure_weights(model, plan, weights_root(args), args.seed)
-    run_args = [model.name, "--weights", str(weights), "--device", args.device, "--inject", f"delay:all:{delay}",
+    weights = ensure_weights(model, plan, weights_root(args), args.seed).resolve()
+    worker_device = cluster.worker_device(args.device) if cluster else args.device
+    run_args = [model.name, "--weights", str(weights), "--device", worker_device, "--inject", f"delay:all:{delay}",
                 "--repeat", str(requests), "--check", "--seed", str(args.seed)]
-    print(f"fig1: {plan.world_size} ranks, {requests} requests, c = {1e3 * c:.2f} ms, delay {delay} ...", flush=True)
-    result = common.run_mpi_job(plan.world_size, run_args, timeout=120 + 5 * requests, hostfile=args.hostfile)
+    where = f"a cluster of network namespaces, links {cluster.rate}" if cluster else "this machine"
+    print(f"fig1: {plan.world_size} ranks on {where}, {requests} requests, c = {1e3 * c:.2f} ms, delay {delay} ...",
+          flush=True)
+    result = common.run_job(plan.world_size, run_args, timeout=120 + 5 * requests, hostfile=args.hostfile,
+                            cluster=cluster)
     problems = check_job(result, "fig1")
     arrivals = [a for a in result["arrivals"] if a["layer"] == "fc" and a["status"] == "reply"]
     mpi_s = np.array([a["seconds"] for a in arrivals])
-    sim_s = simulated_arrivals(args.device, delay, rows, sim_requests, args.seed)
+    sim_s = simulated_arrivals(device_model, delay, rows, sim_requests, args.seed)
 
     csv_rows = [{"source": "mpi", "request": a["request"], "rank": a["rank"], "arrival_ms": round(1e3 * a["seconds"], 3),
                  "late": int(a["late"])} for a in arrivals]
@@ -173,13 +188,20 @@ def main(argv=None) -> int:
     fields = ["source", "replies", "c_ms", "within_2c", "within_3c", "mean_ms", "p50_ms", "p90_ms", "p99_ms",
               "median_compute_fraction", "worst_compute_fraction", "worst_check_rel_err"]
     common.write_csv(folder / "fractions.csv", fr, fields)
+    ranks = f"MPI ranks on a namespace cluster, {cluster.rate} links" if cluster else "MPI ranks"
     plot(folder / "fig1.png", mpi_s, sim_s, c, lambda x: model_delay.cdf(np.asarray(x) - c),
          f"Fig. 1: FC layer 2048 on master + 3 workers emulating {args.device}, straggler {delay} "
-         f"(c = {1e3 * c:.1f} ms = modeled reply time of one 683-row block)")
+         f"(c = {1e3 * c:.1f} ms = modeled reply time of one 683-row block)"
+         + (f"; cluster mode: transfers over real {cluster.rate} links" if cluster else ""),
+         where=f"{ranks} ({'compute' if cluster else 'all'} emulated)")
+    settings = {"experiment": "fig1", "mode": "cluster" if cluster else "ranks", "device": args.device,
+                "worker_device": worker_device, "delay": delay, "c_s": c, "requests": requests,
+                "sim_requests": sim_requests, "seed": args.seed, "cluster": cluster.as_dict() if cluster else None}
+    (folder / "settings.json").write_text(json.dumps(settings, indent=1))
     m, s = fr[2], fr[3]
     text = (f"Fig. 1: reply arrival times of a 2048 FC layer on 1 master + {WORKERS} workers emulating "
             f"{args.device} (c = {1e3 * c:.1f} ms per reply without straggling) under the paper's WiFi straggler "
-            f"model {delay}. MPI ranks: {m['replies']} replies, {100 * m['within_2c']:.1f}% within 2c and "
+            f"model {delay}. {ranks}: {m['replies']} replies, {100 * m['within_2c']:.1f}% within 2c and "
             f"{100 * m['within_3c']:.1f}% within 3c (mean {m['mean_ms']:.0f} ms, p99 {m['p99_ms']:.0f} ms); "
             f"simulator: {s['replies']} replies, {100 * s['within_2c']:.1f}% / {100 * s['within_3c']:.1f}% "
             f"(mean {s['mean_ms']:.0f} ms); paper: 34% / 42%. Outputs checked against the serial reference "

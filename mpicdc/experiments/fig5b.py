@@ -17,11 +17,17 @@ plans, device and delay model, configured like the emulation: independent links
 (each worker's emulated sleep covers its own transfers), the delay keeps the worker
 busy, and the master is this machine (``master_device="local"``).
 
+``--cluster`` runs each system on a fresh cluster of network namespaces (master on the head, one
+device per worker, every link shaped to ``--rate``, default the device's own 30 Mbit/s): workers
+emulate only their compute (``--device rpi3:compute``) and every transfer crosses the real shaped
+links, the master's one link carrying all its sends and replies; the simulator then uses a
+``fair`` master link at that rate's TCP goodput (:meth:`~mpicdc.experiments.common.ClusterMode.sim_device`).
+
 Outputs in ``--out``: ``requests.csv`` (every emulated request), ``layers.csv`` (the
 master's wait and decode time per request and layer), ``stats.csv``
 (mean/p50/p95/p99 per system, emulated and simulated), ``sensitivity.csv``
 (simulator only: the CDC/uncoded ratios under other straggler tails),
-``settings.json``, ``fig5b.png`` and ``summary.txt``.
+``settings.json`` (``mode``: ``ranks`` or ``cluster``), ``fig5b.png`` and ``summary.txt``.
 """
 from __future__ import annotations
 
@@ -104,10 +110,12 @@ def default_delay_c(device: str = DEVICE) -> float:
     return round(mean_block_gemm_time(model, SYSTEMS[0].plan(model), device), 4)
 
 
-def sim_config():
-    """Simulator settings that mirror the emulating runtime (see the module docstring)."""
+def sim_config(cluster=None):
+    """Simulator settings that mirror the emulating runtime (see the module docstring); on a cluster
+    (:class:`~mpicdc.experiments.common.ClusterMode`) the master's link is one shaped link whose
+    concurrent sends share it equally and whose replies queue (``fair``: TCP flows through one tbf)."""
     from mpicdc.sim import SimConfig
-    return SimConfig(link="parallel", delay_blocks_worker=True)
+    return SimConfig(link="fair" if cluster else "parallel", delay_blocks_worker=True)
 
 
 def check_job(result: dict, label: str) -> list:
@@ -146,33 +154,39 @@ def latency_stats(lat_ms) -> dict:
 # ------------------------------------------------------------------ the experiment
 
 def run_emulation(systems, *, requests: int, delay: str, device: str, seed: int, root: Path,
-                  hostfile: str | None = None, log=print) -> dict:
-    """Run every system on real MPI ranks; returns ``{label: job JSON}`` (plus ``_wall_s``)."""
+                  hostfile: str | None = None, cluster=None, log=print) -> dict:
+    """Run every system on real MPI ranks (on a fresh namespace cluster each with ``cluster``); returns
+    ``{label: job JSON}`` (plus ``_wall_s``)."""
     from mpicdc.core.models import get_model
 
     model = get_model(MODEL)
     out = {}
     for sys_ in systems:
         plan = sys_.plan(model)
-        folder = ensure_weights(model, plan, root, seed)
-        args = [MODEL, "--weights", str(folder), "--device", device, "--inject", f"delay:all:{delay}",
+        folder = ensure_weights(model, plan, root, seed).resolve()
+        worker_device = cluster.worker_device(device) if cluster else device
+        args = [MODEL, "--weights", str(folder), "--device", worker_device, "--inject", f"delay:all:{delay}",
                 "--repeat", str(requests), "--check", "--seed", str(seed)]
-        log(f"fig5b: {sys_.label}: {plan.world_size} ranks, {requests} requests ...")
+        where = f" on a namespace cluster ({cluster.rate} links)" if cluster else ""
+        log(f"fig5b: {sys_.label}: {plan.world_size} ranks{where}, {requests} requests ...")
         t0 = time.perf_counter()
-        result = common.run_mpi_job(plan.world_size, args, timeout=300 + 30 * requests, hostfile=hostfile)
+        result = common.run_job(plan.world_size, args, timeout=300 + 30 * requests, hostfile=hostfile,
+                                cluster=cluster)
         result["_wall_s"] = time.perf_counter() - t0
         out[sys_.label] = result
     return out
 
 
-def simulate_systems(systems, *, requests: int, delay: str, device: str, seed: int, config=None) -> dict:
-    """``{label: SimResult}`` for every system under the Fig. 5b settings."""
+def simulate_systems(systems, *, requests: int, delay, device, seed: int, config=None, cluster=None,
+                     breakdown: bool = False) -> dict:
+    """``{label: SimResult}`` for every system under the Fig. 5b settings (on ``cluster``'s links when given)."""
     from mpicdc.core.models import get_model
     from mpicdc.sim import simulate
 
     model = get_model(MODEL)
+    device = cluster.sim_device(device) if cluster else device
     return {s.label: simulate(model, s.plan(model), requests=requests, device=device, master_device=MASTER_DEVICE,
-                              delay=delay, seed=seed, config=config or sim_config())
+                              delay=delay, seed=seed, config=config or sim_config(cluster), breakdown=breakdown)
             for s in systems}
 
 
@@ -220,7 +234,7 @@ SENSITIVITY = (
 )
 
 
-def sensitivity(delay_c: float, *, requests: int, device: str, seed: int) -> list:
+def sensitivity(delay_c: float, *, requests: int, device: str, seed: int, cluster=None) -> list:
     """Simulator only: CDC+1 vs uncoded under other straggler tails of the same mean (where stated)."""
     from mpicdc.core.faults import parse_delay
 
@@ -228,7 +242,8 @@ def sensitivity(delay_c: float, *, requests: int, device: str, seed: int) -> lis
     rows = []
     for name, spec in (("paper WiFi, C as above", f"wifi:{delay_c}"),) + SENSITIVITY:
         spec = spec.format(c=delay_c, mean=round(mean, 6), p3=round(mean * 2 / 3, 6), p2=round(mean / 2, 6))
-        res = simulate_systems((SYSTEMS[0], SYSTEMS[2]), requests=requests, delay=spec, device=device, seed=seed)
+        res = simulate_systems((SYSTEMS[0], SYSTEMS[2]), requests=requests, delay=spec, device=device, seed=seed,
+                               cluster=cluster)
         un, cdc = (latency_stats(1e3 * res[k].latency[res[k].ok]) for k in ("uncoded", "CDC+1"))
         rows.append({"straggler_model": name, "delay_spec": spec,
                      "uncoded_mean_ms": round(un["mean_ms"], 1), "uncoded_p99_ms": round(un["p99_ms"], 1),
@@ -287,7 +302,9 @@ def main(argv=None) -> int:
                    help="compute time C of the wifi:C straggler model (default: mean block GEMM time, ~0.015)")
     p.add_argument("--device", default=DEVICE, help=f"device emulated by the workers (default {DEVICE})")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the simulator-only sensitivity table")
+    common.add_cluster_options(p, "default: the device's own link, 30mbit for rpi3")
     args = p.parse_args(argv)
+    cluster = common.cluster_mode(args, p, default_rate=common.device_rate(args.device))
     requests = args.requests or (5 if args.quick else 120)
     sim_requests = args.sim_requests or (2000 if args.quick else 20000)
     delay_c = args.delay_c if args.delay_c is not None else default_delay_c(args.device)
@@ -296,16 +313,18 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     settings = {"model": MODEL, "device": args.device, "master_device": MASTER_DEVICE, "delay": delay,
                 "requests": requests, "sim_requests": sim_requests, "seed": args.seed,
-                "systems": [asdict(s) for s in SYSTEMS], "sim_config": {"link": "parallel",
-                                                                        "delay_blocks_worker": True}}
+                "systems": [asdict(s) for s in SYSTEMS], "mode": "cluster" if cluster else "ranks",
+                "cluster": cluster.as_dict() if cluster else None,
+                "sim_config": {"link": sim_config(cluster).link.value, "delay_blocks_worker": True}}
     (folder / "settings.json").write_text(json.dumps(settings, indent=1))
 
     jobs = run_emulation(SYSTEMS, requests=requests, delay=delay, device=args.device, seed=args.seed,
-                         root=weights_root(args), hostfile=args.hostfile)
+                         root=weights_root(args), hostfile=args.hostfile, cluster=cluster)
     common.write_csv(folder / "requests.csv", request_rows(jobs))
     common.write_csv(folder / "layers.csv", layer_rows(jobs))
     problems = [msg for label, res in jobs.items() for msg in check_job(res, label)]
-    sims = simulate_systems(SYSTEMS, requests=sim_requests, delay=delay, device=args.device, seed=args.seed)
+    sims = simulate_systems(SYSTEMS, requests=sim_requests, delay=delay, device=args.device, seed=args.seed,
+                            cluster=cluster)
 
     stats, emulated, simulated = [], {}, {}
     for s in SYSTEMS:
@@ -329,10 +348,11 @@ def main(argv=None) -> int:
                                               for k, v in row.items()} for row in stats], fields)
     sens = []
     if not args.no_sensitivity:
-        sens = sensitivity(delay_c, requests=sim_requests, device=args.device, seed=args.seed)
+        sens = sensitivity(delay_c, requests=sim_requests, device=args.device, seed=args.seed, cluster=cluster)
         common.write_csv(folder / "sensitivity.csv", sens)
+    where = f"on a namespace cluster ({cluster.rate} links, compute emulated)" if cluster else "on MPI ranks"
     title = (f"AlexNet on {WORKERS} emulated {args.device} workers (+1 for 2MR/CDC), straggler {delay} on every "
-             f"worker; {requests} requests per system on MPI ranks, {sim_requests} simulated")
+             f"worker; {requests} requests per system {where}, {sim_requests} simulated")
     plot(folder / "fig5b.png", stats, emulated, simulated, title)
 
     def get(label, source, key):
@@ -349,7 +369,9 @@ def main(argv=None) -> int:
 
     lines = [f"Fig. 5b: AlexNet, {WORKERS} data workers emulating {args.device} Pis, straggler model {delay} "
              f"(the paper's Fig. 1 WiFi arrivals scaled to C = {1e3 * delay_c:.1f} ms, the mean per-block GEMM "
-             f"time) on every worker; {requests} requests per system on real MPI ranks."]
+             f"time) on every worker; {requests} requests per system on real MPI ranks"
+             + (f" on a cluster of network namespaces, every link shaped to {cluster.rate} (transfers real, "
+                f"compute emulated)." if cluster else ".")]
     for s in SYSTEMS:
         lines.append(f"{s.label}: mean {get(s.label, 'emulated', 'mean_ms'):.0f} ms, p95 "
                      f"{get(s.label, 'emulated', 'p95_ms'):.0f}, p99 {get(s.label, 'emulated', 'p99_ms'):.0f} "

@@ -111,6 +111,7 @@ from mpicdc.core.faults import (  # noqa: F401 (re-exported)
 
 __all__ = ["DeviceModel", "DEVICES", "DEFAULT_DEVICE", "get_device", "device_names",
            "paper_wifi_delay", "wifi_calibration", "measure_local", "parse_rate", "with_link", "format_rate",
+           "compute_only",
            "PAPER_FC_COMPUTE_S", "PAPER_ARRIVALS"]
 
 @dataclass(frozen=True)
@@ -208,14 +209,30 @@ def device_names() -> list:
     return sorted(DEVICES)
 
 
+#: ``NAME:compute`` names NAME's compute with a free link (:func:`compute_only`)
+COMPUTE_ONLY = ":compute"
+
+
 def get_device(device: "str | DeviceModel" = DEFAULT_DEVICE) -> DeviceModel:
-    """Look up a device by name (a :class:`DeviceModel` passes through)."""
+    """Look up a device by name (a :class:`DeviceModel` passes through); ``NAME:compute`` is
+    :func:`compute_only` of ``NAME``."""
     if isinstance(device, DeviceModel):
         return device
+    if isinstance(device, str) and device.endswith(COMPUTE_ONLY):
+        return compute_only(get_device(device[:-len(COMPUTE_ONLY)]))
     try:
         return DEVICES[device]
     except KeyError:
-        raise ValueError(f"unknown device {device!r}; known devices: {', '.join(device_names())}") from None
+        raise ValueError(f"unknown device {device!r}; known devices: {', '.join(device_names())} "
+                         f"(NAME{COMPUTE_ONLY}: its compute only)") from None
+
+
+def compute_only(device: "str | DeviceModel") -> DeviceModel:
+    """``device`` with a free link (no latency, unbounded bandwidth): a worker emulating it pads only its
+    compute, and its transfers take what a real network takes (the namespace cluster's shaped links,
+    ``--device rpi3:compute``)."""
+    device = get_device(device)
+    return replace(device, name=f"{device.name}{COMPUTE_ONLY}", bandwidth_MBps=math.inf, latency_s=0.0)
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmg])(bit/s|bit|bps|B/s|B)\s*$", re.IGNORECASE)

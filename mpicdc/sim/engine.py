@@ -9,7 +9,9 @@ devices and requests.  For every request, layer by layer in graph order:
    :mod:`mpicdc.core.bands`: each rank its band of the input, halo included, after the
    master spent ``prepare`` cutting the bands and encoding the parity inputs).  On a ``shared`` link the
    sends leave one after another in block order (the k-th arrives after
-   ``latency + k * size / bandwidth``); on a ``parallel`` link all take
+   ``latency + k * size / bandwidth``); on a ``fair`` link they share it equally
+   (concurrent TCP flows through one shaped port) and all arrive after
+   ``latency + m * size / bandwidth`` for ``m`` sends; on a ``parallel`` link all take
    ``latency + size / bandwidth``.
 2. **compute** -- each rank starts when the input is there and it is free, and takes
    ``device.gemm_time(rows, cols, spatial)`` for its block (parity blocks have the
@@ -18,7 +20,7 @@ devices and requests.  For every request, layer by layer in graph order:
    (the runtime's stale-work rule).
 3. **straggle** -- the reply is held back by a sample of the rank's delay model
    (per-rank ``delay:`` injections override the default).
-4. **reply** -- ``4 * rows * spatial`` bytes back; on a ``shared`` link replies queue
+4. **reply** -- ``4 * rows * spatial`` bytes back; on a ``shared`` or ``fair`` link replies queue
    first-come first-served at the master's link.
 5. **decode** -- the master takes replies in arrival order until the set in hand is
    decodable (closed forms for uncoded, sum, MDS, groups and replication codes;
@@ -83,6 +85,7 @@ class Link(Enum):
 
     SHARED = "shared"      # one radio / port: sends serialise, replies queue FIFO
     PARALLEL = "parallel"  # every transfer independent (ideal switch)
+    FAIR = "fair"          # one shaped port whose concurrent sends share it equally (TCP flows); replies FIFO
 
 
 @dataclass(frozen=True)
@@ -454,7 +457,8 @@ def _run_chunk(steps, req, rng, world, fail_prob, faults: _Faults, config: SimCo
         drop[:, 0] = False
     busy_start = np.full((R, world), -np.inf)  # start of each rank's latest job
     busy_end = np.zeros((R, world))            # and when that job frees the rank
-    shared = config.link is Link.SHARED
+    shared = config.link in (Link.SHARED, Link.FAIR)
+    fair = config.link is Link.FAIR
     for si, st in enumerate(steps):
         t_before = t
         if isinstance(st, _MasterStep):
@@ -466,6 +470,9 @@ def _run_chunk(steps, req, rng, world, fail_prob, faults: _Faults, config: SimCo
             known, silent = _masks(st, si, req, faults, drop)
             if not shared:
                 arrive = t[:, None] + (st.latency + st.send)
+            elif fair:  # every send shares the link until all are through
+                sent = m if known is None else np.count_nonzero(~known, axis=1)[:, None]
+                arrive = t[:, None] + st.latency + sent * st.send + np.zeros((1, m))
             elif known is None:
                 arrive = t[:, None] + (st.latency + st.send * np.arange(1, m + 1))
             else:
@@ -582,7 +589,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=DEFAULT_DEVICE, help=f"worker device (default {DEFAULT_DEVICE})")
     p.add_argument("--master-device", default=None, help="master device (default: --device)")
     p.add_argument("--link", choices=[l.value for l in Link], default=Link.SHARED.value,
-                   help="shared: the master's link serialises transfers (WiFi); parallel: independent")
+                   help="shared: the master's link serialises transfers (WiFi); fair: its concurrent sends "
+                        "share it equally (TCP through one shaped port), replies queue; parallel: independent")
     p.add_argument("--fail-prob", type=float, default=0.0,
                    help="probability a worker is unavailable for a whole request")
     p.add_argument("--fail", default="", help="ranks dead from the start, e.g. 3 or 2,5")
