@@ -16,17 +16,10 @@ from mpi_helpers import requires_cluster, requires_mpi
 from mpicdc.bench import speedup, speedup_cluster
 from mpicdc.cluster.netns import list_links, list_netns
 from mpicdc.core.models import get_model
-from mpicdc.sim.devices import get_device
 
 FIELDS = {"mode", "model", "link", "plan", "wire", "ranks", "split", "requests", "median_s", "p99_s",
           "vs_one_device", "predicted_s", "predicted_vs_one_device", "max_check_rel_err", "matched",
           "worker_compute_fraction"}
-
-
-def test_workers_pad_for_compute_only_so_a_real_link_is_not_counted_twice():
-    cpu, pi = get_device(speedup_cluster.COMPUTE_ONLY["rpi3"]), get_device("rpi3")
-    assert cpu.transfer_time(12.8e6) == 0.0
-    assert cpu.gemm_time(4096, 9216) == pi.gemm_time(4096, 9216)
 
 
 def test_float16_is_predicted_faster_than_float32_for_the_even_plan_and_equal_on_one_device():

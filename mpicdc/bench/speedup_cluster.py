@@ -10,7 +10,7 @@ that rate both ways) serves each model with
   each with float32 and float16 on the wire.
 
 Every rank's compute is emulated as a Pi 3: the master pads each layer it runs to the device
-model (``--master-device rpi3``), the workers pad their blocks to ``rpi3-cpu``, the Pi 3's
+model (``--master-device rpi3``), the workers pad their blocks to ``rpi3:compute``, the Pi 3's
 compute with a free link, so the link time is the namespace's real one and is not also slept.
 Request 0 is a warm-up; every output is checked against the serial forward (``--check``).  Next
 to each measurement: the simulator's prediction for the same plan, device and rate (float16:
@@ -28,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mpicdc.sim.devices import COMPUTE_ONLY
+
 EPILOG = """\
 examples:
   python -m mpicdc.bench speedup --cluster --models alexnet --links 100mbit   # about 4 minutes
@@ -44,8 +46,6 @@ PLANS = ("even", "auto")
 WIRES = ("float32", "float16")
 #: (plan, wire format) of every distributed run; the one-device run comes first
 RUNS = tuple((plan, wire) for plan in PLANS for wire in WIRES)
-#: the worker device: a Pi 3's compute without link time (the namespace's link is real)
-COMPUTE_ONLY = {"rpi3": "rpi3-cpu"}
 #: fewest measured requests for which a p99 is printed (below it, p99 is just the slowest request)
 P99_MIN_REQUESTS = 20
 
@@ -95,7 +95,7 @@ def run_on_cluster(cluster, model, plan, folder: Path, *, wire: str, device: str
         if plan.world_size == 1:
             args += ["--workers", "0"]
         else:
-            args += ["--device", COMPUTE_ONLY.get(device, device)]
+            args += ["--device", f"{device}{COMPUTE_ONLY}"]
         done = cluster.launch(plan.world_size, args, timeout=timeout).finish()
         if not out.exists():
             return {"error": f"no results ({done.explain()[-1500:]})"}
@@ -190,8 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--links", default="100mbit,20mbit", help="link rates, comma separated (default 100mbit,20mbit)")
     p.add_argument("--workers", type=int, default=4, help="data workers (default 4)")
     p.add_argument("--code", default="sum", help="code of the even and auto plans (default sum: 1 parity worker)")
-    p.add_argument("--device", default="rpi3", choices=sorted(COMPUTE_ONLY),
-                   help="device every rank emulates (default rpi3)")
+    p.add_argument("--device", default="rpi3", 
+                   help="device every rank emulates (default rpi3; the workers its compute only, NAME:compute)")
     p.add_argument("--plans", default=",".join(PLANS), help="distributed plans to run (default even,auto)")
     p.add_argument("--wires", default=",".join(WIRES), help="wire formats to run (default float32,float16)")
     p.add_argument("--requests", type=int, default=2, metavar="K",
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     if args.cluster:
         print(f"speedup measured on the namespace cluster (mode 'cluster'): head + {args.workers} data + {args.code} "
               f"parity devices, links shaped with tbf; every rank's compute emulated as {args.device} (workers "
-              f"{COMPUTE_ONLY[args.device]}: no link padding); median of {args.requests} requests after a warm-up; "
+              f"{args.device}{COMPUTE_ONLY}: no link padding); median of {args.requests} requests after a warm-up; "
               f"'sim' is the simulator's prediction", flush=True)
         try:
             rows = measure(models, links, workers=args.workers, code=args.code, device=args.device,

@@ -49,10 +49,6 @@ quantity could be consulted offline).  Validate against your own boards with
 iperf on the same USB 2.0 LAN9514 10/100 port of the Pi 2 and B+, J. Geerling,
 "Getting Gigabit Networking on a Raspberry Pi 2, 3 and B+"], 0.3 ms [estimate].
 
-``rpi3-cpu`` -- the same board's compute with a free link (no latency, no bytes per second):
-what a rank emulates on a real link (``bench speedup --cluster``: the namespace cluster's tbf
-links), so the emulation pads for compute only and the link is not counted twice.
-
 ``rpi4`` -- Raspberry Pi 4 Model B: BCM2711, 4 x Cortex-A72 at 1.5 GHz, LPDDR4-3200,
 802.11ac 2.4/5 GHz WiFi, Gigabit Ethernet [spec].  ``memory_MB = 4295`` (the 4 GiB
 board; 1, 2 and 8 GiB boards exist) [spec].
@@ -189,9 +185,6 @@ DEVICES = {d.name: d for d in (
     _RPI3,
     replace(_RPI3.scaled(_paper_scale(), "rpi3-paper"),
             description="Raspberry Pi 3 slowed to the paper's 50 ms per 2048x2048 FC layer"),
-    replace(_RPI3, name="rpi3-cpu", bandwidth_MBps=math.inf, latency_s=0.0,
-            description="Raspberry Pi 3 compute only, no link time: for ranks on real links (the namespace "
-                        "cluster's), where padding for a modeled link would count the link twice"),
     replace(_RPI3, name="rpi3-eth", bandwidth_MBps=11.8, latency_s=0.0003,
             description="Raspberry Pi 3 Model B on its 10/100 Ethernet (USB 2.0)"),
     DeviceModel("rpi4", 13.0, 12.5, 0.0015, 4.0,
