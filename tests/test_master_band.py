@@ -138,8 +138,10 @@ def test_auto_plan_master_bands_respect_memory_limits():
 
 def test_master_choices_cover_each_worker_height_once():
     model = get_model("alexnet")  # conv2: 27 output rows over 4 workers
-    assert autoplan.master_band_choices(model, "conv2", 4) == [0, 3, 7]
-    assert autoplan.master_band_choices(model, "conv2", 4) == sorted(set(autoplan.master_band_choices(model, "conv2", 4)))
+    assert autoplan.master_band_choices(model, "conv2", 4) == [0, 3, 7]  # up to 2 x 27 / 5 rows
+    vgg = get_model("vgg16")  # conv1_2: 224 rows over 1 worker: many sizes, 8 kept, the largest among them
+    sizes = autoplan.master_band_choices(vgg, "conv1_2", 1)
+    assert len(sizes) == 1 + autoplan.MAX_MASTER_CHOICES and sizes == sorted(set(sizes)) and sizes[-1] == 223
 
 
 # ------------------------------------------------------------------ runtime over the fake network

@@ -40,30 +40,35 @@ from mpicdc.core.models import Model, get_model
 from mpicdc.core.plan import Plan, make_plan, parity_count, rank_bytes, single_device_plan
 from mpicdc.sim.devices import DeviceModel, format_rate, get_device, with_link
 
-__all__ = ["MAX_MASTER_SHARE", "OS_RESERVE_MB", "master_band_choices", "auto_plan", "layer_costs", "layer_terms", "modeled_latency", "memory_budget", "weight_bytes",
+__all__ = ["MAX_MASTER_CHOICES", "MAX_MASTER_SHARE", "OS_RESERVE_MB", "master_band_choices", "auto_plan", "layer_costs", "layer_terms", "modeled_latency", "memory_budget", "weight_bytes",
            "format_costs"]
 
 #: RAM not available for weights [estimate]: Raspberry Pi OS Lite after boot (about 100 MB),
 #: the default 76 MB GPU split, and Python with numpy, h5py and mpi4py loaded (about 70 MB).
 OS_RESERVE_MB = 250.0
 
-#: The largest master band :func:`auto_plan` tries, in units of ``H / (n + 1)`` (``H`` the output
-#: height, ``n`` data workers): twice an even share.
+#: The largest master band :func:`auto_plan` tries, in units of an even share ``H / (n + 1)`` (``H``
+#: the output height, ``n`` data workers): the master also runs every other layer, cuts the bands and
+#: decodes, and larger shares change which layers leave the master on slow links (not explored yet).
 MAX_MASTER_SHARE = 2.0
+
+#: At most this many master band sizes per layer besides 0 (each is one simulation of the model).
+MAX_MASTER_CHOICES = 8
 
 
 def master_band_choices(model: Model, name: str, n: int) -> list:
-    """Master band sizes worth modelling for band layer ``name`` over ``n`` data workers: for each
-    worker band height ``h`` the smallest master band that leaves every worker ``h`` rows or fewer
-    (``H - n h``; every band is as tall as the tallest, so rows in between buy nothing), from 0
-    up to :data:`MAX_MASTER_SHARE` even shares."""
+    """Master band sizes worth modelling for band layer ``name`` over ``n`` data workers: 0, and for
+    each worker band height ``h`` the smallest master band that leaves every worker ``h`` rows or
+    fewer, ``H - n h`` (every band is as tall as the tallest, so rows in between buy nothing), up
+    to :data:`MAX_MASTER_SHARE` even shares; at most :data:`MAX_MASTER_CHOICES` of them, spread
+    evenly, the largest kept."""
     H = model.shapes()[name][1]
     cap = min(H - n, MAX_MASTER_SHARE * H / (n + 1))
-    out, h = [0], -(-H // n)
-    while H - n * (h - 1) <= cap and h > 1:
-        h -= 1
-        out.append(H - n * h)
-    return out
+    sizes = [k for k in (H - n * h for h in range(-(-H // n) - 1, 0, -1)) if k <= cap]
+    if len(sizes) > MAX_MASTER_CHOICES:
+        step = len(sizes) / MAX_MASTER_CHOICES
+        sizes = [sizes[len(sizes) - 1 - int(i * step)] for i in range(MAX_MASTER_CHOICES)][::-1]
+    return [0] + sizes
 
 
 def weight_bytes(model: Model, layer: str) -> int:
