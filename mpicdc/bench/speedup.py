@@ -92,7 +92,7 @@ def _why(name: str, link: str, m: dict) -> str:
             f"of workers, each layer's input sent once and output returned once bound {name} at "
             f"{m['alone'] / m['bound']:.2f}x one device at {link}"
             + (f"\n    auto plan: {1e3 * m['auto']:.0f} ms, of which band layers {1e3 * spent:.0f} ms: {detail}; the "
-               f"replies (each band's whole output, plus the parity's) are what the link cannot shrink"
+               f"replies (each worker band's output, plus the parity's) are what the link cannot shrink"
                if bands else ""))
 
 
@@ -131,7 +131,7 @@ def plot(path: str, models: list, workers: int, code: str, device: str) -> None:
         rows = [measure(model, workers, code, device, f"{r:g}mbit") for r in rates]
         for key, label, style in (("alone", "one device", "k--"), ("even", "even plan", "C1-"),
                                   ("rows", "auto plan, output splitting only", "C3-."),
-                                  ("auto", "auto plan with bands", "C0-"),
+                                  ("auto", "auto plan with bands (and master bands)", "C0-"),
                                   ("bound", "bound of output splitting", "C2:")):
             ax.plot(rates, [r[key] for r in rows], style, label=label)
         for mark in (20, 100):
