@@ -133,7 +133,8 @@ def test_auto_plan_master_bands_respect_memory_limits():
     assert max(rank_bytes(tight, model).values()) <= limit
     banded = [lp for lp in tight.layers if lp.banded]
     assert 0 < len(banded) < 4 and all(lp.master_rows for lp in banded)  # a master band costs no memory
-    assert autoplan.modeled_latency(model, tight, "rpi3", rate) <= autoplan.modeled_latency(model, rows_only, "rpi3", rate)
+    t_tight = autoplan.modeled_latency(model, tight, "rpi3", rate)
+    assert t_tight <= autoplan.modeled_latency(model, rows_only, "rpi3", rate)
 
 
 def test_master_choices_cover_each_worker_height_once():
@@ -153,7 +154,8 @@ def tiny_master_bands(tmp_path_factory):
     return store.prepare(model, plan, tmp_path_factory.mktemp("mb") / "sum").directory
 
 
-def test_runtime_with_master_bands_matches_the_reference_and_decodes_a_lost_rank(tiny_master_bands, cluster):  # noqa: F811
+def test_runtime_with_master_bands_matches_the_reference_and_decodes_a_lost_rank(
+        tiny_master_bands, cluster):  # noqa: F811
     c = cluster(tiny_master_bands, integrity="strict")
     assert store.verify(tiny_master_bands) == []
     first = c.infer()  # checked against the serial forward within RTOL by the fixture

@@ -17,8 +17,8 @@ The master's link carries about ``(1 + r/n) x`` the input (plus halos) instead o
 
 The master may compute a band itself (``LayerPlan.master_rows``: the last rows of the output)
 while the workers compute theirs: it cannot fail alone, so its band carries no parity, and the
-code covers the worker bands only.  Pure and local: the master, the worker, the simulator and prepare all derive
-the same geometry from the model and the layer plan.
+code covers the worker bands only.  Pure and local: the master, the worker, the simulator and
+prepare all derive the same geometry from the model and the layer plan.
 """
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def geometry(model: Model, name: str, bands, master_rows: int = 0) -> BandGeomet
 
 def layer_geometry(model: Model, lp) -> BandGeometry:
     """The :class:`BandGeometry` of a band layer plan ``lp`` (its bands and master rows)."""
-    return geometry(model, lp.layer, lp.rows, getattr(lp, "master_rows", 0))
+    return geometry(model, lp.layer, lp.rows, lp.master_rows)
 
 
 def band_conv(geo: BandGeometry, W: np.ndarray, x_band: np.ndarray, *, workspace=None) -> np.ndarray:

@@ -40,8 +40,8 @@ from mpicdc.core.models import Model, get_model
 from mpicdc.core.plan import Plan, make_plan, parity_count, rank_bytes, single_device_plan
 from mpicdc.sim.devices import DeviceModel, format_rate, get_device, with_link
 
-__all__ = ["MAX_MASTER_CHOICES", "MAX_MASTER_SHARE", "OS_RESERVE_MB", "master_band_choices", "auto_plan", "layer_costs", "layer_terms", "modeled_latency", "memory_budget", "weight_bytes",
-           "format_costs"]
+__all__ = ["MAX_MASTER_CHOICES", "MAX_MASTER_SHARE", "OS_RESERVE_MB", "auto_plan", "format_costs", "layer_costs",
+           "layer_terms", "master_band_choices", "memory_budget", "modeled_latency", "weight_bytes"]
 
 #: RAM not available for weights [estimate]: Raspberry Pi OS Lite after boot (about 100 MB),
 #: the default 76 MB GPU split, and Python with numpy, h5py and mpi4py loaded (about 70 MB).
@@ -116,8 +116,9 @@ def layer_terms(model: Model, plan: Plan, device, link=None, master=None) -> dic
     """``{distributed layer: {"send", "compute", "reply", "decode", "master", "floor"}}`` seconds: the
     terms of :func:`layer_costs` for one request without stragglers.  ``send`` is the input to every
     block's rank in turn, ``compute`` the slowest block, ``reply`` every block's output, ``decode`` one
-    lost block, ``master`` the master's own band (overlapping the rest); ``floor`` (input once, output once, two latencies) bounds the layer over any number of
-    workers, so a layer whose ``floor`` exceeds its master time cannot gain from splitting."""
+    lost block, ``master`` the master's own band (overlapping the rest); ``floor`` (input once, output
+    once, two latencies) bounds the layer over any number of workers, so a layer whose ``floor``
+    exceeds its master time cannot gain from splitting (unless the master computes a band)."""
     from mpicdc.sim.engine import SimConfig, _DistStep, _steps
 
     device = with_link(device, link)
