@@ -132,7 +132,8 @@ def test_speedup_bench_prints_ratios_and_targets(capsys, tmp_path):
     assert "met    VGG16 auto faster than even and one device at 100 Mbit/s" in out
     # AlexNet cannot reach 2x at 100 Mbit/s under this model; the bench says which term dominates
     assert "MISSED AlexNet" in out and "why: in the even plan send dominates" in out
-    assert "conv2(b)" in out and "auto plan: " in out and "band layers" in out  # bands chosen, and where time goes
+    # bands with a master band chosen, and where the time goes
+    assert "conv2(b+m)" in out and "auto plan: " in out and "band layers" in out and "master's band" in out
     assert png.stat().st_size > 10_000
     assert main(["--models", "alexnet", "--links", "100mbit", "--check"]) == 1
     capsys.readouterr()
@@ -140,6 +141,8 @@ def test_speedup_bench_prints_ratios_and_targets(capsys, tmp_path):
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("alexnet"))
     even_x, rows_x, auto_x = map(float, row.split()[6:9])
     assert auto_x > rows_x > even_x > 1  # half the bytes: even splitting pays, bands pay more
+    assert auto_x >= 2  # with the master computing a band of each band layer: issue 14's target, modeled
+    assert main(["--models", "alexnet", "--links", "100mbit", "--wire", "float16", "--check"]) == 0
 
 
 def test_straggler_frontier_mds_beats_replication_with_the_same_extra_devices(capsys):

@@ -16,7 +16,7 @@ def _decoded(job, layer: str) -> list:
     return [rec["decoded_blocks"] for r in job.results["requests"] for rec in r["layers"] if rec["layer"] == layer]
 
 
-def test_alexnet_auto_plan_with_bands_survives_a_crash_and_matches_the_reference(tmp_path):
+def test_alexnet_auto_plan_with_master_bands_survives_a_crash_and_matches_the_reference(tmp_path):
     from mpicdc.store.prepare_cli import main as prepare_main
 
     folder = tmp_path / "auto"
@@ -24,7 +24,7 @@ def test_alexnet_auto_plan_with_bands_survives_a_crash_and_matches_the_reference
                          "--dir", str(folder), "-q"]) == 0
     plan = store.open_manifest(folder).plan
     banded = [lp.layer for lp in plan.layers if lp.banded]
-    assert "conv2" in banded, plan.to_json()
+    assert "conv2" in banded and plan.for_layer("conv2").master_rows, plan.to_json()  # the master computes a band
     job = run_job(6, ["alexnet", "--weights", str(folder), "--repeat", "3", "--check",
                       "--inject", "crash:2@1:conv2"], tmp_path, timeout=300)
     assert job.returncode == 0, job.explain()
@@ -32,6 +32,8 @@ def test_alexnet_auto_plan_with_bands_survives_a_crash_and_matches_the_reference
     assert job.results["dead_ranks"] == [2]
     assert all(r["ok"] for r in job.results["requests"])
     assert _decoded(job, "conv2")[1:] == [[1], [1]], job.explain()  # rank 2 holds band 1, lost from request 1 on
+    assert all(rec["master_ms"] > 0 for r in job.results["requests"] for rec in r["layers"]
+               if plan.for_layer(rec["layer"]).master_rows), job.explain()
 
 
 def test_alexnet_bands_under_mds_r2_survive_two_crashes(tmp_path_factory, tmp_path):

@@ -6,7 +6,8 @@ on emulated devices (default ``rpi3``: 6 GFLOP/s, 2 GB/s, 1 GiB), for three plan
 doing everything (:func:`~mpicdc.core.plan.single_device_plan`), ``even`` (every conv and fc
 layer split over the data workers, :func:`~mpicdc.core.plan.make_plan`), ``rows`` (the auto plan
 with output splitting only) and ``auto`` (:func:`~mpicdc.sim.autoplan.auto_plan`: per layer the
-master, output splitting or, for a conv, bands of its output height, :mod:`mpicdc.core.bands`).
+master, output splitting or, for a conv, bands of its output height, :mod:`mpicdc.core.bands`, of
+which the master may compute one itself while the workers compute theirs).
 ``bound`` is the best any output-splitting plan could do at that rate with any number of
 workers: each layer at the smaller of its master time and its link floor (input sent once,
 output returned once).  ``--wire float16`` models 2-byte values as the same link at twice the
@@ -67,7 +68,8 @@ def measure(model, workers: int, code: str, device: str, link, wire: str = "floa
             "even": sum(layer_costs(model, even, device, link).values()),
             "rows": sum(layer_costs(model, rows, device, link).values()),
             "auto": sum(auto_costs.values()),
-            "bound": bound, "split": [lp.layer + ("(b)" if lp.banded else "") for lp in auto.layers],
+            "bound": bound, "split": [lp.layer + ("(b+m)" if lp.master_rows else "(b)" if lp.banded else "")
+                                     for lp in auto.layers],
             "terms": {t: sum(v[t] for v in terms.values()) for t in TERMS},
             "auto_costs": auto_costs, "alone_costs": alone_costs,
             "band_terms": {k: v for k, v in layer_terms(model, auto, device, link).items()
@@ -83,13 +85,14 @@ def _why(name: str, link: str, m: dict) -> str:
     bands = m["band_terms"]
     spent = sum(m["auto_costs"][k] for k in bands)
     detail = "; ".join(f"{k} {1e3 * m['auto_costs'][k]:.0f} ms (one device {1e3 * m['alone_costs'][k]:.0f}: "
-                       f"send {1e3 * v['send']:.0f}, reply {1e3 * v['reply']:.0f}, compute {1e3 * v['compute']:.0f})"
+                       f"send {1e3 * v['send']:.0f}, reply {1e3 * v['reply']:.0f}, compute {1e3 * v['compute']:.0f}"
+                       + (f", master's band {1e3 * v['master']:.0f}" if v["master"] else "") + ")"
                        for k, v in bands.items())
     return (f"    why: in the even plan {top} dominates ({share} summed over its split layers); with any number "
             f"of workers, each layer's input sent once and output returned once bound {name} at "
             f"{m['alone'] / m['bound']:.2f}x one device at {link}"
             + (f"\n    auto plan: {1e3 * m['auto']:.0f} ms, of which band layers {1e3 * spent:.0f} ms: {detail}; the "
-               f"replies (each band's whole output, plus the parity's) are what the link cannot shrink"
+               f"replies (each worker band's output, plus the parity's) are what the link cannot shrink"
                if bands else ""))
 
 
@@ -128,7 +131,7 @@ def plot(path: str, models: list, workers: int, code: str, device: str) -> None:
         rows = [measure(model, workers, code, device, f"{r:g}mbit") for r in rates]
         for key, label, style in (("alone", "one device", "k--"), ("even", "even plan", "C1-"),
                                   ("rows", "auto plan, output splitting only", "C3-."),
-                                  ("auto", "auto plan with bands", "C0-"),
+                                  ("auto", "auto plan with bands (and master bands)", "C0-"),
                                   ("bound", "bound of output splitting", "C2:")):
             ax.plot(rates, [r[key] for r in rows], style, label=label)
         for mark in (20, 100):
@@ -319,7 +322,7 @@ def main(argv=None) -> int:
           f"workers of {dev.name} ({dev.gflops:g} GFLOP/s, {dev.mem_GBps:g} GB/s, {dev.memory_MB:g} MB), "
           f"{args.wire} on the wire")
     print(f"{'model':<9}{'link':>9}{'one dev s':>11}{'even s':>9}{'rows s':>9}{'auto s':>9}{'even x':>8}"
-          f"{'rows x':>8}{'auto x':>8}{'bound x':>9}  auto splits ((b): bands)")
+          f"{'rows x':>8}{'auto x':>8}{'bound x':>9}  auto splits ((b): bands, (b+m): and the master's band)")
     results = {}
     for model in models:
         for link in links:

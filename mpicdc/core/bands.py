@@ -13,8 +13,12 @@ combination of the data bands' inputs, ``sum_i G[j, i] x_i``, computes the same 
 of the data bands' outputs: the master decodes a missing band with the layer's
 :class:`~mpicdc.core.codes.Code` exactly like a missing output block, then adds the bias.
 The master's link carries about ``(1 + r/n) x`` the input (plus halos) instead of
-``(n + r) x``.  Pure and local: the master, the worker, the simulator and prepare all derive
-the same geometry from the model and the layer plan.
+``(n + r) x``.
+
+The master may compute a band itself (``LayerPlan.master_rows``: the last rows of the output)
+while the workers compute theirs: it cannot fail alone, so its band carries no parity, and the
+code covers the worker bands only.  Pure and local: the master, the worker, the simulator and
+prepare all derive the same geometry from the model and the layer plan.
 """
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ class BandGeometry:
     top: int          # the layer's top padding: input row of output row o starts at o * stride - top
     height: int
     in_height: int
+    master: tuple = None  # ``(o0, o1)``: the output rows the master computes (after the workers' bands)
 
     @property
     def n(self) -> int:
@@ -80,11 +85,14 @@ class BandGeometry:
 
     def band_input(self, x: np.ndarray, block: int) -> np.ndarray:
         """Master: data block ``block``'s input, rows outside the image zero (a view when inside)."""
-        i0, i1 = self.input_rows(block)
+        return self._rows_of(x, *self.input_rows(block))
+
+    def _rows_of(self, x: np.ndarray, i0: int, i1: int) -> np.ndarray:
+        """Input rows ``i0..i1`` of ``x``, rows outside the image zero (a view when inside)."""
         H = x.shape[1]
         if 0 <= i0 and i1 <= H:
             return x[:, i0:i1]
-        out = np.zeros(self.input_shape, dtype=DTYPE)
+        out = np.zeros((x.shape[0], i1 - i0, x.shape[2]), dtype=DTYPE)
         lo, hi = max(i0, 0), min(i1, H)
         if hi > lo:
             out[:, lo - i0:hi - i0] = x[:, lo:hi]
@@ -104,20 +112,39 @@ class BandGeometry:
         pairs = pad_pairs(self.layer.attrs.get("padding", 0), 2, self.layer.name)
         return replace(self.layer, attrs={**self.layer.attrs, "padding": [[0, 0], list(pairs[1])]})
 
-    def assemble(self, blocks, bias: np.ndarray | None = None) -> np.ndarray:
-        """Master: the layer output ``(C_out, H_out, W_out)`` from the ``n`` decoded band products, plus bias."""
+    def master_input(self, x: np.ndarray) -> np.ndarray:
+        """Master: the input rows its own band reads (``ValueError`` if it has none)."""
+        if self.master is None:
+            raise ValueError(f"layer {self.layer.name!r}: the plan gives the master no band")
+        o0, o1 = self.master
+        start = o0 * self.stride - self.top
+        return self._rows_of(np.asarray(x, dtype=DTYPE), start, start + (o1 - o0 - 1) * self.stride + self.kernel)
+
+    def assemble(self, blocks, bias: np.ndarray | None = None, master_out: np.ndarray | None = None) -> np.ndarray:
+        """Master: the layer output ``(C_out, H_out, W_out)`` from the ``n`` decoded band products and,
+        when the master has a band, its own product ``(C_out, rows, W_out)`` (no bias), plus bias."""
         C, H, W = self.out_shape
         out = np.empty(self.out_shape, dtype=DTYPE)
         for (o0, o1), block in zip(self.bands, blocks):
             out[:, o0:o1] = np.asarray(block).reshape(C, self.height, W)[:, :o1 - o0]
+        if (master_out is None) != (self.master is None):
+            raise ValueError(f"layer {self.layer.name!r}: the master's band is {self.master}, "
+                             f"but its product was {'not ' if master_out is None else ''}given")
+        if master_out is not None:
+            o0, o1 = self.master
+            if tuple(master_out.shape) != (C, o1 - o0, W):
+                raise ValueError(f"layer {self.layer.name!r}: master band product of shape {tuple(master_out.shape)}, "
+                                 f"expected {(C, o1 - o0, W)}")
+            out[:, o0:o1] = master_out
         if bias is not None:
             out += np.asarray(bias, dtype=DTYPE)[:, None, None]
         return out
 
 
-def geometry(model: Model, name: str, bands) -> BandGeometry:
-    """The :class:`BandGeometry` of conv ``name`` split into output-row ``bands``; ``ValueError`` if it
-    is not a 2-D conv or the bands do not tile its output height in order."""
+def geometry(model: Model, name: str, bands, master_rows: int = 0) -> BandGeometry:
+    """The :class:`BandGeometry` of conv ``name`` split into output-row ``bands`` and the master's last
+    ``master_rows`` rows; ``ValueError`` if it is not a 2-D conv or the bands do not tile its output
+    height less ``master_rows`` in order."""
     problem = band_problem(model, name)
     if problem:
         raise ValueError(f"layer {name!r} cannot be split into bands: {problem}")
@@ -125,7 +152,11 @@ def geometry(model: Model, name: str, bands) -> BandGeometry:
     shapes = model.shapes()
     in_shape, out_shape = tuple(shapes[layer.inputs[0]]), tuple(shapes[name])
     bands = tuple((int(a), int(b)) for a, b in bands)
-    H_out, pos = out_shape[1], 0
+    H_all = out_shape[1]
+    if not 0 <= master_rows < H_all:
+        raise ValueError(f"layer {name!r}: the master's band of {master_rows} rows must be 0..{H_all - 1} rows "
+                         f"of its {H_all} output rows")
+    H_out, pos = H_all - master_rows, 0
     for a, b in bands:
         if a != pos or b <= a:
             raise ValueError(f"layer {name!r}: bands {list(bands)} must tile its {H_out} output rows in order")
@@ -138,7 +169,13 @@ def geometry(model: Model, name: str, bands) -> BandGeometry:
     sh = stride if isinstance(stride, int) else int(stride[0])
     top = pad_pairs(layer.attrs.get("padding", 0), 2, name)[0][0]
     height = max(b - a for a, b in bands)
-    return BandGeometry(layer, in_shape, out_shape, bands, kh, sh, top, height, (height - 1) * sh + kh)
+    return BandGeometry(layer, in_shape, out_shape, bands, kh, sh, top, height, (height - 1) * sh + kh,
+                        (H_out, H_all) if master_rows else None)
+
+
+def layer_geometry(model: Model, lp) -> BandGeometry:
+    """The :class:`BandGeometry` of a band layer plan ``lp`` (its bands and master rows)."""
+    return geometry(model, lp.layer, lp.rows, lp.master_rows)
 
 
 def band_conv(geo: BandGeometry, W: np.ndarray, x_band: np.ndarray, *, workspace=None) -> np.ndarray:
@@ -151,6 +188,16 @@ def band_conv(geo: BandGeometry, W: np.ndarray, x_band: np.ndarray, *, workspace
                          f"expected {geo.input_shape}")
     y = linear_forward(geo.band_layer, W, None, x_band, workspace=workspace)
     return y.reshape(geo.block_shape)
+
+
+def master_conv(geo: BandGeometry, W: np.ndarray, x: np.ndarray, *, workspace=None) -> np.ndarray:
+    """Master: its own band's product ``(C_out, rows, W_out)`` from the whole input ``x``, no bias."""
+    from mpicdc.core.kernels import linear_forward
+
+    x_band = geo.master_input(x)
+    C, _, W_out = geo.out_shape
+    y = linear_forward(geo.band_layer, W, None, x_band, workspace=workspace)
+    return y.reshape(C, geo.master[1] - geo.master[0], W_out)
 
 
 def traffic(geo: BandGeometry, r: int) -> dict:

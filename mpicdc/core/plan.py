@@ -54,7 +54,9 @@ class LayerPlan:
     ``rows[i] = (start, stop)``, blocks ``n..n+r-1`` are parity blocks of the code.  With
     ``split == "bands"`` (a 2-D conv, :mod:`mpicdc.core.bands`) ``rows`` are bands of the
     layer's output height instead, and a parity block is computed on the code's combination
-    of the data bands' inputs.
+    of the data bands' inputs.  ``master_rows`` (bands only) are the last output rows, which the
+    master computes itself while the workers compute theirs: no rank, no parity; the bands
+    tile the rows above them.
     """
 
     layer: str
@@ -62,6 +64,7 @@ class LayerPlan:
     ranks: tuple
     rows: tuple
     split: str = "rows"
+    master_rows: int = 0
 
     @property
     def banded(self) -> bool:
@@ -107,6 +110,13 @@ class LayerPlan:
             if problem:
                 raise ValueError(f"plan for layer {self.layer!r}: cannot split it into bands: {problem}; {_FIX}")
             m, what = model.shapes()[self.layer][1], "output rows (bands)"
+            if not (isinstance(self.master_rows, int) and 0 <= self.master_rows < m):
+                raise ValueError(f"plan for layer {self.layer!r}: master_rows {self.master_rows!r} must be an "
+                                 f"integer in 0..{m - 1} ({m} output rows); {_FIX}")
+            m, what = m - self.master_rows, f"output rows (bands) above the master's {self.master_rows}"
+        elif self.master_rows:
+            raise ValueError(f"plan for layer {self.layer!r}: master_rows {self.master_rows} needs a band split, "
+                             f"not {self.split!r}; {_FIX}")
         problem = row_blocks_problem(self.rows, m)
         if problem:
             raise ValueError(f"plan for layer {self.layer!r} ({m} {what}): {problem}; {_FIX}")
@@ -130,12 +140,14 @@ class LayerPlan:
                "rows": [list(r) for r in self.rows]}
         if self.banded:  # a row split writes what older plan files hold
             out["split"] = self.split
+        if self.master_rows:  # and a band split without a master band too
+            out["master_rows"] = self.master_rows
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerPlan":
         return cls(d["layer"], d["code"], tuple(d["ranks"]), tuple(tuple(r) for r in d["rows"]),
-                   d.get("split", "rows"))
+                   d.get("split", "rows"), d.get("master_rows", 0))
 
 
 @dataclass(frozen=True)
@@ -222,7 +234,7 @@ def grouped_choice(model: Model, name: str, n: int, r: int) -> str:
 
 def make_plan(model: Model, workers: int, parity: int | None = None, code: str = "none", *,
               keep_on_master=(), layer_workers: dict | None = None, speeds=None,
-              min_rows_per_worker: int = 1, bands=()) -> Plan:
+              min_rows_per_worker: int = 1, bands=(), master_rows: dict | None = None) -> Plan:
     """Build a plan: every conv and dense layer split over the data workers, plus parity workers.
 
     Grouped convolutions are split by whole groups; with parity workers each is coded,
@@ -244,6 +256,7 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
     min_rows_per_worker : layers with fewer output rows per worker stay on the master.
     bands : conv layer names split into bands of their output height instead of by output
         channels (:mod:`mpicdc.core.bands`; grouped and depthwise convs too).
+    master_rows : ``{band layer: rows}``, the last output rows the master computes itself.
     """
     if workers < 0:
         raise ValueError(f"workers must be 0 (one device) or more, got workers={workers}")
@@ -259,6 +272,9 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
     for name in list(keep_on_master) + list(layer_workers or {}) + list(bands):
         if name not in linear:
             raise ValueError(f"{name!r} is not a linear layer of {model.name}; linear layers: {sorted(linear)}")
+    master_rows = dict(master_rows or {})
+    if set(master_rows) - set(bands):
+        raise ValueError(f"master_rows names layers not split into bands: {sorted(set(master_rows) - set(bands))}")
     for name in bands:
         if band_problem(model, name):
             raise ValueError(f"layer {name!r} cannot be split into bands: {band_problem(model, name)}")
@@ -274,10 +290,10 @@ def make_plan(model: Model, workers: int, parity: int | None = None, code: str =
             raise ValueError(f"layer {name!r}: ranks {bad} are not data workers (1..{workers})")
         layer_speeds = None if speeds is None else [speeds[x - 1] for x in ranks]
         if name in bands:
-            height = model.shapes()[name][1]
+            height = model.shapes()[name][1] - master_rows.get(name, 0)
             if height >= len(ranks) * min_rows_per_worker:
                 layers.append(LayerPlan(name, code, ranks + parity_ranks, _row_ranges(height, len(ranks), layer_speeds),
-                                        "bands"))
+                                        "bands", master_rows.get(name, 0)))
             continue
         if rows < len(ranks) * min_rows_per_worker or grouped_choice(model, name, len(ranks), r):
             continue
@@ -336,7 +352,8 @@ def format_plan_table(plan: Plan, model: Model, rank_extra: dict | None = None, 
     """The plan as a text table: one line per linear layer, then per-rank totals.
 
     Columns: layer, weight shape (rows x cols), split (``n+r`` blocks, with the groups of a grouped
-    convolution split by whole groups, or ``master``, with why for a grouped one), the ranks
+    convolution split by whole groups, ``+ master K`` for a band split whose last K output rows the
+    master computes, or ``master``, with why for a grouped one), the ranks
     (data ranks, then parity ranks after ``|``), code, rows per block (after padding) and MB
     (1e6 bytes, float32 weights plus bias) held by each rank computing a block.  The per-rank
     lines give role, number of blocks and MB; ``rank_extra`` (``{rank: text}``, headed by
@@ -363,7 +380,9 @@ def format_plan_table(plan: Plan, model: Model, rank_extra: dict | None = None, 
         sizes = sorted({stop - start for start, stop in lp.rows})
         block = str(lp.block_rows) if len(sizes) == 1 else f"{lp.block_rows} ({sizes[0]}-{sizes[-1]})"
         groups = layer_groups(model, name)
-        split = f"{lp.n}+{lp.r}" + (" bands" if lp.banded else "") + (f" ({groups} groups)" if groups > 1 else "")
+        split = (f"{lp.n}+{lp.r}" + (" bands" if lp.banded else "") + (f" + master {lp.master_rows}" if lp.master_rows
+                                                                          else "")
+                 + (f" ({groups} groups)" if groups > 1 else ""))
         if lp.banded:
             blocks[0] += 1  # the master holds the layer too: it adds the bias
             block = f"{block} out rows"

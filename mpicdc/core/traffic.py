@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 
-from mpicdc.core.bands import geometry
+from mpicdc.core.bands import layer_geometry
 
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "kibit": 1024, "mibit": 1 << 20, "gibit": 1 << 30}
 WIRE_ITEMSIZE = 4  # float32 payloads (a narrower wire format only shortens the queue)
@@ -35,7 +35,7 @@ def link_backlog_bytes(model, plan, itemsize: int = WIRE_ITEMSIZE) -> int:
         if lp is None:
             continue
         if lp.banded:  # each rank its band of the input, its band of the output
-            geo = geometry(model, layer.name, lp.rows)
+            geo = layer_geometry(model, lp)
             job, reply = math.prod(geo.input_shape), math.prod(geo.block_shape)
         else:
             out = shapes[layer.name]

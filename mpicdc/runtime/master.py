@@ -57,6 +57,7 @@ class LayerRecord:
     wait_s: float = 0.0
     decode_s: float = 0.0
     assemble_s: float = 0.0
+    master_s: float = 0.0    # the master's own band (a band layer with master_rows)
     compute_s: float = 0.0
     modeled_s: float = 0.0
     used: list = field(default_factory=list)
@@ -72,7 +73,8 @@ class LayerRecord:
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "wait_ms": self.wait_s * 1e3, "decode_ms": self.decode_s * 1e3,
-                "assemble_ms": self.assemble_s * 1e3, "compute_ms": self.compute_s * 1e3,
+                "assemble_ms": self.assemble_s * 1e3,
+                "master_ms": self.master_s * 1e3, "compute_ms": self.compute_s * 1e3,
                 "modeled_ms": self.modeled_s * 1e3, "used": self.used, "decoded_blocks": self.decoded_blocks,
                 "late": self.late, "failed": self.failed, "missing_ranks": self.missing_ranks,
                 "checks": self.checks, "check_wait_ms": self.check_wait_s * 1e3,
@@ -279,6 +281,7 @@ class Coordinator:
         pending = {}
         sent_at = time.perf_counter()
         record.sent_bytes += self._send_job(lp, jobs, tag, shape, self._targets(lp), pending, request, li, sent_at)
+        own = self._master_band(layer, lp, x, record)  # while the sends go out (the progress thread)
         received = {}
         decodable_at = None
         while not self._ready(code, received, pending, sent_at):
@@ -313,7 +316,7 @@ class Coordinator:
         if self.integrity != "off":
             received = self._check(lp, layer.name, request, received, shape, record)
         if lp.banded:
-            out = self._assemble_bands(layer, lp, received, shape, record)
+            out = self._assemble_bands(layer, lp, received, shape, record, own)
         else:
             out = self._assemble_rows(lp, received, out_shape, shape, record)
         record.used = sorted(lp.ranks[b] for b in received)
@@ -347,12 +350,29 @@ class Coordinator:
         record.assemble_s = time.perf_counter() - t0 - record.decode_s
         return out
 
-    def _assemble_bands(self, layer, lp, received: dict, shape: tuple, record: LayerRecord) -> np.ndarray:
-        """Decode the missing bands and put the bands together into the layer output, plus the bias."""
+    def _master_band(self, layer, lp, x, record: LayerRecord):
+        """The master's own band of a band layer (``lp.master_rows``), no bias; None when it has none.
+        Padded to the emulated master device's time (``--master-device``)."""
+        if not (lp.banded and lp.master_rows):
+            return None
+        start = time.perf_counter()
+        geo = bands.layer_geometry(self.model, lp)
+        out = bands.master_conv(geo, self.master_weights[layer.name][0], x)
+        if self.pacer is not None:
+            rows, cols = self.model.weight_shapes()[layer.name]
+            rest = float(self.pacer.device.gemm_time(rows, cols, out[0].size)) - (time.perf_counter() - start)
+            if rest > 0:
+                time.sleep(rest)
+        record.master_s = time.perf_counter() - start
+        return out
+
+    def _assemble_bands(self, layer, lp, received: dict, shape: tuple, record: LayerRecord, own=None) -> np.ndarray:
+        """Decode the missing bands and put them and the master's own band (``own``) together into the
+        layer output, plus the bias."""
         t0 = time.perf_counter()
         data = lp.code_obj.decode({b: wire.payload(buf, shape) for b, buf in received.items()})
         record.decode_s = time.perf_counter() - t0
-        out = bands.geometry(self.model, layer.name, lp.rows).assemble(data, self.master_weights[layer.name][1])
+        out = bands.layer_geometry(self.model, lp).assemble(data, self.master_weights[layer.name][1], own)
         record.assemble_s = time.perf_counter() - t0 - record.decode_s
         return out
 
@@ -431,7 +451,7 @@ class Coordinator:
         of the bands (:mod:`mpicdc.core.bands`)."""
         what = f"request {request} failed at layer {layer.name!r}: its input"
         if lp.banded:
-            parts = bands.geometry(self.model, layer.name, lp.rows).inputs(x, lp.code_obj)
+            parts = bands.layer_geometry(self.model, lp).inputs(x, lp.code_obj)
             return {block: wire.message(wire.Header(wire.JOB, request, li, -1, part.shape, wire=self.wire.code),
                                         part, what) for block, part in enumerate(parts)}
         made, jobs = {}, {}

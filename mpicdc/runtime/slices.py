@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpicdc.core.bands import geometry
+from mpicdc.core.bands import layer_geometry
 from mpicdc.core.grouped import embedded_blocks
 from mpicdc.core.plan import layer_groups
 
@@ -44,7 +44,7 @@ def needed_channels(model, lp, block: int) -> tuple | None:
 def job_shape(model, lp, block: int) -> tuple:
     """Shape of the input block ``block`` of ``lp`` is sent (the layer's input shape, its channels or its band)."""
     if lp.banded:
-        return geometry(model, lp.layer, lp.rows).input_shape
+        return layer_geometry(model, lp).input_shape
     shape = tuple(model.shapes()[model.layer(lp.layer).inputs[0]])
     channels = needed_channels(model, lp, block)
     return shape if channels is None else (channels[1] - channels[0],) + shape[1:]
@@ -70,6 +70,6 @@ def reply_shape(model, lp) -> tuple:
     """Shape of every block's product as it travels and is decoded: ``(block rows, output spatial size)``,
     or for a band split ``(output channels, band height * output width)``."""
     if lp.banded:
-        return geometry(model, lp.layer, lp.rows).block_shape
+        return layer_geometry(model, lp).block_shape
     out_shape = model.shapes()[lp.layer]
     return lp.block_rows, int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1

@@ -175,7 +175,7 @@ def worker_loop(data: Channel, state: WorkerState, stop_event: threading.Event) 
         W, b = state.blocks[layer.name]
         x = slices.full_input(state.model, lp, block, wire.payload(buf, head.shape))
         if lp.banded:  # the whole kernel over its band (or the bands' combination), no bias
-            out = bands.band_conv(bands.geometry(state.model, layer.name, lp.rows), W, x, workspace=workspace)
+            out = bands.band_conv(bands.layer_geometry(state.model, lp), W, x, workspace=workspace)
         else:
             Y, lowered = block_gemm(layer, lp, block, W, b, x, workspace=workspace)  # grouped: own channels
             out = lowered.finish(Y)

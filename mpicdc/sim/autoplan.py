@@ -12,6 +12,13 @@ fastest, then repairs memory:
 * the weights the master keeps must fit its budget: over it, the layers that lose
   least per byte moved are distributed instead (a layer larger than the master's
   whole budget is always distributed);
+A band layer may also give the master a band of its own (``LayerPlan.master_rows``, the last
+output rows), which it computes between posting the sends and waiting for the replies: no
+parity covers it (the master cannot fail alone), so it takes work and reply bytes off the
+link.  Its size is chosen per layer among :func:`master_band_choices` (the master also cuts
+bands, encodes and decodes, so its best share may differ from a worker's); it costs no memory
+(the master already holds a band layer's whole kernel).
+
 * each worker's shard must fit its budget: over it, band layers (every rank holds the
   whole kernel) are split by rows instead, then distributed layers move back to the
   master while it has room, and a plan that still does not fit is refused.
@@ -33,12 +40,35 @@ from mpicdc.core.models import Model, get_model
 from mpicdc.core.plan import Plan, make_plan, parity_count, rank_bytes, single_device_plan
 from mpicdc.sim.devices import DeviceModel, format_rate, get_device, with_link
 
-__all__ = ["OS_RESERVE_MB", "auto_plan", "layer_costs", "layer_terms", "modeled_latency", "memory_budget", "weight_bytes",
-           "format_costs"]
+__all__ = ["MAX_MASTER_CHOICES", "MAX_MASTER_SHARE", "OS_RESERVE_MB", "auto_plan", "format_costs", "layer_costs",
+           "layer_terms", "master_band_choices", "memory_budget", "modeled_latency", "weight_bytes"]
 
 #: RAM not available for weights [estimate]: Raspberry Pi OS Lite after boot (about 100 MB),
 #: the default 76 MB GPU split, and Python with numpy, h5py and mpi4py loaded (about 70 MB).
 OS_RESERVE_MB = 250.0
+
+#: The largest master band :func:`auto_plan` tries, in units of an even share ``H / (n + 1)`` (``H``
+#: the output height, ``n`` data workers): the master also runs every other layer, cuts the bands and
+#: decodes, and larger shares change which layers leave the master on slow links (not explored yet).
+MAX_MASTER_SHARE = 2.0
+
+#: At most this many master band sizes per layer besides 0 (each is one simulation of the model).
+MAX_MASTER_CHOICES = 8
+
+
+def master_band_choices(model: Model, name: str, n: int) -> list:
+    """Master band sizes worth modelling for band layer ``name`` over ``n`` data workers: 0, and for
+    each worker band height ``h`` the smallest master band that leaves every worker ``h`` rows or
+    fewer, ``H - n h`` (every band is as tall as the tallest, so rows in between buy nothing), up
+    to :data:`MAX_MASTER_SHARE` even shares; at most :data:`MAX_MASTER_CHOICES` of them, spread
+    evenly, the largest kept."""
+    H = model.shapes()[name][1]
+    cap = min(H - n, MAX_MASTER_SHARE * H / (n + 1))
+    sizes = [k for k in (H - n * h for h in range(-(-H // n) - 1, 0, -1)) if k <= cap]
+    if len(sizes) > MAX_MASTER_CHOICES:
+        step = len(sizes) / MAX_MASTER_CHOICES
+        sizes = [sizes[len(sizes) - 1 - int(i * step)] for i in range(MAX_MASTER_CHOICES)][::-1]
+    return [0] + sizes
 
 
 def weight_bytes(model: Model, layer: str) -> int:
@@ -83,11 +113,12 @@ def layer_costs(model: Model, plan: Plan, device, link=None, master=None, speeds
 
 
 def layer_terms(model: Model, plan: Plan, device, link=None, master=None) -> dict:
-    """``{distributed layer: {"send", "compute", "reply", "decode", "floor"}}`` seconds: the terms of
-    :func:`layer_costs` for one request without stragglers.  ``send`` is the input to every block's
-    rank in turn, ``compute`` the slowest block, ``reply`` every block's output, ``decode`` one lost
-    block; ``floor`` (input once, output once, two latencies) bounds the layer over any number of
-    workers, so a layer whose ``floor`` exceeds its master time cannot gain from splitting."""
+    """``{distributed layer: {"send", "compute", "reply", "decode", "master", "floor"}}`` seconds: the
+    terms of :func:`layer_costs` for one request without stragglers.  ``send`` is the input to every
+    block's rank in turn, ``compute`` the slowest block, ``reply`` every block's output, ``decode`` one
+    lost block, ``master`` the master's own band (overlapping the rest); ``floor`` (input once, output
+    once, two latencies) bounds the layer over any number of workers, so a layer whose ``floor``
+    exceeds its master time cannot gain from splitting (unless the master computes a band)."""
     from mpicdc.sim.engine import SimConfig, _DistStep, _steps
 
     device = with_link(device, link)
@@ -97,7 +128,7 @@ def layer_terms(model: Model, plan: Plan, device, link=None, master=None) -> dic
         if isinstance(st, _DistStep):
             once = st.n * st.send if st.banded else st.send  # the input sent once (bands: with halos)
             out[st.name] = {"send": st.ranks.size * st.send, "compute": float(st.compute.max()),
-                            "reply": float(st.reply.sum()), "decode": st.decode_cost + st.prepare,
+                            "reply": float(st.reply.sum()), "decode": st.decode_cost + st.prepare, "master": st.master,
                             "floor": 2 * st.latency + once + float(st.reply[:st.n].sum())}
     return out
 
@@ -137,13 +168,19 @@ def auto_plan(model, workers: int, code: str = "sum", device="rpi3", link=None, 
     cost = {"master": layer_costs(model, single_device_plan(model), device, None, master_device),
             "rows": layer_costs(model, even, device, None, master_device, speeds)}
     banded = {lp.layer for lp in even.layers if not band_problem(model, lp.layer)} if bands else set()
-    if banded:
-        cost["bands"] = layer_costs(model, make_plan(model, workers, parity, code, speeds=speeds, bands=sorted(banded)),
-                                    device, None, master_device, speeds)
+    own = {}  # (band option, layer) -> the master's rows; option j gives each layer its j-th choice
+    choices = {x: master_band_choices(model, x, workers) for x in banded}
+    for j in range(max(map(len, choices.values()), default=0)):
+        key = "bands" if j == 0 else f"bands+{j}"
+        rows = {x: c[j] for x, c in choices.items() if j < len(c)}
+        own.update({(key, x): k for x, k in rows.items()})
+        cost[key] = layer_costs(model, make_plan(model, workers, parity, code, speeds=speeds, bands=sorted(banded),
+                                                 master_rows={x: k for x, k in rows.items() if k}),
+                                device, None, master_device, speeds)
     size = {name: weight_bytes(model, name) for name in model.weight_shapes()}
     split = {lp.layer for lp in even.layers}
-    options = {name: ["master"] + (["rows"] if name in split else []) + (["bands"] if name in banded else [])
-               for name in size}
+    options = {name: ["master"] + (["rows"] if name in split else [])
+               + [key for key, x in own if x == name] for name in size}
     choice = {name: min(opts, key=lambda k: cost[k][name]) for name, opts in options.items()}
     master_cap = memory_budget(model, master_device, memory_limit)
     worker_cap = memory_budget(model, device, memory_limit)
@@ -168,7 +205,9 @@ def auto_plan(model, workers: int, code: str = "sum", device="rpi3", link=None, 
     def build():
         return make_plan(model, workers, parity, code, speeds=speeds,
                          keep_on_master=sorted(x for x in size if choice[x] == "master" and x in split),
-                         bands=sorted(x for x in size if choice[x] == "bands"))
+                         bands=sorted(x for x in size if choice[x].startswith("bands")),
+                         master_rows={x: own[choice[x], x] for x in size
+                                      if choice[x].startswith("bands") and own[choice[x], x]})
 
     def worst_shard(plan):
         return max((b for rank, b in rank_bytes(plan, model).items() if rank), default=0)
@@ -176,7 +215,7 @@ def auto_plan(model, workers: int, code: str = "sum", device="rpi3", link=None, 
     plan = build()
     # a worker over budget: band layers (whole kernels on every worker) go to row blocks first, then
     # row-split layers come back to the master while it has room, least loss per byte first
-    for name in sorted((x for x in size if choice[x] == "bands"), key=lambda x: loss(x, "rows")):
+    for name in sorted((x for x in size if choice[x].startswith("bands")), key=lambda x: loss(x, "rows")):
         if worst_shard(plan) <= worker_cap:
             break
         choice[name] = "rows"

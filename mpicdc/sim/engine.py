@@ -172,6 +172,7 @@ class _DistStep:
     rule: Decodability
     prepare: float = 0.0     # master seconds before the first send (band split: cut bands, encode parity inputs)
     banded: bool = False     # a band split: ``send`` is one block's band, not the whole input
+    master: float = 0.0      # master seconds on its own band, between posting the sends and waiting
     compute_slow: np.ndarray = None   # compute times the rank's slowdown (set by simulate)
     columns: object = None            # ranks as a slice when contiguous (views, not copies)
     delay_groups: list = None         # [(DelayModel, block indices)] (set by simulate)
@@ -232,7 +233,7 @@ def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config:
             rule=lp.code_obj.decodability(config.verify))
 
     def banded(layer, lp) -> _DistStep:
-        geo = band_split.geometry(model, layer.name, lp.rows)
+        geo = band_split.layer_geometry(model, lp)
         m = lp.n + lp.r
         rows, cols = model.weight_shapes()[layer.name]
         band_in, elems = math.prod(geo.input_shape), math.prod(geo.block_shape)
@@ -242,6 +243,11 @@ def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config:
         # cut n bands (copies), encode r parity inputs from them, add the bias to the assembled output
         prep_flops = lp.r * lp.n * band_in + out
         prep_bytes = 4.0 * (2 * lp.n * band_in + lp.r * (lp.n + 1) * band_in + 2 * out)
+        own = 0.0
+        if geo.master is not None:  # its band's input copied out, then the conv of its rows
+            own = float(master.compute_time(0.0, 8.0 * geo.in_shape[0] * geo.in_shape[2] * (
+                (lp.master_rows - 1) * geo.stride + geo.kernel)))
+            own += float(master.gemm_time(rows, cols, lp.master_rows * geo.out_shape[2]))
         return _DistStep(
             name=layer.name, n=lp.n, ranks=np.asarray(lp.ranks, dtype=np.intp),
             latency=device.latency_s,
@@ -250,7 +256,7 @@ def _steps(model: Model, plan, device: DeviceModel, master: DeviceModel, config:
             compute=np.full(m, float(device.gemm_time(rows, cols, spatial))),
             decode_cost=config.decode_scale * float(master.compute_time(dec_flops, dec_bytes)),
             rule=lp.code_obj.decodability(config.verify),
-            prepare=float(master.compute_time(prep_flops, prep_bytes)), banded=True)
+            prepare=float(master.compute_time(prep_flops, prep_bytes)), banded=True, master=own)
 
     executor = _StepExecutor(model, plan, master, config, distributed)
     walk(model, tuple(model.input_shape), executor)
@@ -490,6 +496,8 @@ def _run_chunk(steps, req, rng, world, fail_prob, faults: _Faults, config: SimCo
             arrival = _fifo(ready, st.reply) if shared else ready + st.reply
             arrival += st.latency
             tstar = st.rule.time(arrival)
+            if st.master:  # the master's own band, computed after posting the sends
+                tstar = np.maximum(tstar, t + st.master)
             lost = np.count_nonzero(arrival[:, :st.n] > tstar[:, None], axis=1)
             t = tstar + lost * st.decode_cost
             end = ready if config.delay_blocks_worker else done
