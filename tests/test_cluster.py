@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from mpi_helpers import CLUSTER_UNAVAILABLE, requires_cluster, requires_mpi
 
+import mpicdc
 from mpicdc.cluster import Cluster
 from mpicdc.cluster.faults import rank_pids
 from mpicdc.cluster.netns import list_links, list_netns
@@ -263,7 +264,9 @@ def test_head_arrangement_device_ranks_share_no_shm_or_tmp_with_the_head(tiny):
             tiny, "power_off", look=lambda c: views.update({d: _rank_view(c, d, marker) for d in range(len(c.devices))}))
     finally:
         marker.unlink(missing_ok=True)
-    deployed = {Path(p).relative_to("/tmp").parts[0] for p in (tiny,) if p.startswith("/tmp/")} | {"mpicdc-cluster"}
+    install = (str(Path(mpicdc.__file__).resolve().parents[1]), sys.prefix)  # a device's own copy, same path
+    deployed = {Path(p).relative_to("/tmp").parts[0] for p in (tiny, *install) if p.startswith("/tmp/")}
+    deployed |= {"mpicdc-cluster"}
     assert len(views) == 5, views
     for view in views.values():
         assert view["gds"] == "hash" and not view["marker_seen"], view

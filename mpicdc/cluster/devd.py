@@ -18,6 +18,8 @@ import asyncio
 import json
 import os
 import signal
+import sys
+from pathlib import Path
 
 if __package__:
     from mpicdc.cluster import tunnel as t
@@ -52,12 +54,17 @@ exec "$@"
 
 
 def deployed_paths(argv: list, cwd: str) -> list:
-    """The head's files under ``/tmp`` a rank's command names (``--weights DIR``, ``--plan=FILE``, its
-    working folder ``cwd``): a real device holds copies of them at the same paths, so with
-    ``--private-tmp`` they are bind-mounted into the rank's own ``/tmp``.  Parents before children."""
-    named = [cwd] + [a.partition("=")[2] if a.startswith("-") else a for a in argv]
-    found = {os.path.realpath(os.path.join(cwd, n)) for n in named if n}
-    return sorted(p for p in found if p.startswith(PRIVATE_ROOT + "/") and os.path.exists(p))
+    """The head's files under ``/tmp`` a rank needs: the paths its command names (``--weights DIR``,
+    ``--plan=FILE``, the interpreter), its working folder ``cwd``, and this package's install (the
+    source tree and the venv devd runs from: a real device has its own install at the same path).
+    A real device holds copies of them at the same paths, so with ``--private-tmp`` they are
+    bind-mounted into the rank's own ``/tmp``.  Symbolic links are kept as named (a venv's
+    ``bin/python`` links outside it).  Parents before children; a path inside another is dropped."""
+    named = [cwd, sys.prefix, str(Path(__file__).resolve().parents[2])]
+    named += [a.partition("=")[2] if a.startswith("-") else a for a in argv]
+    found = {os.path.abspath(os.path.join(cwd, n)) for n in named if n}
+    kept = sorted(p for p in found if p.startswith(PRIVATE_ROOT + "/") and os.path.lexists(p))
+    return [p for i, p in enumerate(kept) if not any(p.startswith(q + "/") for q in kept[:i])]
 
 
 def isolated(argv: list, cwd: str) -> list:
