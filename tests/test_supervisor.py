@@ -8,6 +8,7 @@ forward (:func:`mpicdc.core.kernels.forward` on the same input and weights) with
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import time
@@ -198,7 +199,7 @@ def test_loud_node_death_on_the_cluster_relaunches_on_the_reachable_devices(tiny
                "tiny", "--weights", tiny, "--repeat", str(n), "--check", "-q", "--journal", str(journal),
                "--output", str(out)]
         env = dict(__import__("os").environ, PYTHONPATH=str(ROOT))
-        job = ClusterJob(c, cmd, env, timeout=150)
+        job = ClusterJob(c, cmd, env, timeout=240)
         c._jobs = [*getattr(c, "_jobs", []), job]
         job.wait_for("on 6 ranks")
         assert wait_answered(journal, 10) >= 10, job.text
@@ -211,9 +212,12 @@ def test_loud_node_death_on_the_cluster_relaunches_on_the_reachable_devices(tiny
     assert not [link for link in list_links() if link.startswith(prefix)]
     assert not done.timed_out and done.returncode == 0, done.explain()
     assert "PRTE has lost communication with a remote daemon" in done.output, done.explain()
-    assert (f"dropped: {gone_addr} unreachable; relaunch 1/3 on 5 rank(s)") in done.output, done.explain()
+    # the supervisor may probe while the dead device's address still refuses connections (its link is
+    # cut just after): then it relaunches on 6, that attempt cannot start, and the next probe drops it
+    assert re.search(rf"dropped: {re.escape(gone_addr)} unreachable; relaunch [12]/3 on 5 rank\(s\)", done.output), \
+        done.explain()
     assert not {ns: p for ns, p in left.items() if not ns.endswith("-d2")}, left
     results = json.loads(out.read_text())
-    assert [a["ranks"] for a in results["attempts"]] == [6, 5], results["attempts"]
-    assert "w3-p1-sum cut on the spot" in results["attempts"][1]["plan"]
+    assert [a["ranks"] for a in results["attempts"]] in ([6, 5], [6, 6, 5]), results["attempts"]
+    assert "w3-p1-sum cut on the spot" in results["attempts"][-1]["plan"]
     assert_every_request_answered_once(journal, results, n, reference, done.explain())
