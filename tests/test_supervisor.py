@@ -16,7 +16,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from mpi_helpers import ROOT, LiveJob, requires_mpi, run_bounded
+from mpi_helpers import CLUSTER_UNAVAILABLE, ROOT, LiveJob, requires_mpi, run_bounded
 
 from mpicdc.core.kernels import default_input, forward
 from mpicdc.core.models import get_model
@@ -168,21 +168,12 @@ def test_supervised_run_checks_its_options_before_launching(tmp_path):
     assert job.returncode == 2 and "-np 3 but the hostfile hosts lists 2 slot(s)" in job.stderr, job.explain()
 
 
-def _cluster_unavailable() -> str | None:
-    from mpicdc.cluster import ClusterUnavailable, check_available
-    try:
-        check_available()
-    except ClusterUnavailable as exc:
-        return str(exc)
-    return None
-
-
 @pytest.mark.cluster
 def test_loud_node_death_on_the_cluster_relaunches_on_the_reachable_devices(tiny, reference, tmp_path):
     """Device 2 (rank 3) of a head + 5 device cluster dies loudly (PRRTE ends the whole job, mpirun
     returns 0) and stays off the network: the probe finds it unreachable, the supervisor relaunches on
     the head + 4 devices with shards cut on the spot (3 workers + 1 parity) and answers everything."""
-    why = _cluster_unavailable()
+    why = CLUSTER_UNAVAILABLE
     if why:
         pytest.skip(f"no network namespaces here: {why}")
     import random
